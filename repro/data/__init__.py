@@ -1,0 +1,1 @@
+"""Datasets: the embedded procedural data, sklearn digits, and real datasets by path."""

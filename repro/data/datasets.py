@@ -1,0 +1,108 @@
+"""Datasets by name: the embedded procedural data, sklearn digits, or a real dataset by path (ImageFolder layout).
+
+The embedded datasets are written in ImageNet's own on-disk layout, so one loader (torchvision ImageFolder) serves
+both. A real dataset whose path is unset, missing or empty is refused with one line naming the option to set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset, Subset
+from torchvision import datasets, transforms
+
+from repro.config import ConfigError
+
+EMBEDDED = ("synthetic", "digits")
+IMG_EXT = (".jpg", ".jpeg", ".png", ".JPEG", ".bmp", ".webp")
+
+
+def check_dataset(data: Mapping[str, Any]) -> None:
+    """Fail before any work when a real dataset's path is unusable."""
+    name = data["dataset"]
+    if name in EMBEDDED:
+        return
+    path = data.get("path")
+    hint = f"pass data.path=/path/to/{name} (a folder with train/<class>/* and val/<class>/*)"
+    if not path:
+        raise ConfigError(f"data.path is not set for dataset '{name}'; {hint}")
+    root = Path(path)
+    if not root.is_dir():
+        raise ConfigError(f"data.path={root} does not exist; {hint}")
+    for split in ("train", "val"):
+        d = root / split
+        if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
+            raise ConfigError(f"data.path={root} has no class folders under {split}/; {hint}")
+
+
+def dataset_root(data: Mapping[str, Any], progress: bool = True) -> Path:
+    """Folder holding train/ and val/ (the embedded data is generated on first use)."""
+    name = data["dataset"]
+    if name == "synthetic":
+        from repro.data.synthetic import ensure_synthetic
+
+        return ensure_synthetic(img_size=data["img_size"], n_train=data["synthetic_train"],
+                                n_val=data["synthetic_val"], num_classes=data["synthetic_classes"], progress=progress)
+    if name == "digits":
+        from repro.data.digits import ensure_digits
+
+        return ensure_digits(img_size=data["img_size"], progress=progress)
+    check_dataset(data)
+    return Path(data["path"])
+
+
+def normalize() -> transforms.Normalize:
+    return transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+
+
+def _interp(data: Mapping[str, Any]) -> transforms.InterpolationMode:
+    return transforms.InterpolationMode(data.get("interpolation", "bicubic"))
+
+
+def crop_flip_transform(data: Mapping[str, Any]) -> Callable[[Any], torch.Tensor]:
+    """RandomResizedCrop(scale) + horizontal flip + normalise: MAE pretraining and linear probing."""
+    return transforms.Compose([
+        transforms.RandomResizedCrop(data["img_size"], scale=tuple(data.get("crop_scale", (0.08, 1.0))),
+                                     interpolation=_interp(data)),
+        transforms.RandomHorizontalFlip(data.get("hflip", 0.5)),
+        transforms.ToTensor(),
+        normalize(),
+    ])
+
+
+def eval_transform(data: Mapping[str, Any], crop_pct: float = 0.875) -> Callable[[Any], torch.Tensor]:
+    """Resize to img/crop_pct then centre crop (the MAE/DeiT evaluation transform)."""
+    size = data["img_size"]
+    return transforms.Compose([
+        transforms.Resize(int(round(size / crop_pct)), interpolation=_interp(data)),
+        transforms.CenterCrop(size),
+        transforms.ToTensor(),
+        normalize(),
+    ])
+
+
+def build_split(data: Mapping[str, Any], split: str, transform: Callable[[Any], Any] | None,
+                seed: int = 0) -> Dataset:
+    """ImageFolder over ``<root>/<split>``; the train split may keep only ``train_fraction`` (class-stratified)."""
+    root = dataset_root(data)
+    ds = datasets.ImageFolder(str(root / split), transform=transform)
+    frac = float(data.get("train_fraction", 1.0))
+    if split == "train" and frac < 1.0:
+        targets = np.asarray(ds.targets)
+        rng = np.random.default_rng(seed)
+        keep: list[int] = []
+        for c in np.unique(targets):
+            idx = np.flatnonzero(targets == c)
+            keep.extend(rng.permutation(idx)[: max(1, int(round(len(idx) * frac)))].tolist())
+        return Subset(ds, sorted(keep))
+    return ds
+
+
+def num_classes(ds: Dataset) -> int:
+    base = ds.dataset if isinstance(ds, Subset) else ds
+    return len(base.classes)  # type: ignore[attr-defined]

@@ -1,0 +1,301 @@
+"""The one training engine: pretraining, fine-tuning and linear probing all run through ``fit``.
+
+A *task* is an ``nn.Module`` whose ``forward(batch, generator)`` returns a ``StepOutput``; it may define
+``param_groups(optim_cfg)`` and ``after_step(step, total)``. The engine does the rest: AdamW/LARS/SGD with
+lr = blr x effective batch / 256, per-step warm-up + cosine (timm's scheduler), gradient accumulation that keeps the
+recipe's effective batch on any number of devices, bf16 autocast on GPU, DDP, clipping, exact checkpoint/resume
+(model, optimizer, scheduler, scaler, counters, every RNG including the masking generator), a progress bar, and
+accounting (time per step, images/s, peak memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from timm.optim import Lars, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from repro.data.loader import ResumableSampler, SeededDataset
+from repro.engine.dist import DistEnv, all_reduce_mean, setup
+from repro.io import atomic_torch_save, load_checkpoint
+from repro.resolve import accumulation
+
+CKPT_VERSION = 1
+
+
+class Preempted(Exception):
+    """Raised after a checkpoint was written because the process was asked to stop (signal)."""
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm preemption, time limit, requeue); the loop checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+            with contextlib.suppress(ValueError, OSError):  # not in the main thread
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+
+
+STOP = StopFlag()
+
+
+def base_lr(optim: Mapping[str, Any]) -> float:
+    return float(optim["lr"]) if optim.get("lr") is not None else float(optim["blr"]) * optim["batch_size"] / 256
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
+    name = optim["name"]
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+    if name == "lars":
+        return Lars(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+    raise ValueError(f"unknown optimizer {name}")
+
+
+def build_scheduler(opt: torch.optim.Optimizer, optim: Mapping[str, Any], steps_per_epoch: int) -> CosineLRScheduler:
+    """Per-step linear warm-up from 0 then half-cosine to ``min_lr`` (the MAE schedule, stepped per update)."""
+    total = optim["epochs"] * steps_per_epoch
+    warm = int(round(optim["warmup_epochs"] * steps_per_epoch))
+    return CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=optim["min_lr"], warmup_t=warm,
+                             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+
+
+def lr_at(optim: Mapping[str, Any], steps_per_epoch: int, step: int) -> float:
+    """The analytic schedule (for tests and plots): what the lr is during optimizer step ``step`` (0-based)."""
+    lr, total = base_lr(optim), optim["epochs"] * steps_per_epoch
+    warm = int(round(optim["warmup_epochs"] * steps_per_epoch))
+    if step < warm:
+        return lr * step / warm
+    t = (step - warm) / max(1, total - warm)
+    return optim["min_lr"] + (lr - optim["min_lr"]) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def rng_state(gen: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": random.getstate(),
+        "mask_generator": gen.get_state(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    gen.set_state(state["mask_generator"])
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to(v, device) for k, v in batch.items()}
+    return batch
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def default_param_groups(task: nn.Module, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """No weight decay on biases and 1-D parameters (norms), as MAE's add_weight_decay."""
+    return param_groups_weight_decay(task, optim["weight_decay"])
+
+
+def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: str | Path, *,
+        epoch_hook: Callable[[int], dict[str, float]] | None = None, desc: str = "train",
+        env: DistEnv | None = None) -> dict[str, Any]:
+    """Train ``task`` on ``train_set`` under ``cfg['optim']``/``cfg['train']``, resuming from ``out_dir`` if possible.
+
+    Returns the accounting and per-epoch history. Raises ``Preempted`` after checkpointing when signalled.
+    """
+    env = env or setup()
+    optim, tcfg = cfg["optim"], cfg["train"]
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    accum = accumulation(cfg, env.world_size)
+    per = optim["batch_size"] // env.world_size // accum
+    seed = int(cfg.get("seed", 0))
+    torch.manual_seed(seed + env.rank)
+    np.random.seed(seed + env.rank)
+    random.seed(seed + env.rank)
+    gen = torch.Generator(device=env.device)
+    gen.manual_seed(seed * 7919 + env.rank)
+
+    task.to(env.device)
+    model: nn.Module = task
+    if env.distributed:
+        model = DistributedDataParallel(task, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                                        find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
+    groups = task.param_groups(optim) if hasattr(task, "param_groups") else default_param_groups(task, optim)
+    opt = build_optimizer(groups, optim, base_lr(optim))
+
+    data = SeededDataset(train_set, seed)
+    sampler = ResumableSampler(len(data), env.world_size, env.rank, seed)
+    micro_per_epoch = (sampler.per_rank // per) // accum * accum
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data)} training images are too few for an effective batch of "
+                         f"{optim['batch_size']}; lower optim.batch_size")
+    sched = build_scheduler(opt, optim, steps_per_epoch)
+    total_steps = optim["epochs"] * steps_per_epoch
+    precision = tcfg.get("precision", "auto")
+    if precision == "auto":
+        precision = "bf16" if env.device.type == "cuda" else "fp32"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+
+    state = {"epoch": 0, "step": 0, "micro": 0, "history": [], "version": CKPT_VERSION}
+    last = ckpt_dir / "last.pth"
+    if last.exists():
+        ck = load_checkpoint(last)
+        task.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        scaler.load_state_dict(ck["scaler"])
+        set_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)], gen)
+        state.update({k: ck[k] for k in ("epoch", "step", "micro", "history")})
+        sched.step_update(state["step"])
+        if env.is_main:
+            print(f"[{desc}] resumed from {last} at epoch {state['epoch']} step {state['step']}", flush=True)
+
+    def save(path: Path) -> None:
+        rngs = [rng_state(gen)]
+        if env.distributed:
+            gathered: list[Any] = [None] * env.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if env.is_main:
+            atomic_torch_save({"model": task.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                               **{k: state[k] for k in ("epoch", "step", "micro", "history", "version")}}, path)
+
+    STOP.install()
+    step_times: list[float] = []
+    images = 0
+    t_start = time.perf_counter()
+    max_steps = tcfg.get("max_steps")
+    bar = tqdm(total=total_steps, initial=state["step"], desc=desc, unit="step", disable=not env.is_main,
+               dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
+    stopped = False
+    task.train()
+    while state["epoch"] < optim["epochs"] and not stopped:
+        epoch = state["epoch"]
+        data.epoch = epoch
+        sampler.set_epoch(epoch, start=state["micro"] * per)
+        loader = DataLoader(data, batch_size=per, sampler=sampler, num_workers=tcfg["num_workers"],
+                            pin_memory=env.device.type == "cuda", drop_last=True,
+                            persistent_workers=False)
+        loss_sum, loss_n = torch.zeros((), device=env.device), 0
+        t_step = time.perf_counter()
+        for batch in loader:
+            if state["micro"] >= micro_per_epoch:
+                break
+            sync = (state["micro"] + 1) % accum == 0
+            batch = _to(batch, env.device)
+            ctx = model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
+            with ctx, torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                out = model(batch, gen)
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"[{desc}] loss is {loss.item()} at step {state['step']}; stopping")
+            with ctx:
+                scaler.scale(loss / accum).backward()
+            loss_sum += loss.detach()
+            loss_n += 1
+            state["micro"] += 1
+            images += per
+            if not sync:
+                continue
+            if optim.get("clip_grad"):
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(task.parameters(), optim["clip_grad"])
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            sched.step_update(state["step"])
+            if hasattr(task, "after_step"):
+                task.after_step(state["step"], total_steps)
+            now = time.perf_counter()
+            step_times.append(now - t_step)
+            t_step = now
+            bar.update(1)
+            if state["step"] % max(1, tcfg.get("log_every", 50)) == 0:
+                bar.set_postfix(loss=f"{(loss_sum / max(1, loss_n)).item():.4f}",
+                                lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
+            if max_steps is not None and state["step"] >= max_steps and state["micro"] < micro_per_epoch:
+                stopped = True  # mid-epoch stop; at an epoch end the epoch is closed first (below)
+                break
+            if STOP.signal is not None:
+                save(last)
+                bar.close()
+                raise Preempted(f"signal {STOP.signal} at step {state['step']}; checkpoint written to {last}")
+        if stopped:
+            break
+        mean_loss = all_reduce_mean(loss_sum / max(1, loss_n)).item()
+        state["epoch"] += 1
+        state["micro"] = 0
+        record = {"epoch": state["epoch"], "step": state["step"], "loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
+        if epoch_hook is not None:
+            task.eval()
+            record.update(epoch_hook(state["epoch"]))
+            task.train()
+        state["history"].append(record)
+        save(last)
+        keep = tcfg.get("keep_every") or 0
+        if keep and state["epoch"] % keep == 0:
+            save(ckpt_dir / f"epoch-{state['epoch']:04d}.pth")
+        if max_steps is not None and state["step"] >= max_steps and state["epoch"] < optim["epochs"]:
+            stopped = True
+            break
+    if stopped:
+        save(last)
+    bar.close()
+    wall = time.perf_counter() - t_start
+    med = float(np.median(step_times)) if step_times else float("nan")
+    return {
+        "completed": state["epoch"] >= optim["epochs"],
+        "epochs": state["epoch"], "steps": state["step"], "steps_per_epoch": steps_per_epoch,
+        "accumulation": accum, "batch_per_device": per, "effective_batch": optim["batch_size"],
+        "base_lr": base_lr(optim), "wall_s": wall, "images": images * env.world_size,
+        "images_per_s": images * env.world_size / wall if wall > 0 else float("nan"),
+        "step_time_s": med, "epoch_time_s": med * steps_per_epoch,
+        "peak_memory_mb": peak_memory_mb(env.device), "history": state["history"],
+        "device": env.device.type, "world_size": env.world_size,
+    }

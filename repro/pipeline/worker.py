@@ -1,0 +1,93 @@
+"""Run one stage in this process: ``python -m repro.pipeline.worker <stage_dir>/stage.json``.
+
+Reads the stage spec the executor wrote, fills inputs from the stages it depends on, runs it, and writes
+``result.json`` (atomically) with metrics, accounting and provenance. On an error it writes ``failed.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from repro.io import atomic_write_json
+from repro.pipeline.stage import FAILED, LOG, RESULT
+from repro.record.provenance import provenance
+
+
+def _runner(kind: str) -> Any:
+    if kind == "pretrain":
+        from repro.engine.pretrain import run_pretrain
+
+        return run_pretrain
+    if kind == "finetune":
+        from repro.evals.finetune import run_finetune
+
+        return run_finetune
+    if kind == "linear":
+        from repro.evals.linear import run_linear
+
+        return run_linear
+    if kind == "knn":
+        from repro.evals.knn import run_knn
+
+        return run_knn
+    raise ValueError(f"unknown stage kind '{kind}'")
+
+
+def prepare(spec: dict[str, Any]) -> dict[str, Any]:
+    """The stage's config with its inputs' paths filled in (``init`` from the pretraining stage's encoder)."""
+    from repro.engine.pretrain import ENCODER_FILE, META_FILE
+
+    cfg = dict(spec["cfg"])
+    init_dir = spec.get("inputs", {}).get("init")
+    if init_dir:
+        cfg["init"] = str(Path(init_dir) / ENCODER_FILE)
+        meta = json.loads((Path(init_dir) / META_FILE).read_text())
+        if cfg.get("feature") == "auto":
+            cfg["feature"] = meta["linear_feature"]
+    elif cfg.get("feature") == "auto":
+        cfg["feature"] = "cls"
+    return cfg
+
+
+def run(spec_path: str | Path) -> dict[str, Any]:
+    spec = json.loads(Path(spec_path).read_text())
+    out_dir = Path(spec["out_dir"])
+    cfg = prepare(spec)
+    t0 = time.time()
+    res = _runner(spec["kind"])(cfg, out_dir)
+    acct = res["accounting"]
+    acct["device_hours"] = acct["wall_s"] * acct.get("world_size", 1) / 3600.0
+    result = {
+        "status": "done" if acct.get("completed", True) else "partial",
+        "stage": spec["name"], "key": spec["key"], "kind": spec["kind"], "label": spec.get("label", ""),
+        "recipe": cfg.get("recipe"), "scale": cfg.get("scale"), "inputs": spec.get("inputs", {}),
+        "metrics": res["metrics"], "accounting": acct, "artifacts": res.get("artifacts", {}),
+        "provenance": provenance(spec["cfg"]), "config": cfg, "started": t0, "finished": time.time(),
+    }
+    atomic_write_json(out_dir / RESULT, result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    spec_path = Path(argv[0])
+    out_dir = spec_path.parent
+    try:
+        res = run(spec_path)
+    except Exception as e:  # noqa: BLE001 - reported to the executor through failed.json
+        traceback.print_exc()
+        atomic_write_json(out_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "log": str(out_dir / LOG),
+                                             "time": time.time()})
+        return 1
+    print(f"[{res['stage']}] {res['status']}: " + ", ".join(f"{k}={v:.2f}" for k, v in res["metrics"].items()
+                                                            if isinstance(v, float)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

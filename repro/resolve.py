@@ -1,0 +1,100 @@
+"""Recipe name + scale + overrides -> one validated stage configuration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from repro.config import (
+    ConfigError,
+    _load_yaml,
+    check_keys,
+    deep_merge,
+    load_recipe,
+    parse_overrides,
+    recipes_root,
+)
+from repro.scales import apply_scale
+
+OPEN_KEYS = ("evals", "tiny_overrides", "method")
+CHOICES = {
+    "data.dataset": ("imagenet1k", "imagenet22k", "inat2018", "inat2019", "synthetic", "digits"),
+    "model.pos_embed": ("sincos", "learned", "none"),
+    "model.global_pool": ("token", "avg"),
+    "optim.name": ("adamw", "lars", "sgd"),
+    "train.precision": ("auto", "fp32", "bf16", "fp16"),
+    "feature": ("auto", "cls", "avg", "instance"),
+}
+
+
+def schema(kind: str) -> dict[str, Any]:
+    return deep_merge(_load_yaml(recipes_root() / "_common.yaml"), _load_yaml(recipes_root() / kind / "_base.yaml"))
+
+
+def _method_section(method: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    from repro.methods import get_method
+
+    cls = get_method(method.get("name", "mae"))
+    check_keys(method, cls.defaults, "method.")
+    return cls, deep_merge(cls.defaults, method)
+
+
+def resolve(name: str, scale: str = "paper", overrides: Iterable[str] | Mapping[str, Any] = (),
+            kind: str | None = None) -> dict[str, Any]:
+    """Load recipe ``name``, apply ``scale`` then ``overrides`` (dotted strings or a nested dict), validate."""
+    kind, cfg = load_recipe(name, kind)
+    sch = schema(kind)
+    check_keys({k: v for k, v in cfg.items() if k not in ("kind", "recipe")}, sch, open_keys=OPEN_KEYS)
+    method_cls = None
+    if kind == "pretrain":
+        method_cls, cfg["method"] = _method_section(cfg["method"])
+    cfg = apply_scale(cfg, scale, method_cls)
+    cfg["scale"] = scale
+    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    if ov:
+        check_keys(ov, sch, open_keys=("method",))
+        cfg = deep_merge(cfg, ov)
+        if kind == "pretrain":
+            method_cls, cfg["method"] = _method_section(cfg["method"])
+    validate(cfg, method_cls)
+    return cfg
+
+
+def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
+    """Value checks that keys/types cannot express."""
+    from repro.config import get
+    from repro.models.vit import ARCHS
+
+    for key, choices in CHOICES.items():
+        v = get(cfg, key)
+        if v is not None and v not in choices:
+            raise ConfigError(f"bad value for '{key}': {v!r}; valid: {', '.join(choices)}")
+    if cfg["model"]["arch"] not in ARCHS:
+        raise ConfigError(f"bad value for 'model.arch': {cfg['model']['arch']!r}; valid: {', '.join(ARCHS)}")
+    img, p = cfg["data"]["img_size"], cfg["model"]["patch_size"]
+    if img % p:
+        raise ConfigError(f"data.img_size={img} is not a multiple of model.patch_size={p}")
+    o = cfg.get("optim")
+    if o:
+        if o["batch_size"] <= 0 or cfg["train"]["batch_per_device"] <= 0:
+            raise ConfigError("optim.batch_size and train.batch_per_device must be positive")
+        if o["warmup_epochs"] > o["epochs"]:
+            raise ConfigError(f"optim.warmup_epochs={o['warmup_epochs']} exceeds optim.epochs={o['epochs']}")
+    if not (0.0 < cfg["data"].get("train_fraction", 1.0) <= 1.0):
+        raise ConfigError("data.train_fraction must be in (0, 1]")
+    if method_cls is not None:
+        method_cls.validate(cfg["method"])
+
+
+def accumulation(cfg: Mapping[str, Any], world_size: int) -> int:
+    """Gradient-accumulation steps that keep the recipe's effective batch on ``world_size`` devices."""
+    eff, per = cfg["optim"]["batch_size"], cfg["train"]["batch_per_device"]
+    if eff % world_size:
+        raise ConfigError(f"optim.batch_size={eff} is not divisible by the world size {world_size}; "
+                          f"use a batch size that is a multiple of {world_size} or change the number of devices")
+    per_dev = eff // world_size
+    per = min(per, per_dev)
+    if per_dev % per:
+        raise ConfigError(f"optim.batch_size={eff} / {world_size} devices = {per_dev} is not a multiple of "
+                          f"train.batch_per_device={per}; pick a divisor of {per_dev}")
+    return per_dev // per

@@ -1,0 +1,119 @@
+"""Scales, declared in one place.
+
+``paper``: the recipe exactly as the paper / official code has it.
+``tiny``: the same code paths made small by ONE rule applied to every recipe, so relative comparisons inside a table
+keep their meaning: ViT-S/B/L -> nano/micro/mini, patch 16 -> 4 (8 -> 2), resolution / 7 (224 -> 32), pretraining
+epochs / 20 (evaluation epochs / 4),
+effective batch / 32, decoders shrunk by the encoder's width and depth ratios, ImageNet-like datasets -> the embedded
+procedural dataset. A recipe may override the result only through ``tiny_overrides`` with a ``tiny_reason``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from repro.config import ConfigError, deep_merge
+from repro.models.vit import ARCHS
+
+TINY_ARCH = {"vit_small": "vit_nano", "vit_base": "vit_micro", "vit_large": "vit_mini", "vit_huge": "vit_mini"}
+TINY_PATCH = {16: 4, 14: 4, 8: 2}
+EPOCH_FACTOR = 20  # pretraining epochs / 20
+EVAL_EPOCH_FACTOR = 4  # fine-tuning / linear epochs / 4: evaluations must learn from 2k images in their budget
+BATCH_FACTOR = 32
+RES_FACTOR = 7
+REAL_DATASETS = ("imagenet1k", "imagenet22k", "inat2018", "inat2019")
+
+
+class TinyRule:
+    """The paper -> tiny mapping for one recipe (knows the paper arch, for width/depth ratios)."""
+
+    def __init__(self, paper_arch: str):
+        self.paper_arch = paper_arch
+        self.tiny_arch = TINY_ARCH.get(paper_arch, paper_arch)
+        pd, pdepth, _, _ = ARCHS[paper_arch]
+        td, tdepth, _, _ = ARCHS[self.tiny_arch]
+        self.width = td / pd
+        self.depth = tdepth / pdepth
+
+    @staticmethod
+    def epochs(e: float, factor: int = EPOCH_FACTOR) -> int:
+        return max(1, math.ceil(e / factor))
+
+    @staticmethod
+    def warmup(w: float, factor: int = EPOCH_FACTOR) -> float:
+        return w / factor
+
+    @staticmethod
+    def batch(b: int) -> int:
+        return max(8, b // BATCH_FACTOR)
+
+    @staticmethod
+    def patch(p: int) -> int:
+        return TINY_PATCH.get(p, max(1, p // 4))
+
+    @staticmethod
+    def img(size: int, tiny_patch: int) -> int:
+        return max(tiny_patch * 4, round(size / RES_FACTOR / tiny_patch) * tiny_patch)
+
+    def dim(self, d: int, multiple: int = 16) -> int:
+        return max(multiple, round(d * self.width / multiple) * multiple)
+
+    def layers(self, n: int) -> int:
+        return max(1, math.ceil(n * self.depth))
+
+    @staticmethod
+    def heads(dim: int) -> int:
+        return max(1, dim // 32)
+
+    def decoder(self, params: dict[str, Any], dim_key: str, depth_key: str, heads_key: str) -> dict[str, Any]:
+        out = dict(params)
+        out[dim_key] = self.dim(params[dim_key])
+        out[depth_key] = self.layers(params[depth_key])
+        out[heads_key] = self.heads(out[dim_key])
+        return out
+
+
+def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict[str, Any]:
+    """Return ``cfg`` at ``scale`` (a new dict); ``method_cls`` shrinks the method's own size knobs."""
+    if scale == "paper":
+        return cfg
+    if scale != "tiny":
+        raise ConfigError(f"unknown scale '{scale}'; valid scales: paper, tiny")
+    out = deep_merge(cfg, {})
+    m, d, o, t = out["model"], out["data"], out.get("optim"), out["train"]
+    rule = TinyRule(m["arch"])
+    m["arch"] = rule.tiny_arch
+    for k in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
+        m[k] = None
+    m["patch_size"] = rule.patch(m["patch_size"])
+    d["img_size"] = rule.img(d["img_size"], m["patch_size"])
+    if d["dataset"] in REAL_DATASETS:
+        d["dataset"] = "synthetic"
+        d["path"] = None
+    if d["dataset"] == "synthetic":
+        d["num_classes"] = d["synthetic_classes"]
+    elif d["dataset"] == "digits":
+        d["num_classes"] = 10
+    if o is not None:
+        factor = EPOCH_FACTOR if out.get("kind", "pretrain") == "pretrain" else EVAL_EPOCH_FACTOR
+        o["epochs"] = rule.epochs(o["epochs"], factor)
+        o["warmup_epochs"] = rule.warmup(o["warmup_epochs"], factor)
+        o["batch_size"] = rule.batch(o["batch_size"])
+        t["batch_per_device"] = min(o["batch_size"], 256)
+    t["num_workers"] = 0
+    t["log_every"] = 10
+    t["keep_every"] = 0
+    if method_cls is not None and "method" in out:
+        out["method"] = method_cls.tiny(dict(out["method"]), rule)
+    overrides = out.get("tiny_overrides") or {}
+    if overrides:
+        if not out.get("tiny_reason"):
+            raise ConfigError(f"recipe {out.get('recipe')}: tiny_overrides need a tiny_reason saying why")
+        out = deep_merge(out, overrides)
+    return out
+
+
+def scale_of(cfg: Mapping[str, Any]) -> str:
+    return str(cfg.get("scale", "paper"))
