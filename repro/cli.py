@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("recipes", help="list the recipes, per stage kind")
+    p = sub.add_parser("recipes", help="list the recipes, per stage kind",
+                       description="List the recipes (named paper configurations), per stage kind.")
     p.add_argument("--kind", choices=("pretrain", "finetune", "linear", "knn"))
 
     p = sub.add_parser("show", help="print a recipe resolved at a scale (audit it against the paper)",

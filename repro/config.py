@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -100,9 +101,12 @@ def load_recipe(name: str, kind: str | None = None) -> tuple[str, dict[str, Any]
 def parse_value(text: str) -> Any:
     """Parse a command-line value with YAML rules (``1e-4``, ``[1, 2]``, ``null``, ``true``)."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"cannot parse value '{text}': {e}") from None
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-4, without a dot, as a string
+    return value
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:

@@ -78,8 +78,8 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     if o:
         if o["batch_size"] <= 0 or cfg["train"]["batch_per_device"] <= 0:
             raise ConfigError("optim.batch_size and train.batch_per_device must be positive")
-        if o["warmup_epochs"] > o["epochs"]:
-            raise ConfigError(f"optim.warmup_epochs={o['warmup_epochs']} exceeds optim.epochs={o['epochs']}")
+        if o["warmup_epochs"] < 0 or o["epochs"] <= 0:
+            raise ConfigError("optim.epochs must be positive and optim.warmup_epochs non-negative")
     if not (0.0 < cfg["data"].get("train_fraction", 1.0) <= 1.0):
         raise ConfigError("data.train_fraction must be in (0, 1]")
     if method_cls is not None:

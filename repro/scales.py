@@ -3,9 +3,9 @@
 ``paper``: the recipe exactly as the paper / official code has it.
 ``tiny``: the same code paths made small by ONE rule applied to every recipe, so relative comparisons inside a table
 keep their meaning: ViT-S/B/L -> nano/micro/mini, patch 16 -> 4 (8 -> 2), resolution / 7 (224 -> 32), pretraining
-epochs / 20 (evaluation epochs / 4),
-effective batch / 32, decoders shrunk by the encoder's width and depth ratios, ImageNet-like datasets -> the embedded
-procedural dataset. A recipe may override the result only through ``tiny_overrides`` with a ``tiny_reason``.
+epochs / 20 (evaluation epochs / 4), effective batch / 32 (at most 256) with the paper's absolute lr, decoders
+shrunk by the encoder's width and depth ratios, ImageNet-like datasets -> the embedded procedural dataset.
+A recipe may override the result only through ``tiny_overrides`` with a ``tiny_reason``.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ class TinyRule:
 
     @staticmethod
     def batch(b: int) -> int:
-        return max(8, b // BATCH_FACTOR)
+        # / 32, capped at 256 so that even linear probing (16384) takes several steps per epoch on 2k images
+        return min(256, max(8, b // BATCH_FACTOR))
 
     @staticmethod
     def patch(p: int) -> int:
@@ -100,7 +101,12 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
         factor = EPOCH_FACTOR if out.get("kind", "pretrain") == "pretrain" else EVAL_EPOCH_FACTOR
         o["epochs"] = rule.epochs(o["epochs"], factor)
         o["warmup_epochs"] = rule.warmup(o["warmup_epochs"], factor)
-        o["batch_size"] = rule.batch(o["batch_size"])
+        paper_batch = o["batch_size"]
+        o["batch_size"] = rule.batch(paper_batch)
+        # Keep the paper's absolute lr: with blr x batch / 256 alone, a 32x smaller batch would also take a 32x
+        # smaller Adam step, and a tiny run of a few thousand steps would not leave its initialisation.
+        if o.get("lr") is None:
+            o["blr"] = o["blr"] * paper_batch / o["batch_size"]
         t["batch_per_device"] = min(o["batch_size"], 256)
     t["num_workers"] = 0
     t["log_every"] = 10

@@ -180,7 +180,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
-    state = {"epoch": 0, "step": 0, "micro": 0, "history": [], "version": CKPT_VERSION}
+    state = {"epoch": 0, "step": 0, "micro": 0, "history": [], "version": CKPT_VERSION, "loss_sum": 0.0, "loss_n": 0}
     last = ckpt_dir / "last.pth"
     if last.exists():
         ck = load_checkpoint(last)
@@ -190,6 +190,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         scaler.load_state_dict(ck["scaler"])
         set_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)], gen)
         state.update({k: ck[k] for k in ("epoch", "step", "micro", "history")})
+        state.update({k: ck[k] for k in ("loss_sum", "loss_n") if k in ck})
         sched.step_update(state["step"])
         if env.is_main:
             print(f"[{desc}] resumed from {last} at epoch {state['epoch']} step {state['step']}", flush=True)
@@ -203,7 +204,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         if env.is_main:
             atomic_torch_save({"model": task.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                               **{k: state[k] for k in ("epoch", "step", "micro", "history", "version")}}, path)
+                               **state}, path)  # counters, history, version and the epoch's running loss
 
     STOP.install()
     step_times: list[float] = []
@@ -218,10 +219,14 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         epoch = state["epoch"]
         data.epoch = epoch
         sampler.set_epoch(epoch, start=state["micro"] * per)
+        # The loader draws its base seed from `generator` when an iterator starts; with the default (the global torch
+        # RNG) a mid-epoch resume would shift the global stream that drop path etc. use.
         loader = DataLoader(data, batch_size=per, sampler=sampler, num_workers=tcfg["num_workers"],
                             pin_memory=env.device.type == "cuda", drop_last=True,
-                            persistent_workers=False)
-        loss_sum, loss_n = torch.zeros((), device=env.device), 0
+                            persistent_workers=False, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        # The epoch's running loss is checkpointed: a resumed epoch reports the mean an uninterrupted one would.
+        loss_sum = torch.as_tensor(state["loss_sum"], dtype=torch.float32).to(env.device).clone()
+        loss_n = state["loss_n"]
         t_step = time.perf_counter()
         for batch in loader:
             if state["micro"] >= micro_per_epoch:
@@ -238,6 +243,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
                 scaler.scale(loss / accum).backward()
             loss_sum += loss.detach()
             loss_n += 1
+            state["loss_sum"], state["loss_n"] = loss_sum, loss_n
             state["micro"] += 1
             images += per
             if not sync:
@@ -271,6 +277,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         mean_loss = all_reduce_mean(loss_sum / max(1, loss_n)).item()
         state["epoch"] += 1
         state["micro"] = 0
+        state["loss_sum"], state["loss_n"] = 0.0, 0
         record = {"epoch": state["epoch"], "step": state["step"], "loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
         if epoch_hook is not None:
             task.eval()

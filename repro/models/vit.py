@@ -61,6 +61,7 @@ def timm_kwargs(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 
     """Keyword arguments that make ``timm.create_model(timm_name(...), **kw)`` build exactly our encoder."""
     d = arch_dims(model_cfg)
     pool = global_pool or model_cfg.get("global_pool", "token")
+    cls_token = bool(model_cfg.get("class_token", True))
     return {
         "img_size": img_size,
         "patch_size": model_cfg["patch_size"],
@@ -69,7 +70,8 @@ def timm_kwargs(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 
         "num_heads": d["num_heads"],
         "mlp_ratio": d["mlp_ratio"],
         "num_classes": num_classes,
-        "global_pool": "avg" if pool == "avg" else "token",
+        "class_token": cls_token,
+        "global_pool": "avg" if pool == "avg" or not cls_token else "token",  # no cls token: mean + fc_norm
         "drop_path_rate": float(model_cfg.get("drop_path") or 0.0),
         "init_values": model_cfg.get("layer_scale"),
         "pos_embed": "none" if model_cfg.get("pos_embed") == "none" else "learn",
@@ -133,6 +135,10 @@ class RelPosAttention(Attention):
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         b, n, c = x.shape
+        full = n - self.num_prefix == self.grid * self.grid
+        if full and (self.coords is None or self.coords.shape[1] != n - self.num_prefix):
+            # A full-image pass that skipped the model's forward() hook (e.g. forward_features in the evaluations).
+            self.coords = grid_coords(self.grid, self.grid, x.device)[None]
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -165,7 +171,7 @@ def create_vit(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0
     if pos != "none":
         gh, gw = vit.patch_embed.grid_size
         with torch.no_grad():
-            vit.pos_embed.copy_(sincos_2d(vit.embed_dim, gh, gw, cls_token=True)[None])
+            vit.pos_embed.copy_(sincos_2d(vit.embed_dim, gh, gw, cls_token=vit.cls_token is not None)[None])
         vit.pos_embed.requires_grad_(pos == "learned")
     rel = model_cfg.get("rel_pos", "none")
     if rel != "none":

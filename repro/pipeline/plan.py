@@ -13,7 +13,8 @@ from repro.resolve import resolve
 # What an evaluation inherits from the pretraining it evaluates.
 INHERITED = {
     "data": ("dataset", "path", "img_size", "num_classes", "synthetic_train", "synthetic_val", "synthetic_classes"),
-    "model": ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale"),
+    "model": ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
+              "class_token"),
 }
 
 

@@ -7,6 +7,7 @@ Reads the stage spec the executor wrote, fills inputs from the stages it depends
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 import traceback
@@ -69,7 +70,8 @@ def run(spec_path: str | Path) -> dict[str, Any]:
         "metrics": res["metrics"], "accounting": acct, "artifacts": res.get("artifacts", {}),
         "provenance": provenance(spec["cfg"]), "config": cfg, "started": t0, "finished": time.time(),
     }
-    atomic_write_json(out_dir / RESULT, result)
+    if int(os.environ.get("RANK", "0")) == 0:  # one result per stage, whatever the number of processes
+        atomic_write_json(out_dir / RESULT, result)
     return result
 
 
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "log": str(out_dir / LOG),
                                              "time": time.time()})
         return 1
+    if int(os.environ.get("RANK", "0")):
+        return 0
     print(f"[{res['stage']}] {res['status']}: " + ", ".join(f"{k}={v:.2f}" for k, v in res["metrics"].items()
                                                             if isinstance(v, float)), flush=True)
     return 0

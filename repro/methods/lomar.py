@@ -1,0 +1,272 @@
+"""LoMaR (Chen et al., "Efficient Self-supervised Vision Pretraining with Local Masked Reconstruction"), as the
+official junchen14/LoMaR code does it.
+
+Each image is cut into ``num_windows`` random K x K windows of patches (K=7); inside every window
+``int(K*K*mask_ratio)`` patches are replaced by a learnable mask token and the whole window (visible + masked, + cls)
+goes through the encoder, so the encoder batch is N*num_windows sequences of K*K+1 tokens whatever the resolution. A
+linear head predicts the (per-patch normalised) pixels; the MSE is taken on the masked patches only. Positions come
+from iRPE (Wu et al. 2021): contextual "product" relative encoding on the keys, one table shared by the heads, no
+absolute table. The ``encoder_decoder`` arch (paper Fig. 4) runs an MAE encoder on the visible window patches and an
+MAE decoder on the window; ``position: sincos`` (supplementary Table 1) adds the fixed 2-D sin-cos table instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from repro.config import ConfigError
+from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.models.mim import MaskedDecoder, gather_tokens, mae_init_, masked_mse, norm_pix, patchify
+from repro.models.vit import (
+    RelPosAttention,
+    create_vit,
+    grid_coords,
+    has_rel_pos,
+    register_rel_pos,
+    set_token_coords,
+)
+
+# iRPE's bucket ratio: alpha = 1.9, beta = 3.8, gamma = 15.2 (the official LoMaR/iRPE setting).
+IRPE_RATIO = 1.9
+# Paper grid at 224 px / patch 16: the tiny rule scales the window by tiny_grid / PAPER_GRID.
+PAPER_GRID = 14
+
+
+def irpe_piecewise(offset: torch.Tensor, ratio: float = IRPE_RATIO) -> torch.Tensor:
+    """iRPE's piecewise index g(x) for integer offsets: exact for |x| <= alpha, logarithmic in |x| beyond, magnitude
+    capped at int(beta); alpha, beta, gamma = ratio, 2*ratio, 8*ratio. Odd in x."""
+    alpha, beta, gamma = ratio, 2.0 * ratio, 8.0 * ratio
+    x = offset.double()
+    a = x.abs()
+    far = alpha + torch.log(a.clamp_min(alpha) / alpha) / math.log(gamma / alpha) * (beta - alpha)
+    mag = torch.where(a <= alpha, a.round(), far.round().clamp_max(int(beta)))
+    return (torch.sign(x) * mag).long()
+
+
+def irpe_buckets_per_axis(ratio: float = IRPE_RATIO) -> int:
+    """Values g can take on one axis: 2*int(beta)+1 (7 at ratio 1.9)."""
+    return 2 * int(2.0 * ratio) + 1
+
+
+def irpe_product_bucket(rel: torch.Tensor, ratio: float = IRPE_RATIO) -> torch.Tensor:
+    """"product" method: the bucket of a 2-D offset (..., 2) = (row, col) is g(row) and g(col) combined,
+    in [0, S*S) with S = irpe_buckets_per_axis."""
+    s = irpe_buckets_per_axis(ratio)
+    half = s // 2
+    return (irpe_piecewise(rel[..., 0], ratio) + half) * s + irpe_piecewise(rel[..., 1], ratio) + half
+
+
+class IRPEAttention(RelPosAttention):
+    """Attention with iRPE contextual "product" encoding on keys: ``bias_ij = q_i . r_{bucket(i, j)}`` with one
+    (buckets, head_dim) table shared by the heads, buckets from the 2-D offset ``coord_i - coord_j`` of the tokens'
+    grid coordinates. As iRPE with ``skip=1``, the prefix (cls) token has one bucket of its own for its whole row and
+    column. The table starts at zero (iRPE's default) and q enters unscaled, as in the official LoMaR attention.
+
+    Coordinates come from ``set_token_coords``; without them (e.g. ``forward_features`` on a full image) the tokens
+    are taken to fill a square grid in raster order.
+    """
+
+    def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True, **kw: Any):
+        super().__init__(dim, num_heads, grid, num_prefix=num_prefix, qkv_bias=qkv_bias, **kw)
+        del self.rel_table  # the per-head table of the 'bias' kind; iRPE has its own
+        self.num_buckets = irpe_buckets_per_axis() ** 2  # + 1 for the prefix token below
+        self.rpe_k = nn.Parameter(torch.zeros(self.num_buckets + 1, self.head_dim))
+
+    def bucket_ids(self, n: int, device: torch.device) -> torch.Tensor:
+        """(b, n, n) bucket of every (query, key) pair; b is 1 or the batch."""
+        k = self.num_prefix
+        coords = self.coords
+        if coords is None or coords.shape[1] != n - k:
+            side = math.isqrt(n - k)
+            if side * side != n - k:
+                raise RuntimeError(f"iRPE attention got {n - k} patch tokens without set_token_coords()")
+            coords = grid_coords(side, side, device)[None]
+        rel = coords[:, :, None, :] - coords[:, None, :, :]
+        ids = torch.full((coords.shape[0], n, n), self.num_buckets, dtype=torch.long, device=device)
+        ids[:, k:, k:] = irpe_product_bucket(rel)
+        return ids
+
+    def position_term(self, q: torch.Tensor, n: int) -> torch.Tensor:
+        ids = self.bucket_ids(n, q.device)
+        per_bucket = q @ self.rpe_k.t().to(q.dtype)  # (B, H, N, buckets)
+        b, h = q.shape[:2]
+        return per_bucket.gather(-1, ids[:, None].expand(b, h, n, n))
+
+
+register_rel_pos("irpe", IRPEAttention)
+
+
+@register
+class LoMaR(PretrainMethod):
+    name = "lomar"
+    defaults = {
+        "name": "lomar",
+        "window_size": 7,
+        "num_windows": 4,
+        "mask_ratio": 0.8,
+        "window_placement": "shared",  # shared: same windows for the whole batch (official) | per_image
+        "norm_pix_loss": True,
+        "arch": "encoder",  # encoder: all window tokens + linear head | encoder_decoder: MAE-style (Fig. 4)
+        "position": "irpe",  # irpe (model.rel_pos irpe, no absolute table) | sincos (absolute, supp. Table 1)
+        "decoder_dim": 512,  # encoder_decoder only
+        "decoder_depth": 8,
+        "decoder_heads": 16,
+    }
+    linear_feature = "cls"
+    finetune_pool = "avg"
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        p = self.params
+        m = cfg["model"]
+        img = cfg["data"]["img_size"]
+        self.patch = m["patch_size"]
+        self.grid = img // self.patch
+        self.k = p["window_size"]
+        if self.k > self.grid:
+            raise ConfigError(f"method.window_size={self.k} exceeds the {self.grid}x{self.grid} patch grid of "
+                              f"{img}px / patch {self.patch}; pass a smaller method.window_size")
+        if not m.get("class_token", True):
+            raise ConfigError("LoMaR feeds a cls token with every window; set model.class_token=true")
+        if p["position"] == "irpe" and (m.get("rel_pos") != "irpe" or m.get("pos_embed") != "none"):
+            raise ConfigError("method.position=irpe needs model.rel_pos=irpe and model.pos_embed=none")
+        if p["position"] == "sincos" and m.get("pos_embed") == "none":
+            raise ConfigError("method.position=sincos needs model.pos_embed=sincos (or learned)")
+        self.num_mask = int(self.k * self.k * p["mask_ratio"])
+        self.encoder = create_vit(m, img, num_classes=0)
+        dim, out = self.encoder.embed_dim, self.patch**2 * 3
+        if p["arch"] == "encoder":
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pred = nn.Linear(dim, out)
+        else:
+            # The decoder sees one window: its fixed sin-cos table is the K x K window grid.
+            self.decoder = MaskedDecoder(dim, p["decoder_dim"], p["decoder_depth"], p["decoder_heads"], self.k, out)
+        mae_init_(self)
+        if p["arch"] == "encoder":
+            nn.init.normal_(self.mask_token, std=0.02)
+
+    @classmethod
+    def validate(cls, params: Mapping[str, Any]) -> None:
+        check_ratio("mask_ratio", params["mask_ratio"])
+        k, ratio = params["window_size"], params["mask_ratio"]
+        if k < 2 or params["num_windows"] < 1:
+            raise ConfigError(f"method.window_size={k} / num_windows={params['num_windows']}: need window_size >= 2 "
+                              "and num_windows >= 1")
+        if not 1 <= int(k * k * ratio) < k * k:
+            raise ConfigError(f"method.mask_ratio={ratio} masks {int(k * k * ratio)} of {k * k} window patches; "
+                              "pick a ratio that masks at least one and keeps at least one")
+        for key, choices in (("window_placement", ("shared", "per_image")), ("arch", ("encoder", "encoder_decoder")),
+                             ("position", ("irpe", "sincos"))):
+            if params[key] not in choices:
+                raise ConfigError(f"method.{key}={params[key]!r}; valid: {', '.join(choices)}")
+
+    @classmethod
+    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
+        out = rule.decoder(params, "decoder_dim", "decoder_depth", "decoder_heads")
+        # The window covers the same fraction of the grid: tiny grids are 8x8 (32 px / patch 4) where the paper's are
+        # 14x14 (224 px / patch 16), so K -> round(K * 8/14) (7 -> 4, 5 -> 3, 9 -> 5, 11 -> 6, 14 -> 8).
+        tiny_patch = rule.patch(16)
+        tiny_grid = rule.img(PAPER_GRID * 16, tiny_patch) // tiny_patch
+        out["window_size"] = max(2, round(params["window_size"] * tiny_grid / PAPER_GRID))
+        return out
+
+    # -- windows and masks -------------------------------------------------------------------------------------------
+
+    def sample_windows(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n, num_windows, K*K, 2) grid coordinates (row, col) of every window's patches in raster order.
+
+        Tops and lefts are each a random permutation of the G-K+1 possible offsets, cut to num_windows (cycled when
+        there are fewer offsets than windows); ``shared`` draws one set for the whole batch, ``per_image`` one per
+        image."""
+        w, k = self.params["num_windows"], self.k
+        positions = self.grid - k + 1
+        b = 1 if self.params["window_placement"] == "shared" else n
+        dev = generator.device
+        reps = -(-w // positions)
+
+        def offsets() -> torch.Tensor:
+            perms = torch.rand(b, reps, positions, generator=generator, device=dev).argsort(dim=-1)
+            return perms.reshape(b, reps * positions)[:, :w]
+
+        tops, lefts = offsets(), offsets()
+        ar = torch.arange(k, device=dev)
+        rows = (tops[:, :, None, None] + ar[:, None]).expand(b, w, k, k)
+        cols = (lefts[:, :, None, None] + ar[None, :]).expand(b, w, k, k)
+        coords = torch.stack([rows, cols], dim=-1).reshape(b, w, k * k, 2)
+        return coords.expand(n, -1, -1, -1)
+
+    def window_masking(self, m: int, generator: torch.Generator,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per window, ``num_mask`` random patches masked: (ids_keep (m, K*K-num_mask), ids_restore (m, K*K),
+        mask (m, K*K) with 1 = masked)."""
+        length = self.k * self.k
+        keep = length - self.num_mask
+        ids_shuffle = torch.rand(m, length, generator=generator, device=generator.device).argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        mask = torch.ones(m, length, device=generator.device)
+        mask[:, :keep] = 0
+        return ids_shuffle[:, :keep], ids_restore, torch.gather(mask, 1, ids_restore)
+
+    def embed_windows(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The encoder's patch embedding applied to already-cut patches (m, T, p*p*3) in patchify order."""
+        proj = self.encoder.patch_embed.proj
+        weight = proj.weight.permute(0, 2, 3, 1).reshape(proj.weight.shape[0], -1)  # (D, p, p, C): patchify order
+        return self.encoder.patch_embed.norm(F.linear(pixels, weight, proj.bias))
+
+    # -- forward -----------------------------------------------------------------------------------------------------
+
+    def run_encoder(self, x: torch.Tensor, coords: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """Encoder blocks on window tokens ``x`` (m, T, D) at grid ``coords`` (m, T, 2) / flat indices ``flat``
+        (m, T); returns the normed tokens with cls first."""
+        enc = self.encoder
+        cls = enc.cls_token
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed[0, 1:][flat]
+            cls = cls + enc.pos_embed[:, :1]
+        x = enc.norm_pre(torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1))
+        if has_rel_pos(enc):
+            set_token_coords(enc, coords)
+        try:
+            for blk in enc.blocks:
+                x = blk(x)
+        finally:
+            set_token_coords(enc, None)
+        return enc.norm(x)
+
+    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        imgs = batch[0]
+        n = imgs.shape[0]
+        coords = self.sample_windows(n, generator)  # (n, w, T, 2)
+        m, t = n * coords.shape[1], self.k * self.k
+        coords = coords.reshape(m, t, 2)
+        flat = coords[..., 0] * self.grid + coords[..., 1]  # (m, T) patch index in the full grid
+        # Only the window patches are cut out and embedded; image n's windows are rows n*w ... n*w + w - 1.
+        patches = patchify(imgs, self.patch)
+        pixels = gather_tokens(patches, flat.reshape(n, -1)).reshape(m, t, -1)
+        x = self.embed_windows(pixels)
+        ids_keep, ids_restore, mask = self.window_masking(m, generator)
+        if self.params["arch"] == "encoder":
+            x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
+            pred = self.pred(self.run_encoder(x, coords, flat)[:, 1:])
+        else:
+            keep_coords = torch.gather(coords, 1, ids_keep[..., None].expand(-1, -1, 2))
+            latent = self.run_encoder(gather_tokens(x, ids_keep), keep_coords, torch.gather(flat, 1, ids_keep))
+            pred = self.decoder(latent, ids_restore)
+        target = norm_pix(pixels) if self.params["norm_pix_loss"] else pixels
+        loss = masked_mse(pred.float(), target.float(), mask)
+        return StepOutput(loss, {"loss": loss.detach()})
+
+    def export(self) -> dict[str, torch.Tensor]:
+        state = super().export()
+        if self.encoder.pos_embed is None:
+            # No absolute table: export an all-zero one, so evaluation ViTs built with a (fixed) table get exactly
+            # the position-free encoder; ViTs built with pos_embed=none ignore it.
+            tokens = self.grid * self.grid + self.encoder.num_prefix_tokens
+            state["pos_embed"] = torch.zeros(1, tokens, self.encoder.embed_dim)
+        return state

@@ -1,0 +1,157 @@
+"""MaskFeat (Wei et al. 2022, "Masked Feature Prediction for Self-Supervised Visual Pre-Training"), image / ViT
+version, as facebookresearch/SlowFast (models/masked.py, configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml) runs it.
+
+Every patch goes through the encoder; the embeddings of masked patches are replaced by a learned mask token before the
+position embedding is added. Masking is BEiT's block-wise masking of 40% of the patches (blocks of >= 16 patches,
+aspect ratio in [0.3, 1/0.3]). The target is the HOG of the image (9 unsigned bins, 8-px cells, per RGB channel,
+L2-normalised per cell; repro.models.hog): each 16-px patch covers 2 x 2 cells, so a linear head predicts
+4 x 27 = 108 values from each output patch token; the loss is the MSE over masked patches.
+
+Geometry knobs are patch-relative so that the tiny scale keeps their meaning: ``cells_per_patch`` (HOG cells per patch
+side: 2 = 8-px cells for 16-px patches) and ``min_block`` (the smallest block in patches, shrunk with the grid area).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from repro.config import ConfigError
+from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.models.hog import HOG, cells_to_patches
+from repro.models.mim import masked_mse
+from repro.models.vit import create_vit, grid_coords, has_rel_pos, set_token_coords
+
+_ATTEMPTS = 10  # tries per block, as BEiT's MaskingGenerator
+
+
+def blockwise_mask(n: int, grid_h: int, grid_w: int, num_masking: int, generator: torch.Generator,
+                   min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3) -> torch.Tensor:
+    """BEiT's block-wise masking for ``n`` images: (n, grid_h*grid_w) float mask on the generator's device, 1 = masked.
+
+    Rectangular blocks are added until ``num_masking`` patches are masked: each try draws a target area uniformly in
+    [min_num, min(remaining, max_num)] and a log-uniform aspect ratio in [min_aspect, 1/min_aspect], rounds to h x w
+    (each strictly smaller than the grid), places it uniformly, and is kept when it adds between 1 and ``remaining``
+    new patches; after ``_ATTEMPTS`` failed tries in a row the image stops (so it may end a few patches short, never
+    over). All random numbers come from ``generator``, drawn up front in one tensor (a fixed amount per call, so the
+    generator's state does not depend on the masks drawn).
+    """
+    max_num = num_masking if max_num is None else max_num
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    # At most num_masking successful blocks plus one final failing round, each of up to _ATTEMPTS tries.
+    tries = _ATTEMPTS * (num_masking + 1)
+    u = torch.rand(n, tries, 4, generator=generator, device=generator.device, dtype=torch.float64).cpu().numpy()
+    out = np.zeros((n, grid_h, grid_w), dtype=np.float32)
+    for i in range(n):
+        mask, draws, count = out[i], u[i], 0
+        k = 0
+        while count < num_masking:
+            limit = min(num_masking - count, max_num)
+            delta = 0
+            for _ in range(_ATTEMPTS):
+                a, r, t, l = draws[k]
+                k += 1
+                area = min_num + a * (limit - min_num)
+                aspect = math.exp(log_lo + r * (log_hi - log_lo))
+                h = int(round(math.sqrt(area * aspect)))
+                w = int(round(math.sqrt(area / aspect)))
+                if w < grid_w and h < grid_h:
+                    top = int(t * (grid_h - h + 1))
+                    left = int(l * (grid_w - w + 1))
+                    region = mask[top:top + h, left:left + w]
+                    new = h * w - int(region.sum())
+                    if 0 < new <= limit:
+                        region[...] = 1.0
+                        delta = new
+                        break
+            if delta == 0:
+                break
+            count += delta
+    return torch.from_numpy(out.reshape(n, grid_h * grid_w)).to(generator.device)
+
+
+@register
+class MaskFeat(PretrainMethod):
+    name = "maskfeat"
+    defaults = {
+        "name": "maskfeat",
+        "mask_ratio": 0.4,
+        "min_block": 16,        # smallest masking block, in patches (BEiT / MaskFeat: 16 at a 14 x 14 grid)
+        "min_aspect": 0.3,
+        "hog_bins": 9,
+        "cells_per_patch": 2,   # HOG cells per patch side: 16-px patches / 8-px cells
+    }
+    linear_feature = "avg"
+    finetune_pool = "avg"
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
+        p = self.params
+        img = cfg["data"]["img_size"]
+        self.encoder = create_vit(cfg["model"], img, num_classes=0)
+        self.patch = cfg["model"]["patch_size"]
+        k = int(p["cells_per_patch"])
+        if self.patch % k:
+            raise ConfigError(f"method.cells_per_patch={k} does not divide model.patch_size={self.patch}")
+        self.k = k
+        self.grid = img // self.patch
+        self.hog = HOG(p["hog_bins"], cell=self.patch // k)
+        dim = self.encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.head = nn.Linear(dim, 3 * p["hog_bins"] * k * k)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def validate(cls, params: Mapping[str, Any]) -> None:
+        check_ratio("mask_ratio", params["mask_ratio"])
+        if int(params["min_block"]) < 1:
+            raise ConfigError(f"method.min_block={params['min_block']} must be >= 1 patch")
+        if not (0.0 < float(params["min_aspect"]) <= 1.0):
+            raise ConfigError(f"method.min_aspect={params['min_aspect']} must be in (0, 1]")
+        if int(params["hog_bins"]) < 1 or int(params["cells_per_patch"]) < 1:
+            raise ConfigError("method.hog_bins and method.cells_per_patch must be >= 1")
+
+    @classmethod
+    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
+        """``min_block`` scaled by the grid area, assuming the paper geometry 224 px / patch 16 (14 x 14 -> 8 x 8)."""
+        out = dict(params)
+        tp = rule.patch(16)
+        ratio = (rule.img(224, tp) // tp) ** 2 / (224 // 16) ** 2
+        out["min_block"] = max(1, round(params["min_block"] * ratio))
+        return out
+
+    def mask(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        length = self.grid * self.grid
+        return blockwise_mask(n, self.grid, self.grid, round(self.params["mask_ratio"] * length), generator,
+                              min_num=int(self.params["min_block"]), min_aspect=float(self.params["min_aspect"]))
+
+    def predict(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """HOG predictions (N, L, 3 * bins * k^2) for every patch, with the masked patches' embeddings replaced."""
+        enc = self.encoder
+        x = enc.patch_embed(imgs)
+        w = mask.unsqueeze(-1).to(x.dtype)
+        x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
+        if has_rel_pos(enc):
+            set_token_coords(enc, grid_coords(self.grid, self.grid, x.device)[None])
+        x = enc.norm(enc.blocks(x))
+        return self.head(x[:, enc.num_prefix_tokens:])
+
+    def target(self, imgs: torch.Tensor) -> torch.Tensor:
+        return cells_to_patches(self.hog(imgs), self.k)
+
+    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        imgs = batch[0]
+        mask = self.mask(imgs.shape[0], generator)
+        pred = self.predict(imgs, mask)
+        with torch.no_grad():
+            target = self.target(imgs)
+        loss = masked_mse(pred.float(), target, mask)
+        return StepOutput(loss, {"loss": loss.detach(), "mask_ratio": mask.mean().detach()})

@@ -1,0 +1,206 @@
+"""The training engine: exact resume (mid-epoch, with accumulation and drop path), the lr schedule, accumulation
+checks, and safe checkpoint files."""
+
+from __future__ import annotations
+
+import math
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import repro.engine.train as train_mod
+from repro.config import ConfigError
+from repro.engine.dist import DistEnv
+from repro.engine.train import build_scheduler, fit, lr_at
+from repro.io import CheckpointError, atomic_torch_save, load_checkpoint
+from repro.methods.base import StepOutput
+from repro.methods.mae import MAE
+from repro.resolve import accumulation, resolve
+
+CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+N_IMAGES = 64
+
+
+def _cfg(**over: Any) -> dict[str, Any]:
+    """MAE micro at 32 px; 64 images / batch 16 = 4 optimizer steps per epoch, 2 micro-batches of 8 each."""
+    base = {"optim.epochs": 2, "optim.warmup_epochs": 0.5, "optim.batch_size": 16, "train.batch_per_device": 8,
+            "data.img_size": 32, "optim.blr": 1.0e-3}
+    base.update(over)
+    return resolve("mae", "tiny", [f"{k}={v}" for k, v in base.items()])
+
+
+def _data() -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(N_IMAGES, 3, 32, 32, generator=g), torch.arange(N_IMAGES) % 10)
+
+
+def _train(cfg: dict[str, Any], out: Path) -> tuple[MAE, dict[str, Any]]:
+    torch.manual_seed(123)
+    model = MAE(cfg)
+    return model, fit(model, _data(), cfg, out, env=CPU, desc="test")
+
+
+def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), f"{k} differs after resume"
+
+
+@pytest.mark.parametrize("drop_path", [0.0, 0.2])
+def test_resume_mid_epoch_is_exact(tmp_path: Path, drop_path: float) -> None:
+    cfg = _cfg(**{"model.drop_path": drop_path})
+    assert accumulation(cfg, 1) == 2
+    model_a, acct_a = _train(cfg, tmp_path / "a")
+    assert acct_a["completed"] and acct_a["steps"] == 8 and acct_a["steps_per_epoch"] == 4
+    assert acct_a["accumulation"] == 2 and acct_a["batch_per_device"] == 8
+
+    stop = _cfg(**{"model.drop_path": drop_path, "train.max_steps": 3})
+    _, acct_b1 = _train(stop, tmp_path / "b")
+    assert not acct_b1["completed"] and acct_b1["steps"] == 3 and acct_b1["epochs"] == 0
+    ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pth")
+    assert (ck["step"], ck["micro"], ck["epoch"]) == (3, 6, 0)
+    model_b, acct_b = _train(cfg, tmp_path / "b")  # fresh model, resumes from checkpoints/last.pth
+    assert acct_b["completed"] and acct_b["steps"] == 8
+
+    _assert_same_state(model_a, model_b)
+    ha, hb = acct_a["history"], acct_b["history"]
+    assert [(r["epoch"], r["step"]) for r in ha] == [(r["epoch"], r["step"]) for r in hb] == [(1, 4), (2, 8)]
+    assert [r["lr"] for r in ha] == [r["lr"] for r in hb]
+    assert [r["loss"] for r in ha] == [r["loss"] for r in hb]
+    # The run really changed the model (the equality above is not trivially true).
+    torch.manual_seed(123)
+    init = MAE(cfg)
+    assert not torch.equal(init.state_dict()["encoder.blocks.0.attn.qkv.weight"],
+                           model_a.state_dict()["encoder.blocks.0.attn.qkv.weight"])
+
+
+def test_resume_at_epoch_boundary_is_exact(tmp_path: Path) -> None:
+    cfg = _cfg()
+    model_a, _ = _train(cfg, tmp_path / "a")
+    _, acct = _train(_cfg(**{"train.max_steps": 4}), tmp_path / "b")
+    assert (acct["epochs"], acct["steps"], acct["completed"]) == (1, 4, False)
+    model_b, _ = _train(cfg, tmp_path / "b")
+    _assert_same_state(model_a, model_b)
+
+
+class Recorder(nn.Module):
+    """A linear regression task that records the optimizer's lr at every micro-batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+        self.opt: torch.optim.Optimizer | None = None
+        self.lrs: list[float] = []
+
+    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        assert self.opt is not None
+        self.lrs.append(self.opt.param_groups[0]["lr"])
+        x, y = batch
+        loss = (self.lin(x).squeeze(1) - y).pow(2).mean()
+        return StepOutput(loss)
+
+
+def mae_lr(step: int, steps_per_epoch: int, blr: float, batch: int, warmup_epochs: float, epochs: int,
+           min_lr: float) -> float:
+    """facebookresearch/mae util/lr_sched.adjust_learning_rate, at the fractional epoch of optimizer step ``step``."""
+    lr = blr * batch / 256
+    epoch = step / steps_per_epoch
+    if epoch < warmup_epochs:
+        return lr * epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
+
+
+def test_lr_schedule_matches_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = Recorder()
+    real = train_mod.build_optimizer
+
+    def spy(groups: Any, optim: Any, lr: float) -> torch.optim.Optimizer:
+        task.opt = real(groups, optim, lr)
+        return task.opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer", spy)
+    cfg = _cfg(**{"optim.epochs": 5, "optim.warmup_epochs": 2, "optim.blr": 0.00015, "optim.min_lr": 1e-6,
+                  "optim.batch_size": 8, "train.batch_per_device": 4})
+    ds = TensorDataset(torch.randn(32, 4), torch.randn(32))
+    acct = fit(task, ds, cfg, tmp_path, env=CPU)
+    spe, total = 4, 20
+    assert acct["steps_per_epoch"] == spe and acct["steps"] == total
+    assert acct["base_lr"] == pytest.approx(0.00015 * 8 / 256)
+    per_step = task.lrs[::2]  # 2 micro-batches per optimizer step
+    assert task.lrs[1::2] == per_step
+    assert len(per_step) == total
+    args = (spe, 0.00015, 8, 2, 5, 1e-6)
+    expected = [mae_lr(s, *args) for s in range(total)]
+    assert per_step[0] == 0.0
+    for s in (0, 1, 4, 7, 8, 9, 13, total - 1):
+        assert per_step[s] == pytest.approx(expected[s], rel=1e-9, abs=1e-15), s
+        assert lr_at(cfg["optim"], spe, s) == pytest.approx(expected[s], rel=1e-9, abs=1e-15), s
+    assert per_step == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert max(per_step) == pytest.approx(0.00015 * 8 / 256)  # the peak is at the end of warm-up
+    assert per_step[total - 1] > 1e-6  # the last step is just above min_lr...
+    sched_opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=acct["base_lr"])
+    sched = build_scheduler(sched_opt, cfg["optim"], spe)
+    sched.step_update(total)
+    assert sched_opt.param_groups[0]["lr"] == pytest.approx(1e-6)  # ...and reaches it after the last update
+
+
+def test_accumulation_checks() -> None:
+    cfg = {"optim": {"batch_size": 128}, "train": {"batch_per_device": 16}}
+    assert accumulation(cfg, 1) == 8
+    assert accumulation(cfg, 2) == 4
+    assert accumulation({"optim": {"batch_size": 128}, "train": {"batch_per_device": 256}}, 4) == 1
+    with pytest.raises(ConfigError, match="not divisible by the world size 3") as e:
+        accumulation(cfg, 3)
+    assert "multiple of 3" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="batch_per_device=24"):
+        accumulation({"optim": {"batch_size": 128}, "train": {"batch_per_device": 24}}, 1)
+
+
+def test_corrupt_checkpoint_is_refused_by_name(tmp_path: Path) -> None:
+    last = tmp_path / "checkpoints" / "last.pth"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"\x00garbage, not a zip file" * 10)
+    with pytest.raises(CheckpointError) as e:
+        _train(_cfg(), tmp_path)
+    assert str(last) in str(e.value) and "delete it" in str(e.value)
+
+
+def test_missing_checkpoint_names_file(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope.pth")
+
+
+class Arbitrary:
+    def __init__(self) -> None:
+        self.x = 1
+
+
+class Unpicklable:
+    def __reduce__(self) -> Any:
+        raise pickle.PicklingError("boom")
+
+
+def test_atomic_torch_save_and_weights_only_load(tmp_path: Path) -> None:
+    p = tmp_path / "sub" / "ck.pth"
+    atomic_torch_save({"w": torch.arange(3)}, p)
+    assert [f.name for f in p.parent.iterdir()] == ["ck.pth"]
+    assert torch.equal(load_checkpoint(p)["w"], torch.arange(3))
+
+    # A failed write leaves the old file as it was and no temp file behind.
+    with pytest.raises(pickle.PicklingError):
+        atomic_torch_save({"bad": Unpicklable()}, p)
+    assert [f.name for f in p.parent.iterdir()] == ["ck.pth"]
+    assert torch.equal(load_checkpoint(p)["w"], torch.arange(3))
+
+    # weights_only: a pickle of an arbitrary class is refused (while a plain torch.load would run it).
+    q = tmp_path / "evil.pth"
+    torch.save({"obj": Arbitrary()}, q)
+    assert isinstance(torch.load(q, weights_only=False)["obj"], Arbitrary)
+    with pytest.raises(CheckpointError, match=str(q)):
+        load_checkpoint(q)
