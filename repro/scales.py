@@ -3,8 +3,14 @@
 ``paper``: the recipe exactly as the paper / official code has it.
 ``tiny``: the same code paths made small by ONE rule applied to every recipe, so relative comparisons inside a table
 keep their meaning: ViT-S/B/L -> nano/micro/mini, patch 16 -> 4 (8 -> 2), resolution / 7 (224 -> 32), pretraining
-epochs / 20 (evaluation epochs / 4), effective batch / 32 (at most 256) with the paper's absolute lr, decoders
+epochs / 100 (evaluation epochs / 20; both rounded up, so every table's ~300 stages run in about half an hour on a
+2-core CPU), effective batch / 32 (at most 256) with the paper's absolute lr, decoders
 shrunk by the encoder's width and depth ratios, ImageNet-like datasets -> the embedded procedural dataset.
+Swin (archs ``swin_*``): Swin-T/S -> swin_nano, Swin-B -> swin_micro, Swin-L -> swin_mini, patch 4 -> 1 (the same
+/ 4), resolution / 7 rounded to a multiple of patch x 2**(stages - 1) (224 -> 32, 192 -> 24) so the three merges fit,
+window scaled with the patch grid (7 at 56 -> 4 at 32, 14 -> 8, 6 at 48 -> 3 at 24), so every stage keeps its number of
+windows; a method's 32-px mask unit follows the patch rule (32 -> 8, the last stage's cell in both cases); width and
+depth ratios (for decoders) from the stage-1 width and the total depth.
 A recipe may override the result only through ``tiny_overrides`` with a ``tiny_reason``.
 """
 
@@ -15,15 +21,26 @@ from collections.abc import Mapping
 from typing import Any
 
 from repro.config import ConfigError, deep_merge
+from repro.models.swin import SWIN_ARCHS, is_swin
 from repro.models.vit import ARCHS
 
-TINY_ARCH = {"vit_small": "vit_nano", "vit_base": "vit_micro", "vit_large": "vit_mini", "vit_huge": "vit_mini"}
+TINY_ARCH = {"vit_small": "vit_nano", "vit_base": "vit_micro", "vit_large": "vit_mini", "vit_huge": "vit_mini",
+             "swin_tiny": "swin_nano", "swin_small": "swin_nano", "swin_base": "swin_micro", "swin_large": "swin_mini"}
 TINY_PATCH = {16: 4, 14: 4, 8: 2}
-EPOCH_FACTOR = 20  # pretraining epochs / 20
-EVAL_EPOCH_FACTOR = 4  # fine-tuning / linear epochs / 4: evaluations must learn from 2k images in their budget
+EPOCH_FACTOR = 100  # pretraining epochs / 100 (ceil): 100 -> 1, 300 -> 3, 800 -> 8, 1600 -> 16
+EVAL_EPOCH_FACTOR = 20  # fine-tuning / linear epochs / 20 (ceil): 100 -> 5, 90 -> 5, 50 -> 3
 BATCH_FACTOR = 32
 RES_FACTOR = 7
 REAL_DATASETS = ("imagenet1k", "imagenet22k", "inat2018", "inat2019")
+
+
+def _width_depth(arch: str) -> tuple[int, int]:
+    """(width, depth) of an arch for the tiny rule's ratios: a Swin's stage-1 width and total depth."""
+    if is_swin(arch):
+        dim, depths, _, _, _ = SWIN_ARCHS[arch]
+        return dim, sum(depths)
+    dim, depth, _, _ = ARCHS[arch]
+    return dim, depth
 
 
 class TinyRule:
@@ -32,8 +49,8 @@ class TinyRule:
     def __init__(self, paper_arch: str):
         self.paper_arch = paper_arch
         self.tiny_arch = TINY_ARCH.get(paper_arch, paper_arch)
-        pd, pdepth, _, _ = ARCHS[paper_arch]
-        td, tdepth, _, _ = ARCHS[self.tiny_arch]
+        pd, pdepth = _width_depth(paper_arch)
+        td, tdepth = _width_depth(self.tiny_arch)
         self.width = td / pd
         self.depth = tdepth / pdepth
 
@@ -88,8 +105,16 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
     m["arch"] = rule.tiny_arch
     for k in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
         m[k] = None
+    paper_grid = d["img_size"] / m["patch_size"]
     m["patch_size"] = rule.patch(m["patch_size"])
-    d["img_size"] = rule.img(d["img_size"], m["patch_size"])
+    if is_swin(rule.tiny_arch):
+        _, depths, _, window, _ = SWIN_ARCHS[rule.paper_arch]
+        unit = m["patch_size"] * 2 ** (len(depths) - 1)
+        d["img_size"] = max(unit, round(d["img_size"] / RES_FACTOR / unit) * unit)
+        m["window_size"] = max(1, round((m.get("window_size") or window) * d["img_size"] / m["patch_size"]
+                                        / paper_grid))
+    else:
+        d["img_size"] = rule.img(d["img_size"], m["patch_size"])
     if d["dataset"] in REAL_DATASETS:
         d["dataset"] = "synthetic"
         d["path"] = None
@@ -103,6 +128,10 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
         o["warmup_epochs"] = rule.warmup(o["warmup_epochs"], factor)
         paper_batch = o["batch_size"]
         o["batch_size"] = rule.batch(paper_batch)
+        frac = float(d.get("train_fraction", 1.0))
+        if frac < 1.0 and d["dataset"] == "synthetic":
+            # A label fraction (semi-supervised rows) of the small embedded set: at least 4 steps per epoch.
+            o["batch_size"] = max(8, min(o["batch_size"], int(d["synthetic_train"] * frac) // 4 // 8 * 8))
         # Keep the paper's absolute lr: with blr x batch / 256 alone, a 32x smaller batch would also take a 32x
         # smaller Adam step, and a tiny run of a few thousand steps would not leave its initialisation.
         if o.get("lr") is None:

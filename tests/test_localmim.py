@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from repro.config import ConfigError
-from repro.methods.localmim import LocalMIM, default_taps, rescale_head, scale_mask
+from repro.methods.localmim import LocalMIM, default_taps, rescale_head, scale_mask, swin_batch_mask
 from repro.models.mim import encode_visible
+from repro.models.swin import forward_visible, visible_ids_from_units
 from repro.resolve import resolve
 from repro.scales import TinyRule
 
@@ -219,5 +220,118 @@ def test_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
     rc = main(["chain", "localmim", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
+               "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
+    assert rc == 0
+
+
+# ---- Swin ------------------------------------------------------------------------------------------------------------
+
+def make_swin(**method: Any) -> LocalMIM:
+    """swin_micro (32-d, stages of 2 blocks: ends [1, 3, 5, 7]), 32 px, 1-px patches, window 4, 8-px mask units."""
+    torch.manual_seed(0)
+    return LocalMIM(resolve("localmim_swin_base", "tiny", {"method": method}))
+
+
+def test_swin_batch_mask_official_count() -> None:
+    for units, k in ((49, 37), (16, 13), (36, 28)):  # int(L * 0.75) + 1, as randperm(L) <= int(L * 0.75)
+        m = swin_batch_mask(units, 0.75, gen(units))
+        assert m.shape == (units,) and int(m.sum()) == k
+
+
+def test_swin_paper_geometry() -> None:
+    torch.manual_seed(0)
+    m = LocalMIM(resolve("localmim_swin_base", "paper"))
+    assert m.taps == [1, 3, 21, 23]  # the paper's layers 2, 4, 22, 24
+    assert [m.tap_grid[t] for t in m.taps] == [28, 14, 7, 7] and m.cells == [8, 16, 32, 32]
+    assert [m.tap_dim[t] for t in m.taps] == [256, 512, 1024, 1024]
+    assert [d.embed.out_features for d in m.decoders] == [64, 128, 128, 128]  # official: first decoder d / 2
+    assert all(d.blocks[0].attn.num_heads == 4 for d in m.decoders) and m.ugrid == 7
+    assert m.hog is not None and m.hog.nbins == 18 and m.norms["23"] is m.encoder.norm
+
+
+def test_swin_taps_and_targets() -> None:
+    m = make_swin()
+    assert m.taps == [1, 3, 5, 7] and m.cells == [2, 4, 8, 8]
+    imgs = images()
+    assert [tuple(t.shape) for t in m.targets(imgs)] == [(2, 256, 54), (2, 64, 54), (2, 16, 54), (2, 16, 54)]
+    # The tapped levels are the Swin's own visible-only forward (repro.models.swin): merges after stages 0-2, top.
+    mask = swin_batch_mask(16, 0.75, gen())
+    ids = visible_ids_from_units((mask == 0).reshape(4, 4), 8)
+    levels = m._swin_levels(imgs, ids)
+    ref = forward_visible(m.encoder, imgs, ids)
+    for t, want in zip([1, 3, 5, 7], [*ref.merged, ref.stages[-1]]):
+        assert levels[t].grid == want.grid and torch.equal(levels[t].coords, want.coords)
+        assert torch.allclose(levels[t].tokens, want.tokens, atol=1e-5)
+    assert [lv.tokens.shape[1] for lv in levels.values()] == [3 * 16, 3 * 4, 3, 3]  # 3 of 16 units visible
+    pix = make_swin(target="pixel")
+    assert [tuple(t.shape) for t in pix.targets(imgs)] == [(2, 256, 12), (2, 64, 48), (2, 16, 192), (2, 16, 192)]
+    parts = pix.losses(imgs, gen())
+    assert len(parts) == 4 and all(torch.isfinite(p) for p in parts)
+
+
+@pytest.mark.parametrize(("scales", "taps"), [([1], [7]), ([1, 1], [5, 7]), ([1, 1, 1], [3, 5, 7])])
+def test_swin_locations(scales: list[float], taps: list[int]) -> None:
+    # Table 4d: [24], [22, 24], [4, 22, 24] of Swin-B = the last 1, 2, 3 stage ends.
+    m = make_swin(scales=scales)
+    assert m.taps == taps and len(m.decoders) == len(taps)
+    assert LocalMIM.tiny({**m.params, "taps": [3, 21, 23]}, TinyRule("swin_base"))["taps"] == [3, 5, 7]
+    assert LocalMIM.tiny({**m.params, "taps": [1, 3, 21, 23]}, TinyRule("swin_base"))["taps"] == [1, 3, 5, 7]
+
+
+def test_swin_taps_must_be_stage_ends() -> None:
+    with pytest.raises(ConfigError, match="stage ends"):
+        make_swin(taps=[0, 3, 5, 7])
+
+
+def test_swin_grad_isolation() -> None:
+    for isolate in (False, True):
+        m = make_swin(grad_isolation=isolate)
+        m.losses(images(), gen())[1].backward()  # tap after stage 1 (block 3, merged into stage 2)
+        stage0 = sum(p.grad.abs().sum().item() for p in m.encoder.layers[0].parameters() if p.grad is not None)
+        stage1 = sum(p.grad.abs().sum().item() for p in m.encoder.layers[1].parameters() if p.grad is not None)
+        assert stage1 > 0
+        assert (stage0 == 0.0) == isolate
+
+
+def test_swin_global_multiscale_and_fusion() -> None:
+    g = make_swin(global_multiscale=True, scales=[4, 2, 1, 1])  # Table 6 "global multi-scale": 28, 14, 7, 7 at the top
+    assert g.sources == [7, 7, 7, 7] and g.cells == [2, 4, 8, 8] and list(g.norms) == ["7"]
+    assert torch.isfinite(g((images(), None), gen()).loss)
+    f = make_swin(feature_fusion=True, scales=[1])
+    assert f.taps == [1, 3, 5, 7] and f.sources == [7] and sorted(f.fuse) == ["1", "3", "5"]
+    assert f.fuse["1"].in_features == 64 * 16  # stage-0 output (16 x 16, 64-d): a 4 x 4 block per top cell
+    f((images(), None), gen()).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in f.fuse.parameters())
+
+
+def test_swin_decoder_sizes() -> None:
+    # Table 4c: 512D-16H / 256D-8H / 128D-4H are the decoder_dim / decoder_heads knobs.
+    paper = resolve("localmim_swin_base", "paper", {"method": {"decoder_dim": 512, "decoder_heads": 16}})
+    assert paper["method"]["decoder_dim"] == 512
+    with pytest.raises(ConfigError, match="decoder"):
+        make_swin(decoder_dim=24, decoder_heads=8)
+
+
+@pytest.mark.slow
+def test_swin_overfits_fixed_batch() -> None:
+    m = make_swin()
+    imgs = images(2, seed=1)
+    opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(120):
+        loss = m((imgs, None), gen(7)).loss  # same seed every step: the same mask
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 3, losses[::30]
+
+
+def test_swin_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from repro.cli import main
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    rc = main(["chain", "localmim_swin_base", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
                "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
     assert rc == 0

@@ -1,4 +1,5 @@
-"""Encoders for evaluation: build the ViT an evaluation needs, load a pretrained encoder into it, pick features."""
+"""Encoders for evaluation: build the ViT or Swin an evaluation needs (``repro.models.encoders``), load a pretrained
+encoder into it, pick features (a Swin: the average of its last stage after the final norm)."""
 
 from __future__ import annotations
 
@@ -6,17 +7,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
 from repro.config import ConfigError
 from repro.io import load_checkpoint
-from repro.models.vit import create_vit
+from repro.models.encoders import adapt_state_dict, create_encoder, encoder_tokens, is_swin_model
 
 # Keys an encoder checkpoint may legitimately lack in an evaluation model: its new classifier (and fc_norm).
 HEAD_KEYS = ("head.", "fc_norm.")
 
 
-def load_encoder(vit: VisionTransformer, init: str | None) -> dict[str, list[str]]:
+def load_encoder(vit: nn.Module, init: str | None) -> dict[str, list[str]]:
     """Load an encoder state dict (``init`` path) into ``vit``; ``random``/None keeps the random initialisation.
 
     Any encoder key missing from the checkpoint is an error (a silent partial load would fake a result).
@@ -26,6 +27,7 @@ def load_encoder(vit: VisionTransformer, init: str | None) -> dict[str, list[str
     state = load_checkpoint(init)
     if isinstance(state, Mapping) and "encoder" in state:
         state = state["encoder"]
+    state = adapt_state_dict(vit, state)
     own = vit.state_dict()
     if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
         raise ConfigError(f"{init}: position table {tuple(state['pos_embed'].shape)} does not fit "
@@ -39,8 +41,8 @@ def load_encoder(vit: VisionTransformer, init: str | None) -> dict[str, list[str
 
 
 def eval_encoder(cfg: Mapping[str, Any], init: str | None, num_classes: int = 0,
-                 global_pool: str | None = None) -> VisionTransformer:
-    vit = create_vit(cfg["model"], cfg["data"]["img_size"], num_classes=num_classes, global_pool=global_pool)
+                 global_pool: str | None = None) -> nn.Module:
+    vit = create_encoder(cfg["model"], cfg["data"]["img_size"], num_classes=num_classes, global_pool=global_pool)
     load_encoder(vit, init)
     return vit
 
@@ -67,15 +69,17 @@ def instance_head(cfg: Mapping[str, Any], init: str | None) -> torch.nn.Module |
     return head
 
 
-def features(vit: VisionTransformer, x: torch.Tensor, kind: str, head: torch.nn.Module | None = None,
+def features(vit: nn.Module, x: torch.Tensor, kind: str, head: torch.nn.Module | None = None,
              ) -> torch.Tensor:
     """``cls``: the class token after the final norm; ``avg``: mean of the normed patch tokens; ``instance``: the
     method's own head on the normed tokens."""
-    tokens = vit.forward_features(x)
+    tokens, prefix = encoder_tokens(vit, x)
     if kind == "cls":
+        if tokens.ndim == 3 and is_swin_model(vit):
+            raise ConfigError("feature=cls needs a class token; a Swin has none (use feature=avg)")
         return tokens[:, 0]
     if kind == "avg":
-        return tokens[:, vit.num_prefix_tokens :].mean(dim=1)
+        return tokens[:, prefix:].mean(dim=1)
     if kind == "instance" and head is not None:
         return head(tokens)
     raise ConfigError(f"feature '{kind}' needs the method's own head; valid here: cls, avg")

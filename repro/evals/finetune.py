@@ -55,7 +55,7 @@ class Classifier(nn.Module):
         super().__init__()
         self.model = eval_encoder(cfg, cfg.get("init"), num_classes=num_classes,
                                   global_pool=cfg["model"]["global_pool"])
-        nn.init.trunc_normal_(self.model.head.weight, std=2e-5)
+        nn.init.trunc_normal_(self.model.get_classifier().weight, std=2e-5)  # ViT: head, Swin: head.fc
         a = cfg["aug"]
         self.mixup = None
         if a["mixup"] > 0 or a["cutmix"] > 0:

@@ -69,6 +69,12 @@ class PretrainMethod(nn.Module):
         return {}
 
     @classmethod
+    def substitutes(cls, params: Mapping[str, Any]) -> list[str]:
+        """Parts of this configuration that stand in for something the paper used and the suite cannot have (reports
+        print them beside every number the stage produces)."""
+        return []
+
+    @classmethod
     def instance_head(cls, cfg: Mapping[str, Any], extras: Mapping[str, torch.Tensor]) -> nn.Module | None:
         """For ``linear_feature = 'instance'``: a module mapping the encoder's output tokens (B, N, D), after its
         final norm, to the instance vector (B, D'), with ``extras`` loaded into it."""

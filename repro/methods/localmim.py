@@ -17,6 +17,20 @@ top block's output (Table 6 "global"); ``feature_fusion`` is Table 7's "global w
 features below the top one are each normalised and linearly projected, added to the normalised top feature, and ONE
 decoder reconstructs a single-scale target (``scales`` must then hold one scale, e.g. [1]).
 
+Swin (``model.arch`` swin_*; Self-supervised/LocalMIM/Swin, modified from GreenMIM): the visible-only Swin of
+``repro.models.swin`` (grouped window attention) on ONE mask per batch, drawn on the last stage's cells (32 px) with
+the official count ``int(units * ratio) + 1`` (37 of 49 at 0.75). ``taps`` are still 0-based block indices but must
+be stage ends (default: all four, [1, 3, 21, 23] of Swin-B = the paper's 2, 4, 22, 24); a tap reads its stage's output
+AFTER the patch merging that follows it (dims 2C, 4C, 8C, 8C; grids 28, 14, 7, 7 at 224), as the official code.
+``scales`` are multiples of the grid of the feature a decoder reads (the same rule as for the ViT, whose features are
+all on the patch grid): [1, 1, 1, 1] is the official "same scale as the feature map"; 0.25 is allowed for Table 6's
+local single-scale row. Each decoder is GreenMIM's unit decoder (no cls; mask token, fixed sin-cos positions, blocks)
+with ``decoder_dim`` (128) and ``decoder_heads`` (4), except that the decoder of the stage-1 tap is ``decoder_dim / 2``
+wide (official); targets: HOG with cells = the target cell size (8, 16, 32, 32 px; 18 bins + bias in the recipes) or
+per-cell normalised pixels. ``grad_isolation`` detaches the input of the stage after each tapped one;
+``feature_fusion`` adds to the normalised top feature a linear map of each lower tap's normalised r x r block of
+tokens per top-level cell (ConvMAE's stride-r convolution).
+
 Sharing: the top tap (block depth-1) uses the encoder's own final norm as its LayerNorm, so the exported encoder
 carries that trained norm (the cls feature the linear probe and kNN read); the official code keeps it as a separate
 ``norm[3]`` and drops it at fine-tuning, where mean pooling + fc_norm is used either way.
@@ -35,11 +49,24 @@ from torch import nn
 
 from repro.config import ConfigError
 from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.methods.greenmim import UnitDecoder
 from repro.models.hog import HOG
 from repro.models.mim import MaskedDecoder, encode_visible, mae_init_, masked_mse, norm_pix, patchify
+from repro.models.swin import (
+    SWIN_ARCHS,
+    SwinTokens,
+    block_visible,
+    create_swin,
+    is_swin,
+    mask_unit,
+    merge_visible,
+    stage_groupings,
+    visible_ids_from_units,
+)
+from repro.models.swin import encoder_state_dict as swin_state_dict
 from repro.models.vit import ARCHS, create_vit
 
-SCALES = (4.0, 2.0, 1.0, 0.5)
+SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
 
 def default_taps(depth: int, n: int = 4) -> list[int]:
@@ -66,8 +93,9 @@ def rescale_head(scale: float, dim: int, out_dim: int) -> nn.Sequential:
         hidden = dim // 2
     elif scale == 1.0:
         layers = []
-    elif scale == 0.5:
-        layers = [nn.AvgPool2d(2, 2)]
+    elif scale in (0.5, 0.25):
+        k = round(1 / scale)
+        layers = [nn.AvgPool2d(k, k)]
     else:
         raise ConfigError(f"LocalMIM scale {scale} is not supported; valid: {', '.join(map(str, SCALES))}")
     return nn.Sequential(*layers, nn.Conv2d(hidden, out_dim, 1))
@@ -83,6 +111,21 @@ def scale_mask(mask: torch.Tensor, grid: int, scale: float) -> torch.Tensor:
     else:
         m = F.avg_pool2d(m, round(1 / scale))
     return m.flatten(1)
+
+
+def swin_stage_ends(depths: list[int] | tuple[int, ...]) -> list[int]:
+    """0-based index of the last block of every Swin stage ([1, 3, 21, 23] for Swin-B's [2, 2, 18, 2])."""
+    return [sum(depths[: i + 1]) - 1 for i in range(len(depths))]
+
+
+def swin_batch_mask(units: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """One (units,) mask for the whole batch, 1 = masked, with the official count: ``randperm(L) <= int(L * ratio)``
+    masks int(L * ratio) + 1 units (37 of 49 at 0.75); at least one unit stays visible."""
+    k = min(units - 1, int(units * mask_ratio) + 1)
+    order = torch.rand(units, generator=generator, device=generator.device).argsort()
+    mask = torch.zeros(units, device=order.device)
+    mask[order[:k]] = 1.0
+    return mask
 
 
 def _detach_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -114,6 +157,11 @@ class LocalMIM(PretrainMethod):
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
+        self.swin = is_swin(cfg["model"]["arch"])
+        if self.swin:
+            self.linear_feature = "avg"  # no cls token in a Swin: probe the mean of the last stage's tokens
+            self._init_swin(cfg)
+            return
         p = self.params
         img = cfg["data"]["img_size"]
         self.encoder = create_vit(cfg["model"], img, num_classes=0)
@@ -161,6 +209,134 @@ class LocalMIM(PretrainMethod):
                 if t + 1 < depth:
                     self.encoder.blocks[t + 1].register_forward_pre_hook(_detach_input)
 
+    def _init_swin(self, cfg: Mapping[str, Any]) -> None:
+        """The Swin variant (see the module docstring); the same knobs, taps restricted to stage ends."""
+        p = self.params
+        img = cfg["data"]["img_size"]
+        self.encoder = create_swin(cfg["model"], img, num_classes=0)
+        depths = [len(stage.blocks) for stage in self.encoder.layers]
+        n = len(depths)
+        ends = swin_stage_ends(depths)
+        self.stage_ends = ends
+        self.patch = cfg["model"]["patch_size"]
+        self.unit_patches = mask_unit(self.encoder)
+        self.ugrid = img // (self.patch * self.unit_patches)
+        self.scales = [float(s) for s in p["scales"]]
+        fusion = p["feature_fusion"]
+        if p["taps"] is not None:
+            taps = list(p["taps"])
+        else:
+            taps = ends if fusion else ends[n - len(self.scales):] if len(self.scales) <= n else []
+        if not taps or any(t not in ends for t in taps):
+            raise ConfigError(f"method.taps={p['taps']} for a Swin must be stage ends, some of {ends} (one per scale; "
+                              f"null: the last len(scales) stages)")
+        self.taps = taps
+        self.sources = [ends[-1]] * len(self.scales) if p["global_multiscale"] else list(taps)
+        if fusion:
+            self.sources = [taps[-1]]
+        tapped = sorted(set(taps if fusion else self.sources))
+        self.tapped = tapped
+        self.find_unused_parameters = tapped[-1] < ends[-1]
+        embed = int(self.encoder.embed_dim)
+        # A tap at stage i reads the output of the merge that follows it (the top stage: its blocks' output).
+        stage_of = {e: i for i, e in enumerate(ends)}
+        level = {t: min(stage_of[t] + 1, n - 1) for t in ends}
+        self.tap_dim = {t: embed * 2 ** level[t] for t in ends}
+        self.tap_grid = {t: img // self.patch // 2 ** level[t] for t in ends}
+        self.norms = nn.ModuleDict({str(t): self.encoder.norm if t == ends[-1] else
+                                    nn.LayerNorm(self.tap_dim[t], eps=1e-6) for t in tapped})
+        top = taps[-1]
+        self.fuse = None
+        if fusion:
+            # One linear map per lower tap from its r x r block of tokens per top cell (a stride-r convolution).
+            blocks = {t: (self.tap_grid[t] // self.tap_grid[top]) ** 2 for t in taps[:-1]}
+            self.fuse = nn.ModuleDict({str(t): nn.Linear(self.tap_dim[t] * k, self.tap_dim[top])
+                                       for t, k in blocks.items()})
+        self.cells: list[int] = []
+        for t, s in zip(self.sources, self.scales):
+            g = self.tap_grid[t] * s
+            if g != int(g) or img % int(g):
+                raise ConfigError(f"LocalMIM scale {s} does not fit the {self.tap_grid[t]}x{self.tap_grid[t]} grid of "
+                                  f"Swin block {t} at {img} px (target grid and cell size must be whole numbers)")
+            self.cells.append(img // int(g))
+        if p["target"] == "hog":
+            self.hog = HOG(p["hog_bins"], bias=p["hog_bias"])
+            out_dims = [3 * p["hog_bins"]] * len(self.scales)
+        else:
+            self.hog = None
+            out_dims = [c * c * 3 for c in self.cells]
+        dd, heads = int(p["decoder_dim"]), int(p["decoder_heads"])
+        # Official: the decoder of the first stage's output is half as wide (decoder_embed_dim // 2).
+        dims = [dd // 2 if stage_of[t] == 0 else dd for t in self.sources]
+        if any(d % heads or d % 4 for d in dims):
+            raise ConfigError(f"method.decoder_dim={dd}: the Swin decoders are {dims} wide and each must be divisible "
+                              f"by 4 and by method.decoder_heads={heads}; use e.g. decoder_dim=128, decoder_heads=4")
+        decoders = []
+        for t, d in zip(self.sources, dims):
+            dec = UnitDecoder(self.tap_dim[t], d, p["decoder_depth"], heads, self.tap_grid[t], d)
+            dec.pred = nn.Identity()  # the prediction is rescale_head's 1x1 conv (identical at scale 1)
+            decoders.append(dec)
+        self.decoders = nn.ModuleList(decoders)
+        self.heads = nn.ModuleList([rescale_head(s, d, o) for s, d, o in zip(self.scales, dims, out_dims)])
+        weights = p["loss_weights"]
+        self.weights = [1.0] * len(self.scales) if weights is None else [float(w) for w in weights]
+        mae_init_(self)
+        w = self.encoder.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for dec in self.decoders:
+            nn.init.normal_(dec.mask_token, std=0.02)
+
+    def _swin_levels(self, imgs: torch.Tensor, ids: torch.Tensor) -> dict[int, SwinTokens]:
+        """Visible-only Swin pass (``repro.models.swin`` pieces) returning the tapped levels (before their norms),
+        with the input of the next stage detached after each tap under ``grad_isolation``; stops at the highest tap."""
+        enc = self.encoder
+        ends, want = self.stage_ends, set(self.tapped)
+        isolate = bool(self.params["grad_isolation"])
+        x = enc.patch_embed(imgs)
+        b, h, w, c = x.shape
+        ids = torch.sort(ids.to(x.device)).values
+        level = SwinTokens(x.reshape(b, h * w, c)[:, ids], torch.stack([ids // w, ids % w], dim=1), (h, w))
+        out: dict[int, SwinTokens] = {}
+        for i, stage in enumerate(enc.layers):
+            if i > 0:
+                level = merge_visible(stage.downsample, level)
+                prev = ends[i - 1]
+                if prev in want:
+                    out[prev] = level
+                    if isolate:
+                        level = SwinTokens(level.tokens.detach(), level.coords, level.grid)
+                if len(out) == len(want):
+                    return out
+            t = level.tokens
+            for blk, g in zip(stage.blocks, stage_groupings(stage, level.coords)):
+                t = block_visible(blk, t, g)
+            level = SwinTokens(t, level.coords, level.grid)
+        out[ends[-1]] = level
+        return out
+
+    def _swin_losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        n = imgs.shape[0]
+        mask = swin_batch_mask(self.ugrid * self.ugrid, float(self.params["mask_ratio"]), generator).to(imgs.device)
+        ids = visible_ids_from_units((mask == 0).reshape(self.ugrid, self.ugrid), self.unit_patches)
+        levels = self._swin_levels(imgs, ids)
+        normed = {t: SwinTokens(self.norms[str(t)](lv.tokens), lv.coords, lv.grid) for t, lv in levels.items()}
+        if self.fuse is not None:
+            top = normed[self.sources[0]]
+            fused = top.tokens + sum(proj(_cell_blocks(normed[int(t)], top)) for t, proj in self.fuse.items())
+            feats = [SwinTokens(fused, top.coords, top.grid)]
+        else:
+            feats = [normed[t] for t in self.sources]
+        with torch.no_grad():
+            targets = self.targets(imgs)
+        out = []
+        for x, dec, head, s, tgt in zip(feats, self.decoders, self.heads, self.scales, targets):
+            g = x.grid[0]
+            y = dec(x.tokens, x.ids)  # (N, g*g, d), raster order
+            pred = head(y.transpose(1, 2).reshape(n, -1, g, g)).flatten(2).transpose(1, 2)
+            m = scale_mask(mask[None].expand(n, -1), self.ugrid, g * s / self.ugrid)
+            out.append(masked_mse(pred.float(), tgt.float(), m))
+        return out
+
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:
         check_ratio("mask_ratio", params["mask_ratio"])
@@ -197,9 +373,15 @@ class LocalMIM(PretrainMethod):
     @classmethod
     def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
         """Decoder shrunk by the width/depth rule; explicit taps mapped proportionally in depth (1-based layer l of
-        the paper encoder -> ceil(l * tiny_depth / paper_depth)); null taps are recomputed from the tiny depth."""
+        the paper encoder -> ceil(l * tiny_depth / paper_depth)); null taps are recomputed from the tiny depth. Swin:
+        stage ends map to the same stages' ends."""
         out = rule.decoder(params, "decoder_dim", "decoder_depth", "decoder_heads")
-        if out["taps"] is not None:
+        if out["taps"] is not None and is_swin(rule.paper_arch):
+            # Swin: the same stages' ends in the tiny Swin (Swin-B [1, 3, 21, 23] -> swin_micro [1, 3, 5, 7]).
+            paper_ends = swin_stage_ends(SWIN_ARCHS[rule.paper_arch][1])
+            tiny_ends = swin_stage_ends(SWIN_ARCHS[rule.tiny_arch][1])
+            out["taps"] = [tiny_ends[paper_ends.index(t)] if t in paper_ends else t for t in out["taps"]]
+        elif out["taps"] is not None:
             paper_depth = ARCHS[rule.paper_arch][1]
             tiny_depth = ARCHS[rule.tiny_arch][1]
             out["taps"] = [max(0, math.ceil((t + 1) * tiny_depth / paper_depth) - 1) for t in out["taps"]]
@@ -218,17 +400,19 @@ class LocalMIM(PretrainMethod):
 
     def targets(self, imgs: torch.Tensor) -> list[torch.Tensor]:
         """Per-scale targets, each (N, (grid*scale)^2, D_scale) in row-major cell order."""
+        cells = self.cells if self.swin else [int(self.patch / s) for s in self.scales]
         if self.hog is not None:
-            cells = [int(self.patch / s) for s in self.scales]
             return [t.flatten(2).transpose(1, 2) for t in self.hog.multi_cell(imgs, cells)]
         out = []
-        for s in self.scales:
-            t = patchify(imgs, int(self.patch / s))
+        for c in cells:
+            t = patchify(imgs, c)
             out.append(norm_pix(t) if self.params["norm_pix_loss"] else t)
         return out
 
     def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         """The masked MSE of every decoder (unweighted), in ``scales`` order."""
+        if self.swin:
+            return self._swin_losses(imgs, generator)
         feats, mask, ids_restore = self._features(imgs, generator)
         with torch.no_grad():
             targets = self.targets(imgs)
@@ -247,4 +431,22 @@ class LocalMIM(PretrainMethod):
         for s, part in zip(self.scales, parts):
             logs[f"loss_x{s:g}"] = part.detach()
         return StepOutput(loss, logs)
+
+    def export(self) -> dict[str, torch.Tensor]:
+        return swin_state_dict(self.encoder) if self.swin else super().export()
+
+
+def _cell_blocks(fine: SwinTokens, top: SwinTokens) -> torch.Tensor:
+    """For every top-level cell, the r x r block of ``fine`` tokens it covers, concatenated in raster order:
+    (B, M, r * r * C) (a stride-r convolution is a linear map of this). Visible cells are whole at every level."""
+    r = fine.grid[0] // top.grid[0]
+    w = fine.grid[1]
+    dev = fine.coords.device
+    slot = torch.full((fine.grid[0] * w,), -1, dtype=torch.long, device=dev)
+    slot[fine.ids] = torch.arange(fine.ids.numel(), device=dev)
+    off = torch.stack(torch.meshgrid(torch.arange(r, device=dev), torch.arange(r, device=dev), indexing="ij"), -1)
+    pos = top.coords[:, None, :] * r + off.reshape(1, -1, 2)
+    idx = slot[pos[..., 0] * w + pos[..., 1]]
+    b, _, c = fine.tokens.shape
+    return fine.tokens[:, idx.reshape(-1)].reshape(b, top.coords.shape[0], r * r * c)
 

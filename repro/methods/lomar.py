@@ -22,14 +22,21 @@ from torch import nn
 
 from repro.config import ConfigError
 from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
-from repro.models.mim import MaskedDecoder, gather_tokens, mae_init_, masked_mse, norm_pix, patchify
+from repro.models.mim import (
+    MaskedDecoder,
+    encode_at,
+    gather_tokens,
+    mae_init_,
+    masked_mse,
+    norm_pix,
+    patchify,
+    sample_windows,
+)
 from repro.models.vit import (
     RelPosAttention,
     create_vit,
     grid_coords,
-    has_rel_pos,
     register_rel_pos,
-    set_token_coords,
 )
 
 # iRPE's bucket ratio: alpha = 1.9, beta = 3.8, gamma = 15.2 (the official LoMaR/iRPE setting).
@@ -179,27 +186,11 @@ class LoMaR(PretrainMethod):
     # -- windows and masks -------------------------------------------------------------------------------------------
 
     def sample_windows(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, num_windows, K*K, 2) grid coordinates (row, col) of every window's patches in raster order.
-
-        Tops and lefts are each a random permutation of the G-K+1 possible offsets, cut to num_windows (cycled when
-        there are fewer offsets than windows); ``shared`` draws one set for the whole batch, ``per_image`` one per
+        """(n, num_windows, K*K, 2) grid coordinates (row, col) of every window's patches in raster order
+        (``repro.models.mim.sample_windows``); ``shared`` draws one set for the whole batch, ``per_image`` one per
         image."""
-        w, k = self.params["num_windows"], self.k
-        positions = self.grid - k + 1
-        b = 1 if self.params["window_placement"] == "shared" else n
-        dev = generator.device
-        reps = -(-w // positions)
-
-        def offsets() -> torch.Tensor:
-            perms = torch.rand(b, reps, positions, generator=generator, device=dev).argsort(dim=-1)
-            return perms.reshape(b, reps * positions)[:, :w]
-
-        tops, lefts = offsets(), offsets()
-        ar = torch.arange(k, device=dev)
-        rows = (tops[:, :, None, None] + ar[:, None]).expand(b, w, k, k)
-        cols = (lefts[:, :, None, None] + ar[None, :]).expand(b, w, k, k)
-        coords = torch.stack([rows, cols], dim=-1).reshape(b, w, k * k, 2)
-        return coords.expand(n, -1, -1, -1)
+        return sample_windows(n, self.grid, self.k, self.params["num_windows"], generator,
+                              per_image=self.params["window_placement"] == "per_image")
 
     def window_masking(self, m: int, generator: torch.Generator,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -221,24 +212,6 @@ class LoMaR(PretrainMethod):
 
     # -- forward -----------------------------------------------------------------------------------------------------
 
-    def run_encoder(self, x: torch.Tensor, coords: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """Encoder blocks on window tokens ``x`` (m, T, D) at grid ``coords`` (m, T, 2) / flat indices ``flat``
-        (m, T); returns the normed tokens with cls first."""
-        enc = self.encoder
-        cls = enc.cls_token
-        if enc.pos_embed is not None:
-            x = x + enc.pos_embed[0, 1:][flat]
-            cls = cls + enc.pos_embed[:, :1]
-        x = enc.norm_pre(torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1))
-        if has_rel_pos(enc):
-            set_token_coords(enc, coords)
-        try:
-            for blk in enc.blocks:
-                x = blk(x)
-        finally:
-            set_token_coords(enc, None)
-        return enc.norm(x)
-
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
         imgs = batch[0]
         n = imgs.shape[0]
@@ -253,10 +226,10 @@ class LoMaR(PretrainMethod):
         ids_keep, ids_restore, mask = self.window_masking(m, generator)
         if self.params["arch"] == "encoder":
             x = torch.where(mask[..., None].bool(), self.mask_token.to(x.dtype), x)
-            pred = self.pred(self.run_encoder(x, coords, flat)[:, 1:])
+            pred = self.pred(encode_at(self.encoder, x, coords)[:, 1:])
         else:
             keep_coords = torch.gather(coords, 1, ids_keep[..., None].expand(-1, -1, 2))
-            latent = self.run_encoder(gather_tokens(x, ids_keep), keep_coords, torch.gather(flat, 1, ids_keep))
+            latent = encode_at(self.encoder, gather_tokens(x, ids_keep), keep_coords)
             pred = self.decoder(latent, ids_restore)
         target = norm_pix(pixels) if self.params["norm_pix_loss"] else pixels
         loss = masked_mse(pred.float(), target.float(), mask)

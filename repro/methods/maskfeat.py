@@ -13,66 +13,17 @@ side: 2 = 8-px cells for 16-px patches) and ``min_block`` (the smallest block in
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from repro.config import ConfigError
 from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
 from repro.models.hog import HOG, cells_to_patches
-from repro.models.mim import masked_mse
+from repro.models.mim import blockwise_mask, masked_mse
 from repro.models.vit import create_vit, grid_coords, has_rel_pos, set_token_coords
-
-_ATTEMPTS = 10  # tries per block, as BEiT's MaskingGenerator
-
-
-def blockwise_mask(n: int, grid_h: int, grid_w: int, num_masking: int, generator: torch.Generator,
-                   min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3) -> torch.Tensor:
-    """BEiT's block-wise masking for ``n`` images: (n, grid_h*grid_w) float mask on the generator's device, 1 = masked.
-
-    Rectangular blocks are added until ``num_masking`` patches are masked: each try draws a target area uniformly in
-    [min_num, min(remaining, max_num)] and a log-uniform aspect ratio in [min_aspect, 1/min_aspect], rounds to h x w
-    (each strictly smaller than the grid), places it uniformly, and is kept when it adds between 1 and ``remaining``
-    new patches; after ``_ATTEMPTS`` failed tries in a row the image stops (so it may end a few patches short, never
-    over). All random numbers come from ``generator``, drawn up front in one tensor (a fixed amount per call, so the
-    generator's state does not depend on the masks drawn).
-    """
-    max_num = num_masking if max_num is None else max_num
-    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
-    # At most num_masking successful blocks plus one final failing round, each of up to _ATTEMPTS tries.
-    tries = _ATTEMPTS * (num_masking + 1)
-    u = torch.rand(n, tries, 4, generator=generator, device=generator.device, dtype=torch.float64).cpu().numpy()
-    out = np.zeros((n, grid_h, grid_w), dtype=np.float32)
-    for i in range(n):
-        mask, draws, count = out[i], u[i], 0
-        k = 0
-        while count < num_masking:
-            limit = min(num_masking - count, max_num)
-            delta = 0
-            for _ in range(_ATTEMPTS):
-                a, r, t, l = draws[k]
-                k += 1
-                area = min_num + a * (limit - min_num)
-                aspect = math.exp(log_lo + r * (log_hi - log_lo))
-                h = int(round(math.sqrt(area * aspect)))
-                w = int(round(math.sqrt(area / aspect)))
-                if w < grid_w and h < grid_h:
-                    top = int(t * (grid_h - h + 1))
-                    left = int(l * (grid_w - w + 1))
-                    region = mask[top:top + h, left:left + w]
-                    new = h * w - int(region.sum())
-                    if 0 < new <= limit:
-                        region[...] = 1.0
-                        delta = new
-                        break
-            if delta == 0:
-                break
-            count += delta
-    return torch.from_numpy(out.reshape(n, grid_h * grid_w)).to(generator.device)
 
 
 @register

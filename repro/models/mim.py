@@ -1,10 +1,12 @@
-"""Building blocks shared by the masked-image-modeling methods: patchify, per-sample masking, the MAE-style decoder,
-masked losses and the MAE weight initialisation."""
+"""Building blocks shared by the masked-image-modeling methods: patchify, per-sample masking, BEiT's block-wise
+masking, LoMaR's random windows, the MAE-style decoder, masked losses and the MAE weight initialisation."""
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
+import numpy as np
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
@@ -41,6 +43,79 @@ def random_masking(n: int, length: int, mask_ratio: float, generator: torch.Gene
     mask[:, :len_keep] = 0
     mask = torch.gather(mask, 1, ids_restore)
     return ids_shuffle[:, :len_keep], ids_restore, mask
+
+
+_ATTEMPTS = 10  # tries per block, as BEiT's MaskingGenerator
+
+
+def blockwise_mask(n: int, grid_h: int, grid_w: int, num_masking: int, generator: torch.Generator,
+                   min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3) -> torch.Tensor:
+    """BEiT's block-wise masking for ``n`` images: (n, grid_h*grid_w) float mask on the generator's device, 1 = masked.
+
+    Rectangular blocks are added until ``num_masking`` patches are masked: each try draws a target area uniformly in
+    [min_num, min(remaining, max_num)] and a log-uniform aspect ratio in [min_aspect, 1/min_aspect], rounds to h x w
+    (each strictly smaller than the grid), places it uniformly, and is kept when it adds between 1 and ``remaining``
+    new patches; after ``_ATTEMPTS`` failed tries in a row the image stops (so it may end a few patches short, never
+    over). All random numbers come from ``generator``, drawn up front in one tensor (a fixed amount per call, so the
+    generator's state does not depend on the masks drawn).
+    """
+    max_num = num_masking if max_num is None else max_num
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    # At most num_masking successful blocks plus one final failing round, each of up to _ATTEMPTS tries.
+    tries = _ATTEMPTS * (num_masking + 1)
+    u = torch.rand(n, tries, 4, generator=generator, device=generator.device, dtype=torch.float64).cpu().numpy()
+    out = np.zeros((n, grid_h, grid_w), dtype=np.float32)
+    for i in range(n):
+        mask, draws, count = out[i], u[i], 0
+        k = 0
+        while count < num_masking:
+            limit = min(num_masking - count, max_num)
+            delta = 0
+            for _ in range(_ATTEMPTS):
+                a, r, t, l = draws[k]
+                k += 1
+                area = min_num + a * (limit - min_num)
+                aspect = math.exp(log_lo + r * (log_hi - log_lo))
+                h = int(round(math.sqrt(area * aspect)))
+                w = int(round(math.sqrt(area / aspect)))
+                if w < grid_w and h < grid_h:
+                    top = int(t * (grid_h - h + 1))
+                    left = int(l * (grid_w - w + 1))
+                    region = mask[top:top + h, left:left + w]
+                    new = h * w - int(region.sum())
+                    if 0 < new <= limit:
+                        region[...] = 1.0
+                        delta = new
+                        break
+            if delta == 0:
+                break
+            count += delta
+    return torch.from_numpy(out.reshape(n, grid_h * grid_w)).to(generator.device)
+
+
+def sample_windows(n: int, grid: int, k: int, num_windows: int, generator: torch.Generator,
+                   per_image: bool = False) -> torch.Tensor:
+    """LoMaR's random windows: (n, num_windows, k*k, 2) grid coordinates (row, col) of every window's patches in
+    raster order, on a ``grid`` x ``grid`` patch grid.
+
+    Tops and lefts are each a random permutation of the grid-k+1 possible offsets, cut to num_windows (cycled when
+    there are fewer offsets than windows); one set for the whole batch (the official LoMaR) or, with ``per_image``,
+    one per image."""
+    positions = grid - k + 1
+    b = n if per_image else 1
+    dev = generator.device
+    reps = -(-num_windows // positions)
+
+    def offsets() -> torch.Tensor:
+        perms = torch.rand(b, reps, positions, generator=generator, device=dev).argsort(dim=-1)
+        return perms.reshape(b, reps * positions)[:, :num_windows]
+
+    tops, lefts = offsets(), offsets()
+    ar = torch.arange(k, device=dev)
+    rows = (tops[:, :, None, None] + ar[:, None]).expand(b, num_windows, k, k)
+    cols = (lefts[:, :, None, None] + ar[None, :]).expand(b, num_windows, k, k)
+    coords = torch.stack([rows, cols], dim=-1).reshape(b, num_windows, k * k, 2)
+    return coords.expand(n, -1, -1, -1)
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -85,6 +160,28 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, mask_ratio: f
         x = blk(x)
         hidden.append(x)
     return encoder.norm(x), mask, ids_restore, hidden
+
+
+def encode_at(encoder: VisionTransformer, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Encoder blocks on patch embeddings ``x`` (m, T, D) that sit at grid ``coords`` (1 or m, T, 2) of the image:
+    their absolute positions (if the encoder has a table) and the cls token are added, relative-position layers are
+    told the coordinates. Returns the tokens after the final norm, cls first (LoMaR's and BEiT's windows)."""
+    from repro.models.vit import has_rel_pos, set_token_coords
+
+    cls = encoder.cls_token
+    if encoder.pos_embed is not None:
+        flat = coords[..., 0] * encoder.patch_embed.grid_size[1] + coords[..., 1]
+        x = x + encoder.pos_embed[0, 1:][flat]
+        cls = cls + encoder.pos_embed[:, :1]
+    x = encoder.norm_pre(torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1))
+    if has_rel_pos(encoder):
+        set_token_coords(encoder, coords)
+    try:
+        for blk in encoder.blocks:
+            x = blk(x)
+    finally:
+        set_token_coords(encoder, None)
+    return encoder.norm(x)
 
 
 class MaskedDecoder(nn.Module):

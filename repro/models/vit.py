@@ -193,6 +193,22 @@ def create_vit(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0
     return vit
 
 
+def share_rel_pos_table(vit: nn.Module) -> nn.Parameter:
+    """Make every relative-position-bias layer of ``vit`` use the first layer's table (BEiT pretraining's "shared
+    relative position bias"); returns the shared parameter.
+
+    The state dict still has one ``blocks.<i>.attn.rel_table`` key per layer (all the same tensor), so the exported
+    encoder loads into a ``rel_pos: bias`` ViT, each layer getting its own copy of the shared table, as BEiT's
+    fine-tuning initialises its per-layer tables."""
+    layers = [m for m in vit.modules() if type(m) is RelPosAttention]
+    if not layers:
+        raise ValueError("share_rel_pos_table needs a ViT built with model.rel_pos=bias")
+    table = layers[0].rel_table
+    for m in layers[1:]:
+        m.rel_table = table
+    return table
+
+
 def grid_coords(h: int, w: int, device: torch.device | None = None) -> torch.Tensor:
     """(h*w, 2) long tensor of (row, col) in patch-flattening order."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")

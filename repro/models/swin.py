@@ -1,0 +1,349 @@
+"""Swin backbones through timm, and a visible-only forward with grouped window attention (GreenMIM).
+
+Every Swin encoder is a ``timm.models.swin_transformer.SwinTransformer`` built by ``create_swin`` (so its state dict
+loads into ``timm.create_model(timm_name(arch), ...)`` with the sizes of ``timm_kwargs``). ``forward_visible`` runs
+the SAME modules (patch embedding, blocks' qkv / proj / relative_position_bias_table / norms / MLPs, PatchMerging) on
+the visible tokens only, as GreenMIM (LayneH/GreenMIM, modeling/green_swin_models.py + group_window_attention.py)
+does:
+
+- one visibility pattern for the whole batch, aligned with the last stage's cells (2x2 merges never mix visible and
+  masked tokens); tokens are kept in raster order of their grid at every level;
+- window attention: a token's window id is ``(coord + (ws - shift) % ws) // ws``; for a shifted block this gives
+  exactly the regions that Swin's cyclic shift + attention mask separates, so no roll is needed;
+- when there are more than ``2 * ws**2`` visible tokens the windows are packed into groups of at most
+  ``min(ws**2, largest window)`` tokens by repeated 0/1 knapsack (dynamic programming: each group is filled as full as
+  possible), padded to equal size; pairs from different windows (and padding) get -100 added to the logits (the
+  official value, as Swin's own shifted-window mask); otherwise all tokens form one group with the same mask;
+- the relative position bias is the block's table read at the visible tokens' coordinate differences.
+
+Timm's stage layout downsamples at the START of stages 1..3 (the original code at the end of stages 0..2): the
+arithmetic is the same. timm clamps a window to the stage grid (and drops the shift) when the grid is not larger
+than the window, as the official code does; ``forward_visible`` reads the window and shift from timm's blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
+from torch import nn
+
+from repro.config import ConfigError
+
+# name: (embed_dim, depths, num_heads, window_size, mlp_ratio). nano/micro/mini are the tiny-scale stand-ins
+# (repro.scales: swin_tiny/small -> nano, base -> micro, large -> mini); their window is the tiny-scale one.
+SWIN_ARCHS: dict[str, tuple[int, tuple[int, ...], tuple[int, ...], int, float]] = {
+    "swin_nano": (16, (2, 2, 2, 2), (1, 2, 4, 8), 4, 4.0),
+    "swin_micro": (32, (2, 2, 2, 2), (1, 2, 4, 8), 4, 4.0),
+    "swin_mini": (48, (2, 2, 4, 2), (2, 4, 8, 16), 4, 4.0),
+    "swin_tiny": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, 4.0),
+    "swin_small": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, 4.0),
+    "swin_base": (128, (2, 2, 18, 2), (4, 8, 16, 32), 7, 4.0),
+    "swin_large": (192, (2, 2, 18, 2), (6, 12, 24, 48), 7, 4.0),
+}
+_TIMM_BASE = {"swin_nano": "swin_tiny", "swin_micro": "swin_tiny", "swin_mini": "swin_tiny"}
+MASK_VALUE = -100.0  # added to the logits of pairs that must not attend (official GreenMIM / Swin value)
+
+
+def is_swin(arch: str) -> bool:
+    return str(arch).startswith("swin_")
+
+
+def swin_dims(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Resolved sizes: the arch's entry with an explicit ``embed_dim``, ``mlp_ratio`` and ``window_size`` on top."""
+    arch = model_cfg["arch"]
+    if arch not in SWIN_ARCHS:
+        raise ConfigError(f"unknown model.arch '{arch}'; valid Swin archs: {', '.join(SWIN_ARCHS)}")
+    for k in ("depth", "num_heads"):
+        if model_cfg.get(k) is not None:
+            raise ConfigError(f"model.{k} is a ViT knob; a Swin's per-stage depths and heads come from model.arch "
+                              f"(set model.{k}=null)")
+    dim, depths, heads, window, mlp = SWIN_ARCHS[arch]
+    return {
+        "embed_dim": model_cfg.get("embed_dim") or dim,
+        "depths": depths,
+        "num_heads": heads,
+        "window_size": model_cfg.get("window_size") or window,
+        "mlp_ratio": model_cfg.get("mlp_ratio") or mlp,
+    }
+
+
+def timm_name(arch: str) -> str:
+    """The timm model to pass to ``timm.create_model`` (with the explicit sizes of ``timm_kwargs``)."""
+    return f"{_TIMM_BASE.get(arch, arch)}_patch4_window7_224"
+
+
+def check_geometry(img_size: int, patch_size: int, depths: Sequence[int], window: int) -> list[int]:
+    """Stage grid sizes; ConfigError when a stage grid is not divisible into whole windows or merges."""
+    if img_size % patch_size:
+        raise ConfigError(f"data.img_size={img_size} is not a multiple of model.patch_size={patch_size}")
+    grid = img_size // patch_size
+    n = len(depths)
+    if grid % 2 ** (n - 1):
+        raise ConfigError(f"Swin needs the patch grid ({grid}) divisible by {2 ** (n - 1)} for its {n - 1} merges; "
+                          f"use data.img_size a multiple of {patch_size * 2 ** (n - 1)}")
+    grids = [grid // 2**i for i in range(n)]
+    for g in grids:
+        if g > window and g % window:
+            raise ConfigError(f"Swin stage grid {g} is not a multiple of model.window_size={window}; pick a window "
+                              f"that divides every stage grid larger than it ({grids})")
+    return grids
+
+
+def timm_kwargs(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0, global_pool: str | None = None,
+                ) -> dict[str, Any]:
+    """Keyword arguments that make ``timm.create_model(timm_name(arch), **kw)`` build exactly our encoder."""
+    d = swin_dims(model_cfg)
+    check_geometry(img_size, model_cfg["patch_size"], d["depths"], d["window_size"])
+    return {
+        "img_size": img_size,
+        "patch_size": model_cfg["patch_size"],
+        "embed_dim": d["embed_dim"],
+        "depths": d["depths"],
+        "num_heads": d["num_heads"],
+        "window_size": d["window_size"],
+        "mlp_ratio": d["mlp_ratio"],
+        "num_classes": num_classes,
+        "global_pool": "avg" if global_pool in (None, "avg", "token") else global_pool,  # Swin has no cls token
+        "drop_path_rate": float(model_cfg.get("drop_path") or 0.0),
+    }
+
+
+def create_swin(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0, global_pool: str | None = "avg",
+                ) -> SwinTransformer:
+    """Build the timm Swin encoder. Features = average of the last stage's tokens after the final norm."""
+    import timm
+
+    return timm.create_model(timm_name(model_cfg["arch"]), pretrained=False,
+                             **timm_kwargs(model_cfg, img_size, num_classes, global_pool))
+
+
+def encoder_state_dict(model: SwinTransformer) -> dict[str, torch.Tensor]:
+    """Plain tensor state dict of the encoder, without the classifier head."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if not k.startswith("head.")}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Visible-only forward
+
+
+@dataclass
+class SwinTokens:
+    """Tokens of one level of the hierarchy: ``tokens`` (B, N, C) in raster order of ``coords`` (N, 2) (row, col) on a
+    ``grid`` = (h, w); ``ids`` (N,) = row * w + col, the positions in the full grid."""
+
+    tokens: torch.Tensor
+    coords: torch.Tensor
+    grid: tuple[int, int]
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.coords[:, 0] * self.grid[1] + self.coords[:, 1]
+
+
+@dataclass
+class VisibleOutput:
+    """``stages[i]``: output of stage i's blocks (timm layout: stage 0 at the patch grid, then / 2 each);
+    ``merged[i]``: output of the patch merging that starts stage i+1 (GreenMIM/LocalMIM's "stage i output after
+    downsampling"); ``out``: last stage after the final norm."""
+
+    stages: list[SwinTokens]
+    merged: list[SwinTokens]
+    out: SwinTokens
+
+
+def knapsack(capacity: int, sizes: Sequence[int]) -> tuple[int, list[int]]:
+    """0/1 knapsack with value = weight: the largest total <= capacity of a subset of ``sizes``, and that subset's
+    indices in increasing order (the latest item is preferred on ties, as the official backtracking)."""
+    n = len(sizes)
+    best = [[0] * (capacity + 1) for _ in range(n + 1)]
+    for i in range(1, n + 1):
+        s = sizes[i - 1]
+        prev, row = best[i - 1], best[i]
+        for w in range(capacity + 1):
+            row[w] = max(prev[w], prev[w - s] + s) if s <= w else prev[w]
+    total, w, chosen = best[n][capacity], capacity, []
+    for i in range(n, 0, -1):
+        if best[i][w] != best[i - 1][w]:
+            chosen.append(i - 1)
+            w -= sizes[i - 1]
+    return total, chosen[::-1]
+
+
+def pack_windows(capacity: int, sizes: Sequence[int]) -> list[list[int]]:
+    """Greedy packing of windows (token counts ``sizes``) into groups: each group is the best knapsack fill of the
+    windows left. Returns the window indices of every group."""
+    left = list(range(len(sizes)))
+    groups = []
+    while left:
+        _, pick = knapsack(capacity, [sizes[i] for i in left])
+        if not pick:  # a window larger than the capacity cannot happen (capacity >= largest window)
+            raise RuntimeError("window larger than the group capacity")
+        groups.append([left[i] for i in pick])
+        left = [w for j, w in enumerate(left) if j not in set(pick)]
+    return groups
+
+
+@dataclass
+class WindowGrouping:
+    """How the visible tokens of one level are arranged for one (window, shift): ``index`` (nG * G,) token index per
+    slot (padding slots point at token 0), ``restore`` (N,) the slot of every token, ``bias_index`` (nG, G, G) into the
+    relative position table (0 where masked), ``blocked`` (nG, G, G) True where the pair must not attend."""
+
+    index: torch.Tensor
+    restore: torch.Tensor
+    bias_index: torch.Tensor
+    blocked: torch.Tensor
+    group_size: int
+
+
+def window_ids(coords: torch.Tensor, window: int, shift: int) -> torch.Tensor:
+    """Window id of every token; for shift > 0 these are the regions Swin's cyclic shift + mask separates."""
+    cell = (coords + (window - shift) % window) // window
+    return cell[:, 0] * (coords[:, 1].max().item() // window + 2) + cell[:, 1]
+
+
+def make_grouping(coords: torch.Tensor, window: int, shift: int, mode: str = "auto") -> WindowGrouping:
+    """Pack the tokens at ``coords`` (N, 2) into equal groups of whole windows. ``mode``: 'group' (knapsack packing),
+    'single' (one group of all tokens, windows separated by the mask only), 'auto' (official rule: single when
+    N <= 2 * window**2)."""
+    n = coords.shape[0]
+    dev = coords.device
+    wid = window_ids(coords, window, shift)
+    if mode == "auto":
+        mode = "single" if n <= 2 * window * window else "group"
+    if mode == "single":
+        index = torch.arange(n, device=dev)
+        gid = wid[None]
+        gsize = n
+    else:
+        order = torch.argsort(wid, stable=True)
+        _, counts = torch.unique_consecutive(wid[order], return_counts=True)
+        counts_l = counts.tolist()
+        gsize = min(window * window, max(counts_l))
+        members = order.split(counts_l)
+        slots, gids = [], []
+        for grp in pack_windows(gsize, counts_l):
+            idx = torch.cat([members[w] for w in grp])
+            pad = gsize - idx.numel()
+            slots.append(F.pad(idx, (0, pad), value=-1))
+            gids.append(F.pad(wid[idx], (0, pad), value=-1))
+        index = torch.cat(slots)
+        gid = torch.stack(gids)
+    real = index >= 0
+    restore = torch.empty(n, dtype=torch.long, device=dev)
+    restore[index[real]] = torch.nonzero(real).squeeze(1)
+    index = index.clamp_min(0)
+    c = coords[index].reshape(-1, gsize, 2)
+    rel = c[:, :, None, :] - c[:, None, :, :] + (window - 1)
+    bias_index = rel[..., 0] * (2 * window - 1) + rel[..., 1]
+    pad = gid < 0
+    blocked = (gid[:, :, None] != gid[:, None, :]) | (pad[:, :, None] & pad[:, None, :])
+    bias_index = bias_index.masked_fill(blocked, 0)
+    return WindowGrouping(index, restore, bias_index, blocked, gsize)
+
+
+def grouped_attention(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
+    """The block's window attention (its qkv, proj and relative position table) on visible tokens ``x`` (B, N, C),
+    arranged by ``g``. Returns (B, N, C) in the input order."""
+    attn = blk.attn
+    b, _, c = x.shape
+    heads = attn.num_heads
+    xg = x[:, g.index].reshape(-1, g.group_size, c)  # (B * nG, G, C)
+    qkv = attn.qkv(xg).reshape(xg.shape[0], g.group_size, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    table = attn.relative_position_bias_table
+    bias = table[g.bias_index].permute(0, 3, 1, 2)  # (nG, H, G, G)
+    bias = bias.masked_fill(g.blocked[:, None], MASK_VALUE)
+    # (B * nG, H, G, d) -> (B, nG * H, G, d): the (nG * H) bias then broadcasts over the batch without a copy.
+    q, k, v = (t.reshape(b, -1, g.group_size, t.shape[-1]) for t in (q, k, v))
+    drop = attn.attn_drop.p if attn.training else 0.0
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, g.group_size, g.group_size).to(q.dtype),
+                                         dropout_p=drop)
+    out = out.reshape(xg.shape[0], heads, g.group_size, -1)
+    out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xg.shape[0], g.group_size, -1)))
+    return out.reshape(b, -1, c)[:, g.restore]
+
+
+def block_visible(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
+    """One Swin block on visible tokens (pre-norm attention + MLP, the block's own drop paths)."""
+    x = x + blk.drop_path1(grouped_attention(blk, blk.norm1(x), g))
+    return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+
+
+def merge_visible(merge: nn.Module, level: SwinTokens) -> SwinTokens:
+    """timm PatchMerging on visible tokens: each visible 2x2 cell's tokens concatenated in timm's order
+    [(0,0), (1,0), (0,1), (1,1)] (row, col offsets; the original Swin's x0, x1, x2, x3), then norm + reduction."""
+    h, w = level.grid
+    dev = level.coords.device
+    slot = torch.full((h * w,), -1, dtype=torch.long, device=dev)
+    slot[level.ids] = torch.arange(level.ids.numel(), device=dev)
+    cells = torch.unique(level.coords // 2, dim=0)  # sorted rows: raster order of the coarse grid
+    offsets = torch.tensor([[0, 0], [1, 0], [0, 1], [1, 1]], device=dev)
+    fine = cells[:, None, :] * 2 + offsets[None]  # (M, 4, 2)
+    idx = slot[fine[..., 0] * w + fine[..., 1]]
+    if (idx < 0).any():
+        raise ValueError("visible tokens must cover whole 2x2 cells at every merge (mask on the last stage's grid)")
+    x = level.tokens[:, idx.reshape(-1)].reshape(level.tokens.shape[0], cells.shape[0], -1)
+    x = merge.reduction(merge.norm(x))
+    return SwinTokens(x, cells, (h // 2, w // 2))
+
+
+def stage_groupings(stage: nn.Module, coords: torch.Tensor, mode: str = "auto") -> list[WindowGrouping]:
+    """One grouping per distinct (window, shift) of the stage's blocks, listed per block."""
+    cache: dict[tuple[int, int], WindowGrouping] = {}
+    out = []
+    for blk in stage.blocks:
+        key = (blk.window_size[0], blk.shift_size[0])
+        if blk.window_size[0] != blk.window_size[1] or blk.shift_size[0] != blk.shift_size[1]:
+            raise ValueError("the visible-only forward supports square windows only")
+        if key not in cache:
+            cache[key] = make_grouping(coords, key[0], key[1], mode)
+        out.append(cache[key])
+    return out
+
+
+def visible_ids_from_units(unit_visible: torch.Tensor, unit: int) -> torch.Tensor:
+    """Flat patch-grid ids of the patches inside visible mask units. ``unit_visible`` (Hu, Wu) bool, each unit
+    ``unit`` x ``unit`` patches; returns the ids in raster order of the (Hu * unit, Wu * unit) grid."""
+    hu, wu = unit_visible.shape
+    full = unit_visible.repeat_interleave(unit, 0).repeat_interleave(unit, 1)
+    return torch.nonzero(full.reshape(-1)).squeeze(1)
+
+
+def forward_visible(model: SwinTransformer, imgs: torch.Tensor, visible_ids: torch.Tensor | None = None,
+                    mode: str = "auto") -> VisibleOutput:
+    """Swin forward on the visible patches only (one visibility pattern shared by the batch).
+
+    ``visible_ids``: flat ids (row * W + col) of the visible patches on the patch grid, any order (None: all).
+    Every 2x2 merge must see whole cells (use ``visible_ids_from_units`` with unit = 2 ** (stages - 1)).
+    ``mode``: grouping of windows, see ``make_grouping``.
+    """
+    x = model.patch_embed(imgs)  # (B, H, W, C), normalised
+    b, h, w, c = x.shape
+    if visible_ids is None:
+        visible_ids = torch.arange(h * w, device=x.device)
+    ids = torch.sort(visible_ids.to(x.device)).values
+    coords = torch.stack([ids // w, ids % w], dim=1)
+    level = SwinTokens(x.reshape(b, h * w, c)[:, ids], coords, (h, w))
+    stages, merged = [], []
+    for i, stage in enumerate(model.layers):
+        if i > 0:
+            level = merge_visible(stage.downsample, level)
+            merged.append(level)
+        t = level.tokens
+        for blk, g in zip(stage.blocks, stage_groupings(stage, level.coords, mode)):
+            t = block_visible(blk, t, g)
+        level = SwinTokens(t, level.coords, level.grid)
+        stages.append(level)
+    out = SwinTokens(model.norm(level.tokens), level.coords, level.grid)
+    return VisibleOutput(stages, merged, out)
+
+
+def mask_unit(model: SwinTransformer) -> int:
+    """Patches per side of the last stage's cell: the unit a visible-only mask must be drawn on."""
+    return 2 ** (len(model.layers) - 1)
