@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## Pretrain MAE at tiny scale on the embedded data, evaluate it (fine-tune, linear, kNN) against random init, write RESULTS.md.
+## Every paper table at tiny scale on the embedded data (pretraining -> evaluations, shared stages trained once),
+## then tables/, plots/ and RESULTS.md.
 reproduce: $(STAMP)
-	$(BIN)/repro chain mae --scale tiny --baseline random
-	$(BIN)/repro report
+	$(BIN)/repro run all --scale tiny --jobs 2
 
 ## Run the test-suite (unit + small end-to-end) and ruff.
 test: $(STAMP)

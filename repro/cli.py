@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from repro.config import ConfigError, list_recipes, to_yaml
@@ -42,6 +43,22 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rerun stages that are already done")
     p.add_argument("--devices", type=int, default=1,
                    help="processes per stage (DDP via torchrun; gloo on CPU). The effective batch stays the recipe's")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="local executor: stages run at once (each gets cores / jobs threads; on a 2-core CPU, "
+                        "--jobs 2 runs the tiny scale faster)")
+    g = p.add_argument_group("Slurm (submitit)")
+    g.add_argument("--cluster", metavar="NAME",
+                   help="submit the whole DAG to Slurm with the cluster profile slurm/clusters/NAME.yaml (or a path "
+                        "to a profile .yaml); the run root must be on the shared filesystem")
+    g.add_argument("--dry-run", action="store_true", help="with --cluster: print the sbatch scripts, submit nothing")
+    g.add_argument("--log-dir", help="with --cluster: Slurm logs (default: the profile's log_root, else "
+                                     "<runs>/slurm/logs)")
+    g.add_argument("--res", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --cluster: override a stage resource (nodes, gpus_per_node, tasks_per_node, "
+                        "cpus_per_task, mem_gb, time_min; defaults in slurm/resources.yaml)")
+    g.add_argument("--detach", action="store_true",
+                   help="with --cluster: return after submitting (follow with `repro status`, stop with "
+                        "`repro cancel`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +95,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random: also evaluate a randomly initialised encoder with the same budget")
     p.add_argument("--evals", help="comma-separated subset of finetune,linear,knn")
 
+    tables_help = ("table ids (e.g. lomar/t2 localmim/t4a), paper names (lomar, localmim, extrema) or `all`; "
+                   "`repro tables` lists them")
+    p = sub.add_parser("tables", help="list the paper tables and figures the suite reproduces",
+                       description="List every table / figure spec: id, caption, rows (trainable / reported-only / "
+                                   "pending).")
+    p.add_argument("ids", nargs="*", default=["all"], help=tables_help)
+
+    p = sub.add_parser("plan", help="print the DAG of stages a table needs, without running anything",
+                       description="Expand paper tables into stages (shared stages appear once) and print them with "
+                                   "their dependencies, what is done already and, at paper scale, the projected "
+                                   "device-hours from stored profiles.")
+    p.add_argument("tables", nargs="+", metavar="TABLE|key=value",
+                   help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
+    p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
+    p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
+    p.set_defaults(overrides=[])
+
+    p = sub.add_parser("run", help="run paper tables end to end (pretrain -> evaluations), then render the report",
+                       description="Run every stage the named tables need, in dependency order, skipping finished "
+                                   "stages, then write tables/, plots/ and RESULTS.md.",
+                       epilog="examples:\n  repro run lomar/t2 --scale tiny\n  repro run all --scale tiny --jobs 2\n"
+                              "  repro run localmim/t4b --scale paper data.path=/datasets/imagenet",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tables", nargs="+", metavar="TABLE|key=value",
+                   help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
+    p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
+    p.set_defaults(overrides=[])
+    _run_opts(p)
+    p.add_argument("--no-report", action="store_true", help="do not render tables/, plots/ and RESULTS.md afterwards")
+    p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="root of a real dataset for paper-scale stages, e.g. --data imagenet1k=/datasets/imagenet "
+                        "(repeat per dataset: imagenet22k, inat2018, inat2019)")
+
+    p = sub.add_parser("profile", help="measure pretraining cost at paper configurations (cost tables, FLOPs)",
+                       description="Time training steps of every row of an efficiency table (or one pretraining "
+                                   "recipe) at its paper configuration on this device; project time per epoch and "
+                                   "device-hours for the paper's schedule; write tables/<paper>/<id>-cost.md/.csv, "
+                                   "plots/<paper>/<id>-cost.png and the stored profiles `repro plan` reads.",
+                       epilog="examples:\n  repro profile all --flops          every cost table + tables/efficiency/"
+                              "flops.md\n  repro profile lomar/t1 --steps 5\n  repro profile mae data.img_size=384",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("targets", nargs="*", metavar="TARGET",
+                   help="efficiency table ids (lomar/t1 ...), a paper, `all`, or a pretraining recipe; key=value "
+                        "items are overrides of a recipe target")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--batch", type=int, help="fixed batch (default: 8 / 4 images at <=224 / >224 px on a CPU; the "
+                                             "largest of 256..32 that fits on a GPU)")
+    p.add_argument("--loader-workers", type=int, help="loader workers for the loader throughput (default: the "
+                                                      "recipe's train.num_workers)")
+    p.add_argument("--flops", action="store_true", help="also count FLOPs at 224/384/448 (tables/efficiency/flops.md)")
+    p.set_defaults(overrides=[])
+
+    p = sub.add_parser("status", help="state of every stage under the runs folder (files + Slurm)",
+                       description="Each stage's state (done / pending / running / failed with its log / not run) from "
+                                   "its result files and, for submitted stages, the scheduler.")
+    p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
+
+    p = sub.add_parser("cancel", help="cancel the Slurm jobs of the latest submission",
+                       description="scancel the still queued or running jobs of the latest `--cluster` submission "
+                                   "under the runs folder (all submissions with --all).")
+    p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
+    p.add_argument("--all", action="store_true", help="every recorded submission, not just the latest")
+
     p = sub.add_parser("report", help="render RESULTS.md from the finished stages",
                        description="Collect every result.json under the runs folder and write RESULTS.md.")
     p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
@@ -105,6 +186,54 @@ def _stages_for(args: argparse.Namespace) -> list:
             raise ConfigError(f"--init {args.init} does not exist; pass an encoder.pth written by `repro pretrain`")
         cfg["init"] = str(Path(args.init).absolute()) if args.init != "random" else "random"
     return [Stage(args.cmd, cfg, label=args.recipe)]
+
+
+def _tables_cmd(args: argparse.Namespace) -> int:
+    from repro.pipeline.plan import all_stages, describe, parse_data_paths, plan_tables
+
+    root = runs_root(args.runs_dir)
+    ids = [t for t in args.tables if "=" not in t]
+    overrides = [*(t for t in args.tables if "=" in t), *getattr(args, "overrides", [])]
+    if not ids:
+        raise ConfigError("name at least one table (e.g. lomar/t2), a paper (lomar) or all; see `repro tables`")
+    plans = plan_tables(ids, args.scale, overrides, parse_data_paths(getattr(args, "data", [])))
+    stages = all_stages(plans)
+    if args.cmd == "plan":
+        projected = None
+        if args.scale == "paper":
+            try:
+                from repro.profile.projection import projected_hours as projected
+            except ImportError:
+                projected = None
+        print(describe(plans, root, projected))
+        return 0
+    if not args.dry_run:  # a dry run does not look for the datasets (they live on the cluster)
+        _check(stages, args.devices)
+    from repro.pipeline.execute import summary
+    from repro.pipeline.slurm import make_executor, runs_root_for
+
+    root = runs_root_for(args, root)
+    if not args.dry_run:
+        from repro.report.tables import write_manifests
+
+        write_manifests(plans, root, args.scale, overrides)
+    t0 = time.time()
+    status = make_executor(args).run(stages, root, force=args.force)
+    if args.dry_run:
+        return 0
+    print(f"stages under {root}:\n{summary(stages, status, root)}")
+    from repro.record.provenance import provenance
+    from repro.report.results import record_run, write_results_md
+
+    prov = provenance({})
+    record_run(root, {"tables": list(args.tables), "scale": args.scale, "wall_s": time.time() - t0, "jobs": args.jobs,
+                      "ran": sum(v in ("done", "failed") for v in status.values()),
+                      "skipped": sum(v == "skipped" for v in status.values()),
+                      "failed": sum(v in ("failed", "blocked") for v in status.values()),
+                      "commit": prov.get("commit") or "?", "host": prov.get("host", "?"), "cpus": os.cpu_count()})
+    if not args.no_report:
+        print(write_results_md(root, Path("RESULTS.md")))
+    return 0 if all(v in ("done", "skipped", "submitted") for v in status.values()) else 1
 
 
 def _check(stages: list, devices: int) -> None:
@@ -143,19 +272,48 @@ def main(argv: list[str] | None = None) -> int:
                     "synthetic_classes": 10}
             print(dataset_root(data))
             return 0
+        if args.cmd == "tables":
+            from repro.spec import select
+
+            for spec in select(args.ids):
+                kinds = {"trainable": 0, "reported": 0, "pending": 0}
+                for r in spec.rows:
+                    kinds["reported" if r.reported or not r.trainable else "pending" if r.pending else "trainable"] += 1
+                print(f"{spec.id:18s} {spec.kind:6s} {spec.caption}  [{kinds['trainable']} trainable, "
+                      f"{kinds['reported']} reported-only, {kinds['pending']} pending]")
+            return 0
+        if args.cmd in ("plan", "run"):
+            return _tables_cmd(args)
+        if args.cmd == "profile":
+            from repro.profile.run import cli_main
+
+            return cli_main(args)
         if args.cmd == "report":
             from repro.report.results import write_results_md
 
             print(write_results_md(runs_root(args.runs_dir), Path(args.out)))
             return 0
-        from repro.pipeline.execute import LocalExecutor, summary
+        if args.cmd in ("status", "cancel"):
+            from repro.pipeline import slurm
+
+            root = runs_root(args.runs_dir)
+            if args.cmd == "status":
+                print(f"stages under {root}:\n{slurm.format_status(slurm.status_report(root))}")
+                return 0
+            print(f"cancelled: {' '.join(slurm.cancel(root, args.all)) or 'nothing (no job queued or running)'}")
+            return 0
+        from repro.pipeline.execute import summary
+        from repro.pipeline.slurm import make_executor, runs_root_for
 
         stages = _stages_for(args)
-        _check(stages, args.devices)
-        root = runs_root(args.runs_dir)
-        status = LocalExecutor(devices=args.devices).run(stages, root, force=args.force)
+        if not args.dry_run:  # a dry run does not look for the datasets (they live on the cluster)
+            _check(stages, args.devices)
+        root = runs_root_for(args, runs_root(args.runs_dir))
+        status = make_executor(args).run(stages, root, force=args.force)
+        if args.dry_run:
+            return 0
         print(f"stages under {root}:\n{summary(stages, status, root)}")
-        return 0 if all(v in ("done", "skipped") for v in status.values()) else 1
+        return 0 if all(v in ("done", "skipped", "submitted") for v in status.values()) else 1
     except ConfigError as e:
         print(f"repro: error: {e}", file=sys.stderr)
         return 2

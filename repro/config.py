@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-KINDS = ("pretrain", "finetune", "linear", "knn")
+KINDS = ("pretrain", "finetune", "linear", "knn", "analysis")
 SCALES = ("paper", "tiny")
 META_KEYS = ("extends", "description", "tiny_overrides", "tiny_reason", "evals", "source")
 

@@ -39,18 +39,39 @@ def _method_section(method: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     return cls, deep_merge(cls.defaults, method)
 
 
+def nested(overrides: Iterable[str] | Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted strings (``["a.b=1"]``), a dotted mapping (``{"a.b": 1}``) or a nested mapping -> a nested dict."""
+    if not isinstance(overrides, Mapping):
+        return parse_overrides(overrides)
+    out: dict[str, Any] = {}
+    for k, v in overrides.items():
+        node = out
+        *parents, last = str(k).split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = deep_merge(node[last], v) if isinstance(v, Mapping) and isinstance(node.get(last), Mapping) \
+            else v
+    return out
+
+
 def resolve(name: str, scale: str = "paper", overrides: Iterable[str] | Mapping[str, Any] = (),
-            kind: str | None = None) -> dict[str, Any]:
-    """Load recipe ``name``, apply ``scale`` then ``overrides`` (dotted strings or a nested dict), validate."""
+            kind: str | None = None, paper_overrides: Mapping[str, Any] | Iterable[str] = ()) -> dict[str, Any]:
+    """Load recipe ``name``, apply ``paper_overrides`` (a variant of the paper recipe: they go through the scale rule
+    like the recipe's own values), then ``scale``, then ``overrides`` (as given, after the scale), and validate.
+    Both kinds of overrides are dotted strings, a dotted mapping or a nested mapping."""
     kind, cfg = load_recipe(name, kind)
     sch = schema(kind)
+    pov = nested(paper_overrides)
+    if pov:
+        check_keys(pov, sch, open_keys=("method",))
+        cfg = deep_merge(cfg, pov)
     check_keys({k: v for k, v in cfg.items() if k not in ("kind", "recipe")}, sch, open_keys=OPEN_KEYS)
     method_cls = None
     if kind == "pretrain":
         method_cls, cfg["method"] = _method_section(cfg["method"])
     cfg = apply_scale(cfg, scale, method_cls)
     cfg["scale"] = scale
-    ov = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    ov = nested(overrides)
     if ov:
         check_keys(ov, sch, open_keys=("method",))
         cfg = deep_merge(cfg, ov)
@@ -63,14 +84,21 @@ def resolve(name: str, scale: str = "paper", overrides: Iterable[str] | Mapping[
 def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     """Value checks that keys/types cannot express."""
     from repro.config import get
+    from repro.models.swin import SWIN_ARCHS, is_swin
     from repro.models.vit import ARCHS
 
     for key, choices in CHOICES.items():
         v = get(cfg, key)
         if v is not None and v not in choices:
             raise ConfigError(f"bad value for '{key}': {v!r}; valid: {', '.join(choices)}")
-    if cfg["model"]["arch"] not in ARCHS:
-        raise ConfigError(f"bad value for 'model.arch': {cfg['model']['arch']!r}; valid: {', '.join(ARCHS)}")
+    arch = cfg["model"]["arch"]
+    if arch not in ARCHS and arch not in SWIN_ARCHS:
+        raise ConfigError(f"bad value for 'model.arch': {arch!r}; valid: {', '.join([*ARCHS, *SWIN_ARCHS])}")
+    if is_swin(arch):
+        from repro.models.swin import check_geometry, swin_dims
+
+        d = swin_dims(cfg["model"])
+        check_geometry(cfg["data"]["img_size"], cfg["model"]["patch_size"], d["depths"], d["window_size"])
     img, p = cfg["data"]["img_size"], cfg["model"]["patch_size"]
     if img % p:
         raise ConfigError(f"data.img_size={img} is not a multiple of model.patch_size={p}")
@@ -82,6 +110,15 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
             raise ConfigError("optim.epochs must be positive and optim.warmup_epochs non-negative")
     if not (0.0 < cfg["data"].get("train_fraction", 1.0) <= 1.0):
         raise ConfigError("data.train_fraction must be in (0, 1]")
+    d = cfg["data"]
+    if o and d["dataset"] == "synthetic":  # the embedded set's size is known: refuse a batch it cannot fill
+        k, total, frac = max(1, d["synthetic_classes"]), d["synthetic_train"], d.get("train_fraction", 1.0)
+        # label = index % classes; a fraction keeps round(count * fraction) (at least 1) per class, as build_split
+        n = total if frac >= 1.0 else sum(max(1, round((total // k + (c < total % k)) * frac)) for c in range(k))
+        if n < o["batch_size"]:
+            raise ConfigError(f"optim.batch_size={o['batch_size']} is larger than the {n} training images "
+                              f"(data.synthetic_train={d['synthetic_train']}, data.train_fraction="
+                              f"{d.get('train_fraction', 1.0)}); lower optim.batch_size or raise data.synthetic_train")
     if method_cls is not None:
         method_cls.validate(cfg["method"])
 

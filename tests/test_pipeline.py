@@ -64,9 +64,9 @@ def test_knob_changes_pretrain_key_and_its_dependents() -> None:
 
 def test_inherited_data_changes_every_evaluation() -> None:
     base = _by_role(chain("mae", "tiny", [], baseline=True))
-    other = _by_role(chain("mae", "tiny", ["data.synthetic_train=100"], baseline=True))
+    other = _by_role(chain("mae", "tiny", ["data.synthetic_train=300"], baseline=True))
     for role, s in other.items():
-        assert s.cfg["data"]["synthetic_train"] == 100, role
+        assert s.cfg["data"]["synthetic_train"] == 300, role
         assert s.key != base[role].key, role
 
 
@@ -161,8 +161,9 @@ def test_failed_stage_blocks_dependents_only(tmp_path: Path, monkeypatch: pytest
                                              chain_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("REPRO_CACHE", str(chain_run["tmp"] / "cache"))  # the dataset is already there
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # Valid to the CLI's checks, but the worker fails: an effective batch larger than the 64 training images.
-    bad = resolve("mae", "tiny", [*SMALL, "optim.batch_size=128", "optim.epochs=1"], kind="pretrain")
+    # Resolved and planned, but the worker fails when it starts: a method that does not exist.
+    bad = resolve("mae", "tiny", [*SMALL, "optim.batch_size=32", "optim.epochs=1"], kind="pretrain")
+    bad["method"]["name"] = "no_such_method"
     pre = Stage("pretrain", bad, label="bad")
     knn_cfg = resolve("default", "tiny", SMALL, kind="knn")
     dependent = Stage("knn", knn_cfg, {"init": pre}, label="dependent")
@@ -174,7 +175,7 @@ def test_failed_stage_blocks_dependents_only(tmp_path: Path, monkeypatch: pytest
 
     log = pre.dir(runs) / LOG
     failed = json.loads((pre.dir(runs) / FAILED).read_text())
-    assert failed["log"] == str(log) and "too few" in failed["error"]
+    assert failed["log"] == str(log) and "no_such_method" in failed["error"]
     assert "Traceback" in log.read_text()
     assert not (pre.dir(runs) / RESULT).exists()
     assert not dependent.dir(runs).exists()

@@ -60,6 +60,17 @@ class StopFlag:
 STOP = StopFlag()
 
 
+def _stop_requested(env: DistEnv) -> bool:
+    """Whether any process was signalled. Under DDP every rank must stop at the same step (the checkpoint is a
+    collective), and a signal may reach the ranks at different steps: agree on it with one tiny all-reduce."""
+    flag = STOP.signal is not None
+    if env.distributed:
+        t = torch.tensor([float(flag)], device=env.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        flag = bool(t.item())
+    return flag
+
+
 def base_lr(optim: Mapping[str, Any]) -> float:
     return float(optim["lr"]) if optim.get("lr") is not None else float(optim["blr"]) * optim["batch_size"] / 256
 
@@ -130,6 +141,28 @@ def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def encoder_blocks(task: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of ``task.encoder`` in depth order (ViT ``blocks``; Swin ``layers[i].blocks``)."""
+    enc = getattr(task, "encoder", None)
+    if enc is not None and hasattr(enc, "blocks"):
+        return list(enc.blocks)
+    if enc is not None and hasattr(enc, "layers"):
+        return [b for layer in enc.layers for b in layer.blocks]
+    from repro.config import ConfigError
+
+    raise ConfigError(f"train.grad_norms needs a task with encoder blocks; {type(task).__name__} has none "
+                      "(set train.grad_norms=false)")
+
+
+def block_grad_norms(blocks: list[nn.Module], scale: float = 1.0) -> list[float]:
+    """L2 norm of each block's parameter gradient divided by the loss scale (0 for a block without gradients)."""
+    out = []
+    for b in blocks:
+        sq = [p.grad.detach().float().pow(2).sum() for p in b.parameters() if p.grad is not None]
+        out.append(float(torch.stack(sq).sum().sqrt()) / scale if sq else 0.0)
+    return out
 
 
 def default_param_groups(task: nn.Module, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -214,6 +247,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
     bar = tqdm(total=total_steps, initial=state["step"], desc=desc, unit="step", disable=not env.is_main,
                dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     stopped = False
+    gn_blocks = encoder_blocks(task) if tcfg.get("grad_norms") else None
     task.train()
     while state["epoch"] < optim["epochs"] and not stopped:
         epoch = state["epoch"]
@@ -228,6 +262,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         loss_sum = torch.as_tensor(state["loss_sum"], dtype=torch.float32).to(env.device).clone()
         loss_n = state["loss_n"]
         t_step = time.perf_counter()
+        epoch_gn: list[float] | None = None
         for batch in loader:
             if state["micro"] >= micro_per_epoch:
                 break
@@ -248,6 +283,8 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
             images += per
             if not sync:
                 continue
+            if gn_blocks is not None and state["micro"] == micro_per_epoch:  # the epoch's last step, before clipping
+                epoch_gn = block_grad_norms(gn_blocks, scaler.get_scale() if scaler.is_enabled() else 1.0)
             if optim.get("clip_grad"):
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(task.parameters(), optim["clip_grad"])
@@ -268,7 +305,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
             if max_steps is not None and state["step"] >= max_steps and state["micro"] < micro_per_epoch:
                 stopped = True  # mid-epoch stop; at an epoch end the epoch is closed first (below)
                 break
-            if STOP.signal is not None:
+            if _stop_requested(env):
                 save(last)
                 bar.close()
                 raise Preempted(f"signal {STOP.signal} at step {state['step']}; checkpoint written to {last}")
@@ -279,6 +316,8 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         state["micro"] = 0
         state["loss_sum"], state["loss_n"] = 0.0, 0
         record = {"epoch": state["epoch"], "step": state["step"], "loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
+        if epoch_gn is not None:
+            record["grad_norms"] = epoch_gn
         if epoch_hook is not None:
             task.eval()
             record.update(epoch_hook(state["epoch"]))

@@ -1,31 +1,43 @@
-"""Plans: recipes expanded into stages. ``chain`` = pretrain -> {fine-tune, linear, kNN} (+ a random-init baseline
-with the same evaluation budget)."""
+"""Plans: recipes and paper tables expanded into a DAG of stages.
+
+``chain`` = pretrain -> {fine-tune, linear, kNN} (+ a random-init baseline with the same evaluation budget).
+``plan_tables`` = the rows of paper tables (``repro.spec``) -> stages, shared across rows and tables by content hash.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from repro.config import ConfigError, deep_merge, load_recipe
 from repro.methods import get_method
-from repro.pipeline.stage import Stage
+from repro.pipeline.stage import Stage, topo_order
 from repro.resolve import resolve
 
 # What an evaluation inherits from the pretraining it evaluates.
 INHERITED = {
     "data": ("dataset", "path", "img_size", "num_classes", "synthetic_train", "synthetic_val", "synthetic_classes"),
     "model": ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
-              "class_token"),
+              "class_token", "window_size"),
 }
 
 
-def eval_overrides(pre: Mapping[str, Any], kind: str) -> dict[str, Any]:
+def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None) -> dict[str, Any]:
+    """What an evaluation (``kind``, with its ``recipe``) takes over from the pretraining config ``pre``."""
     ov: dict[str, Any] = {sec: {k: pre[sec][k] for k in keys} for sec, keys in INHERITED.items()}
+    if recipe is not None and kind == "finetune" and load_recipe(recipe, kind)[1].get("resolution") == "own":
+        del ov["data"]["img_size"], ov["model"]["window_size"]  # e.g. SimMIM-Swin: pretrain 192, fine-tune 224
     ov["seed"] = pre["seed"]
+    if pre["model"].get("pos_embed") == "none":
+        ov["model"]["pos_embed"] = "none"  # no absolute table to load or to add (SimMIM, LoMaR)
     method = get_method(pre["method"]["name"])
     if kind == "finetune":
         ov["model"]["global_pool"] = method.finetune_pool
     elif kind in ("linear", "knn"):
-        ov["feature"] = method.linear_feature
+        # A Swin has no cls token: its methods' cls feature becomes the mean of the last stage's tokens.
+        swin = str(pre["model"]["arch"]).startswith("swin_")
+        ov["feature"] = "avg" if swin and method.linear_feature == "cls" else method.linear_feature
     return ov
 
 
@@ -33,7 +45,7 @@ def eval_stages(pre: Stage, evals: Mapping[str, str], scale: str, baseline: bool
     out = []
     label = pre.label
     for kind, recipe in evals.items():
-        cfg = resolve(recipe, scale, eval_overrides(pre.cfg, kind), kind=kind)
+        cfg = resolve(recipe, scale, eval_overrides(pre.cfg, kind, recipe), kind=kind)
         out.append(Stage(kind, cfg, {"init": pre}, label=label))
         if baseline:
             out.append(Stage(kind, cfg, {}, label=f"{label} (random init)"))
@@ -49,3 +61,203 @@ def chain(recipe: str, scale: str = "tiny", overrides: Iterable[str] = (), basel
     label = f"{pre_cfg['method']['name']} {pre_cfg['model']['arch']}/{pre_cfg['model']['patch_size']}"
     pre = Stage("pretrain", pre_cfg, label=label)
     return [pre, *eval_stages(pre, wanted, scale, baseline)]
+
+
+# ---- paper tables -> stages ------------------------------------------------------------------------------------------
+
+EVAL_KINDS = ("finetune", "linear", "knn", "semisup", "analysis")
+# Stage kinds that run another kind's recipe: semi-supervised = fine-tuning on a label fraction.
+RECIPE_KIND = {"semisup": "finetune"}
+RUNNABLE = ("pretrain", *EVAL_KINDS)  # stage kinds the suite can run today
+DEFAULT_EVALS = {"knn": "default", "semisup": "semisup_vit_base", "analysis": "default"}
+
+
+@dataclass
+class RowPlan:
+    """What one row of a paper table needs: its pretraining stage (if any) and one stage per evaluation kind."""
+
+    table: str
+    row: Any  # repro.spec.schema.Row
+    status: str  # trainable | reported | pending
+    pretrain: Stage | None = None
+    evals: dict[str, Stage] = field(default_factory=dict)
+    reason: str = ""
+
+    @property
+    def stages(self) -> list[Stage]:
+        return [s for s in (self.pretrain, *self.evals.values()) if s is not None]
+
+    def stage_for(self, kind: str) -> Stage | None:
+        return self.pretrain if kind == "pretrain" else self.evals.get(kind)
+
+
+@dataclass
+class TablePlan:
+    spec: Any  # repro.spec.schema.TableSpec
+    rows: list[RowPlan]
+
+    @property
+    def stages(self) -> list[Stage]:
+        return topo_order([s for r in self.rows for s in r.stages])
+
+
+def needed_kinds(spec: Any) -> list[str]:
+    """Stage kinds the table's measured columns come from, in a fixed order."""
+    from repro.spec.schema import MEASURES
+
+    kinds = {MEASURES[c.measure][0] for c in spec.columns if c.measure}
+    return [k for k in (*RUNNABLE, *sorted(kinds - set(RUNNABLE))) if k in kinds]
+
+
+def _pretrain_runtime_overrides(spec: Any, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Run-time switches a table needs from its pretraining (not part of the paper recipe): kNN curves record a kNN
+    point about ten times per run."""
+    if any(c.measure == "pretrain.knn_curve" for c in spec.columns):
+        return {"train": {"knn_every": max(1, int(cfg["optim"]["epochs"]) // 10)}}
+    return {}
+
+
+def for_kind(overrides: Mapping[str, Any], kind: str) -> dict[str, Any]:
+    """The part of run-wide (nested) overrides that exists in ``kind``'s recipe schema (``optim.epochs`` means
+    nothing to a kNN stage)."""
+    from repro.resolve import schema
+
+    def keep(ov: Mapping[str, Any], sch: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in ov.items():
+            if k not in sch and k != "method":
+                continue
+            if isinstance(v, Mapping) and isinstance(sch.get(k), Mapping) and sch.get(k):
+                sub = keep(v, sch[k])
+                if sub:
+                    out[k] = sub
+            else:
+                out[k] = v
+        return out
+
+    if not overrides:
+        return {}
+    return keep(overrides, {**schema(kind), **({"method": {}} if kind == "pretrain" else {})})
+
+
+def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | None = None,
+             data_paths: Mapping[str, str] | None = None) -> RowPlan:
+    """Expand one spec row into stages at ``scale`` (reported-only and pending rows get none). ``overrides`` (nested,
+    after the scale) apply to every stage whose kind has those keys: a smaller run of the same table."""
+    if row.reported:
+        return RowPlan(spec.id, row, "reported", reason=row.reported)
+    if row.pending:
+        return RowPlan(spec.id, row, "pending", reason=row.pending)
+    if not row.trainable:
+        return RowPlan(spec.id, row, "reported", reason="no recipe")
+    kinds = needed_kinds(spec)
+    missing = [k for k in kinds if k not in RUNNABLE and k != "derived"]
+    if missing:
+        return RowPlan(spec.id, row, "pending", reason=f"needs a {', '.join(missing)} stage, not implemented yet")
+    plan = RowPlan(spec.id, row, "trainable")
+    evals = dict(row.evals or {})
+    pre: Stage | None = None
+    if row.pretrain:
+        run_ov = for_kind(overrides or {}, "pretrain")
+        cfg = resolve(row.pretrain, scale, run_ov, kind="pretrain", paper_overrides=row.overrides or {})
+        runtime = _pretrain_runtime_overrides(spec, cfg)
+        if runtime:
+            cfg = resolve(row.pretrain, scale, deep_merge(runtime, run_ov), kind="pretrain",
+                          paper_overrides=row.overrides or {})
+        pre = plan.pretrain = Stage("pretrain", with_data_path(cfg, data_paths), label=row.label)
+        evals = {**(cfg.get("evals") or {}), **evals}
+    for kind in (k for k in kinds if k in EVAL_KINDS):
+        rkind = RECIPE_KIND.get(kind, kind)
+        recipe = evals.get(kind) or DEFAULT_EVALS.get(kind) or evals.get(rkind)
+        if recipe is None:
+            raise ConfigError(f"{spec.id} row '{row.label}': no {kind} recipe; add evals: {{{kind}: ...}} to the row "
+                              "or to its pretraining recipe")
+        pov = (row.eval_overrides or {}).get(kind, {})
+        run_ov = for_kind(overrides or {}, rkind)
+        if pre is not None:
+            cfg = resolve(recipe, scale, deep_merge(eval_overrides(pre.cfg, rkind, recipe), run_ov), kind=rkind,
+                          paper_overrides=pov)
+            plan.evals[kind] = Stage(kind, with_data_path(cfg, data_paths), {"init": pre}, label=row.label)
+        else:
+            cfg = resolve(recipe, scale, run_ov, kind=rkind, paper_overrides=pov)
+            cfg["init"] = "random"
+            plan.evals[kind] = Stage(kind, with_data_path(cfg, data_paths), {}, label=row.label)
+    return plan
+
+
+def plan_tables(ids: Iterable[str], scale: str, overrides: Iterable[str] | Mapping[str, Any] = (),
+                data_paths: Mapping[str, str] | None = None) -> list[TablePlan]:
+    """The tables named by ``ids`` (table ids, paper names or ``all``) expanded into stages at ``scale``. Rows that
+    resolve to the same configuration share the same stage (same content hash). ``overrides`` apply after the scale
+    to every stage that has the key; ``data_paths`` give real datasets' roots by name."""
+    from repro.resolve import nested
+    from repro.spec import select
+
+    ov = nested(overrides)
+    return [TablePlan(spec, [row_plan(spec, row, scale, ov, data_paths) for row in spec.rows])
+            for spec in select(list(ids))]
+
+
+def all_stages(plans: Iterable[TablePlan]) -> list[Stage]:
+    return topo_order([s for p in plans for s in p.stages])
+
+
+def with_data_path(cfg: dict[str, Any], data_paths: Mapping[str, str] | None) -> dict[str, Any]:
+    """Point a stage on a real dataset at its root (``--data imagenet1k=/datasets/imagenet``)."""
+    d = cfg["data"]
+    if data_paths and d["dataset"] in data_paths and not d.get("path"):
+        d["path"] = str(data_paths[d["dataset"]])
+    return cfg
+
+
+def parse_data_paths(items: Iterable[str]) -> dict[str, str]:
+    from repro.scales import REAL_DATASETS
+
+    out = {}
+    for item in items:
+        name, _, path = item.partition("=")
+        if name not in REAL_DATASETS or not path:
+            raise ConfigError(f"--data {item}: expected NAME=PATH with NAME one of {', '.join(REAL_DATASETS)}")
+        out[name] = path
+    return out
+
+
+def describe(plans: list[TablePlan], runs_root: Any, projected: Any = None) -> str:
+    """The DAG as text: per table its rows and their stages (state, dependencies), then the totals."""
+    lines: list[str] = []
+    seen: set[str] = set()
+    hours = 0.0
+    unknown = 0
+    for tp in plans:
+        n_train = sum(r.status == "trainable" for r in tp.rows)
+        lines.append(f"{tp.spec.id}: {tp.spec.caption}  [{n_train} trainable, "
+                     f"{sum(r.status == 'reported' for r in tp.rows)} reported-only, "
+                     f"{sum(r.status == 'pending' for r in tp.rows)} pending]")
+        for r in tp.rows:
+            if r.status != "trainable":
+                lines.append(f"  - {r.row.label}: {r.status} ({r.reason})")
+                continue
+            lines.append(f"  - {r.row.label}:")
+            for s in r.stages:
+                state = "done" if s.done(runs_root) else "todo"
+                shared = " (shared)" if s.key in seen else ""
+                seen.add(s.key)
+                after = f" after {', '.join(d.name for d in s.deps.values())}" if s.deps else ""
+                cost = ""
+                if projected is not None:
+                    h = projected(s.cfg) if s.kind == "pretrain" else None
+                    if h is not None:
+                        cost = f"  ~{h:,.1f} device-h"
+                        if not shared:
+                            hours += h
+                    elif s.kind == "pretrain" and not shared:
+                        unknown += 1
+                lines.append(f"      {state:4s} {s.name}{after}{shared}{cost}")
+    stages = all_stages(plans)
+    done = sum(s.done(runs_root) for s in stages)
+    lines.append(f"{len(stages)} unique stages ({done} done, {len(stages) - done} to run) for {len(plans)} table(s)")
+    if projected is not None:
+        lines.append(f"projected pretraining cost: {hours:,.1f} device-h from stored profiles"
+                     + (f"; {unknown} pretraining stage(s) have no stored profile (run `repro profile`)" if unknown
+                        else ""))
+    return "\n".join(lines)

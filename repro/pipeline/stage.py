@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ class Stage:
     deps: dict[str, Stage] = field(default_factory=dict)
     label: str = ""
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """Content hash of the kind, the configuration and the inputs' keys (computed once: a stage's configuration
+        is not changed after it is planned)."""
         ident = {"kind": self.kind, "cfg": _strip(self.cfg), "deps": {r: s.key for r, s in sorted(self.deps.items())}}
         return config_hash(ident, 16)
 

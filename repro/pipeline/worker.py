@@ -1,7 +1,8 @@
 """Run one stage in this process: ``python -m repro.pipeline.worker <stage_dir>/stage.json``.
 
 Reads the stage spec the executor wrote, fills inputs from the stages it depends on, runs it, and writes
-``result.json`` (atomically) with metrics, accounting and provenance. On an error it writes ``failed.json``.
+``result.json`` (atomically) with metrics, accounting and provenance. On an error it writes ``failed.json``; when a
+signal stopped it after a checkpoint (``Preempted``) it writes neither and exits with ``PREEMPTED_EXIT``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from repro.io import atomic_write_json
 from repro.pipeline.stage import FAILED, LOG, RESULT
 from repro.record.provenance import provenance
 
+PREEMPTED_EXIT = 75  # exit code after a signal (Slurm requeue / preemption / time limit) made the stage checkpoint
+
 
 def _runner(kind: str) -> Any:
     if kind == "pretrain":
         from repro.engine.pretrain import run_pretrain
 
         return run_pretrain
-    if kind == "finetune":
+    if kind in ("finetune", "semisup"):  # semi-supervised: fine-tuning on a label fraction
         from repro.evals.finetune import run_finetune
 
         return run_finetune
@@ -36,7 +39,22 @@ def _runner(kind: str) -> Any:
         from repro.evals.knn import run_knn
 
         return run_knn
+    if kind == "analysis":
+        from repro.evals.analysis import run_analysis
+
+        return run_analysis
     raise ValueError(f"unknown stage kind '{kind}'")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +65,8 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     init_dir = spec.get("inputs", {}).get("init")
     if init_dir:
         cfg["init"] = str(Path(init_dir) / ENCODER_FILE)
+        if spec.get("kind") == "analysis":  # reads the pretraining's history (gradient norms)
+            cfg["init_result"] = str(Path(init_dir) / RESULT)
         meta = json.loads((Path(init_dir) / META_FILE).read_text())
         if cfg.get("feature") == "auto":
             cfg["feature"] = meta["linear_feature"]
@@ -55,10 +75,22 @@ def prepare(spec: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def substitutes(kind: str, cfg: dict[str, Any]) -> list[str]:
+    """What this stage uses in place of something the paper had (e.g. BEiT's tokenizer), for the reports."""
+    if kind != "pretrain":
+        return []
+    from repro.methods import get_method
+
+    return get_method(cfg["method"]["name"]).substitutes(cfg["method"])
+
+
 def run(spec_path: str | Path) -> dict[str, Any]:
     spec = json.loads(Path(spec_path).read_text())
     out_dir = Path(spec["out_dir"])
     cfg = prepare(spec)
+    # Model initialisation draws from the global RNGs: seed them, or no two runs of a stage (and no resumed run and
+    # its uninterrupted twin) start from the same weights. The engine reseeds per rank before training.
+    seed_everything(int(cfg.get("seed", 0)))
     t0 = time.time()
     res = _runner(spec["kind"])(cfg, out_dir)
     acct = res["accounting"]
@@ -69,6 +101,7 @@ def run(spec_path: str | Path) -> dict[str, Any]:
         "recipe": cfg.get("recipe"), "scale": cfg.get("scale"), "inputs": spec.get("inputs", {}),
         "metrics": res["metrics"], "accounting": acct, "artifacts": res.get("artifacts", {}),
         "provenance": provenance(spec["cfg"]), "config": cfg, "started": t0, "finished": time.time(),
+        "substitutes": substitutes(spec["kind"], cfg),
     }
     if int(os.environ.get("RANK", "0")) == 0:  # one result per stage, whatever the number of processes
         atomic_write_json(out_dir / RESULT, result)
@@ -79,8 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec_path = Path(argv[0])
     out_dir = spec_path.parent
+    from repro.engine.train import Preempted
+
     try:
         res = run(spec_path)
+    except Preempted as e:  # checkpoint written: not a failure, the stage resumes when it is started again
+        print(f"[{out_dir.name}] stopped: {e}; it resumes from there when restarted", flush=True)
+        return PREEMPTED_EXIT
     except Exception as e:  # noqa: BLE001 - reported to the executor through failed.json
         traceback.print_exc()
         atomic_write_json(out_dir / FAILED, {"error": f"{type(e).__name__}: {e}", "log": str(out_dir / LOG),

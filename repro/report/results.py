@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from repro.io import atomic_write_text
+from repro.io import atomic_write_json, atomic_write_text
 from repro.pipeline.stage import RESULT
+
+RUN_HISTORY = "run-history.json"
 
 METRIC_COLUMNS = {
     "finetune": [("top1", "fine-tune top-1")],
@@ -99,7 +102,43 @@ def pretraining_effect(df: pd.DataFrame) -> list[str]:
     return out
 
 
-def write_results_md(runs_root: Path, out: Path) -> Path:
+def run_history(runs_root: Path) -> list[dict[str, Any]]:
+    p = Path(runs_root) / RUN_HISTORY
+    if not p.is_file():
+        return []
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return []
+
+
+def record_run(runs_root: Path, entry: dict[str, Any]) -> None:
+    """Append one `repro run` invocation (tables, scale, wall time, stage counts) to the runs folder's history."""
+    hist = run_history(runs_root)[-49:]
+    atomic_write_json(Path(runs_root) / RUN_HISTORY, [*hist, entry])
+
+
+def _tables_section(runs_root: Path, repo_root: Path) -> list[str]:
+    """Render tables/ and plots/ and return RESULTS.md's section embedding every table and plot."""
+    from repro.report.tables import render_all
+    from repro.spec import load_specs
+
+    written = set(render_all(runs_root, repo_root))
+    lines = ["## Paper tables", ""]
+    for spec in load_specs().values():
+        short = spec.id.split("/", 1)[1]
+        md = repo_root / "tables" / spec.paper / f"{short}.md"
+        png = repo_root / "plots" / spec.paper / f"{short}.png"
+        body = md.read_text().split("\n", 1)[1].strip() if md in written else ""
+        lines += [f"### {spec.id}: {spec.caption}", "", body, "",
+                  f"File: [`tables/{spec.paper}/{short}.md`](tables/{spec.paper}/{short}.md)", ""]
+        if png in written:
+            lines += [f"![{spec.id}](plots/{spec.paper}/{short}.png)", ""]
+    return lines
+
+
+def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) -> Path:
+    repo_root = Path(repo_root) if repo_root is not None else Path(out).parent
     results = collect(runs_root)
     df = chain_table(results)
     commits = sorted({(r["provenance"].get("commit") or "?")[:8] + ("+dirty" if r["provenance"].get("dirty") else "")
@@ -107,6 +146,15 @@ def write_results_md(runs_root: Path, out: Path) -> Path:
     devices = sorted({f"{r['accounting'].get('device', '?')} ({r['provenance'].get('device_name', '?')})"
                       for r in results})
     scales = sorted({r["scale"] for r in results})
+    finished = [r.get("finished") for r in results if r.get("finished")]
+    dates = (f"{time.strftime('%Y-%m-%d', time.gmtime(min(finished)))} to "
+             f"{time.strftime('%Y-%m-%d', time.gmtime(max(finished)))} (UTC)") if finished else "-"
+    total_h = sum(r["accounting"].get("device_hours", 0.0) for r in results)
+    on_slurm = [r["accounting"] for r in results if "device_hours_sacct" in r["accounting"]]
+    units = "/".join(sorted({a.get("device_hours_sacct_unit", "device-hours") for a in on_slurm}))
+    sacct_note = (f"; for the {len(on_slurm)} stages run on Slurm the scheduler (sacct: elapsed x allocated GPUs, or "
+                  f"CPUs without GPUs) charged {sum(a['device_hours_sacct'] for a in on_slurm):.3f} {units}"
+                  if on_slurm else "")
     lines = [
         "# RESULTS",
         "",
@@ -117,7 +165,25 @@ def write_results_md(runs_root: Path, out: Path) -> Path:
            "to the papers' ImageNet numbers**" if "tiny" in scales else ""),
         f"- code: {', '.join(commits) or '-'}",
         f"- hardware: {', '.join(devices) or '-'}",
+        f"- stages finished: {len(results)}, {total_h:.3f} device-hours in all (engine-measured: training wall x "
+        f"processes){sacct_note}; results dated {dates}",
         "",
+    ]
+    hist = [h for h in run_history(runs_root) if h.get("tables") == ["all"]]
+    if hist:
+        h = hist[-1]
+        lines += ["## The main job", "",
+                  f"`repro run all --scale {h['scale']}`: {h['wall_s'] / 60:.1f} min wall on {h['host']} "
+                  f"({h['cpus']} CPUs), {h['ran']} stages run, {h['skipped']} already done, {h['failed']} failed "
+                  f"(commit {h['commit'][:8]}).", ""]
+    lines += _tables_section(runs_root, repo_root)
+    try:
+        from repro.profile.report import efficiency_section
+    except ImportError:
+        efficiency_section = None
+    if efficiency_section is not None:
+        lines += [efficiency_section(repo_root).rstrip(), ""]
+    lines += [
         "## Pretrain -> evaluate chains",
         "",
         _md(df),
