@@ -38,6 +38,23 @@ def knn_hook(task: Any, cfg: Mapping[str, Any], device: torch.device, every: int
     return hook
 
 
+def step_flops_per_image(method: Any, train: Any, device: torch.device) -> float | None:
+    """FLOPs (fwd + bwd, attention counted) of one training step per image, on one training image, after training
+    (so the count never touches the training RNG streams); None if counting fails."""
+    from torch.utils.data import default_collate
+
+    from repro.profile.flops import flops_per_image
+
+    try:
+        batch = default_collate([train[0]])
+        batch = [b.to(device) if isinstance(b, torch.Tensor) else
+                 type(b)(x.to(device) for x in b) if isinstance(b, (list, tuple)) else b for b in batch]
+        method.train()
+        return flops_per_image(method, batch, torch.Generator(device=device).manual_seed(0))["total"]
+    except Exception:  # noqa: BLE001 - accounting must never fail a finished stage
+        return None
+
+
 def run_pretrain(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     env = setup()
     method = get_method(cfg["method"]["name"])(cfg)
@@ -46,6 +63,8 @@ def run_pretrain(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     every = cfg["train"].get("knn_every") or 0
     hook = knn_hook(method, cfg, env.device, every) if every else None
     acct = fit(method, train, cfg, out_dir, epoch_hook=hook, desc=f"pretrain {method.name}", env=env)
+    acct["flops_per_image"] = step_flops_per_image(method, train, env.device)
+    acct["device_count"] = env.world_size
     artifacts = {}
     if acct["completed"] and env.is_main:
         meta = {"method": method.name, "linear_feature": method.linear_feature, "finetune_pool": method.finetune_pool,
