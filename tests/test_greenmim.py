@@ -17,7 +17,7 @@ from repro.methods.greenmim import GreenMIM, batch_mask
 from repro.models.swin import timm_kwargs, timm_name
 from repro.resolve import resolve
 
-SMALL = {"data.synthetic_train": 32, "data.synthetic_val": 16}
+SMALL = {"data.synthetic_train": 32, "data.synthetic_val": 16, "optim.batch_size": 16}
 
 
 def cfg(**method: Any) -> dict[str, Any]:
