@@ -3,7 +3,7 @@
 ``paper``: the recipe exactly as the paper / official code has it.
 ``tiny``: the same code paths made small by ONE rule applied to every recipe, so relative comparisons inside a table
 keep their meaning: ViT-S/B/L -> nano/micro/mini, patch 16 -> 4 (8 -> 2), resolution / 7 (224 -> 32), pretraining
-epochs / 100 (evaluation epochs / 20; both rounded up, so every table's ~300 stages run in about half an hour on a
+epochs / 100 (evaluation epochs / 50; both rounded up, so every table's ~340 stages run in about an hour on a
 2-core CPU), effective batch / 32 (at most 256) with the paper's absolute lr, decoders
 shrunk by the encoder's width and depth ratios, ImageNet-like datasets -> the embedded procedural dataset.
 Swin (archs ``swin_*``): Swin-T/S -> swin_nano, Swin-B -> swin_micro, Swin-L -> swin_mini, patch 4 -> 1 (the same
@@ -28,7 +28,7 @@ TINY_ARCH = {"vit_small": "vit_nano", "vit_base": "vit_micro", "vit_large": "vit
              "swin_tiny": "swin_nano", "swin_small": "swin_nano", "swin_base": "swin_micro", "swin_large": "swin_mini"}
 TINY_PATCH = {16: 4, 14: 4, 8: 2}
 EPOCH_FACTOR = 100  # pretraining epochs / 100 (ceil): 100 -> 1, 300 -> 3, 800 -> 8, 1600 -> 16
-EVAL_EPOCH_FACTOR = 20  # fine-tuning / linear epochs / 20 (ceil): 100 -> 5, 90 -> 5, 50 -> 3
+EVAL_EPOCH_FACTOR = 50  # fine-tuning / linear epochs / 50 (ceil): 100 -> 2, 90 -> 2, 50 -> 1
 BATCH_FACTOR = 32
 RES_FACTOR = 7
 REAL_DATASETS = ("imagenet1k", "imagenet22k", "inat2018", "inat2019")
