@@ -80,7 +80,13 @@ def _lomar_t1_ref(label: str) -> str:
 
 
 def _extrema_t12_ref(label: str) -> str:
-    return label.split(" ", 1)[0] + " x1 300ep"
+    # "80%, 2 masks, 300 ep" -> "80%, 1 mask, 300 ep": each ratio against its single-mask 300-epoch row.
+    return label.split(",", 1)[0] + ", 1 mask, 300 ep"
+
+
+def _same_backbone(head: str) -> Callable[[str], str]:
+    # "256D - 8H, Swin-B" -> "512D - 16H, Swin-B": each backbone's rows against that backbone's reference.
+    return lambda label: f"{head}, {label.split(', ', 1)[1]}" if ", " in label else head
 
 
 REFERENCES: dict[str, Callable[[str], str]] = {
@@ -88,10 +94,10 @@ REFERENCES: dict[str, Callable[[str], str]] = {
     "lomar/t2": _fixed("MAE"),
     "lomar/t5": _fixed("BEiT"),
     "lomar/t6-f4": _fixed("encoder 14x14"),
-    "localmim/t1": _fixed("MAE ViT-B 800ep"),
-    "localmim/t4c": _fixed("512D-16H"),
-    "localmim/t5": _fixed("LocalMIM ViT-B"),
-    "extrema/t8": _fixed("ExtreMA 80% x1"),
+    "localmim/t1": _fixed("MAE, ViT-B 800"),
+    "localmim/t4c": _same_backbone("512D - 16H"),
+    "localmim/t5": _same_backbone("LocalMIM"),
+    "extrema/t8": _fixed("ExtreMA (80% ratio x1)"),
     "extrema/t12": _extrema_t12_ref,
 }
 
