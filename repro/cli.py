@@ -7,12 +7,13 @@ the embedded data, minutes on a CPU) and dotted overrides such as ``model.depth=
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 from pathlib import Path
 
-from repro.config import ConfigError, list_recipes, to_yaml
+from repro.config import CONTROL, ConfigError, list_recipes, short, to_yaml
 
 EPILOG = """examples:
   repro recipes                                   list every recipe
@@ -101,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List every table / figure spec: id, caption, rows (trainable / reported-only / "
                                    "pending).")
     p.add_argument("ids", nargs="*", default=["all"], help=tables_help)
+    p.add_argument("--check", action="store_true",
+                   help="list rows that print different values but resolve to the same stage, and row overrides "
+                        "that change nothing (at paper scale); exit 1 if any")
 
     p = sub.add_parser("plan", help="print the DAG of stages a table needs, without running anything",
                        description="Expand paper tables into stages (shared stages appear once) and print them with "
@@ -110,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
     p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
+    p.add_argument("--device", metavar="NAME",
+                   help="with --scale paper: project from the stored profiles of this device (part of a profile "
+                        "set's name, e.g. H200, CPU, 'H200 | bf16 autocast | eager'); default: the set that covers "
+                        "most stages")
     p.set_defaults(overrides=[])
 
     p = sub.add_parser("run", help="run paper tables end to end (pretrain -> evaluations), then render the report",
@@ -127,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="root of a real dataset for paper-scale stages, e.g. --data imagenet1k=/datasets/imagenet "
                         "(repeat per dataset: imagenet22k, inat2018, inat2019)")
+    p.add_argument("--commit", metavar="REV",
+                   help="run with the code of git revision REV (a temporary worktree; same data cache; stage folders "
+                        "under <runs>/commits/<sha>/), into the same results store, for `repro compare`")
 
     p = sub.add_parser("profile", help="measure pretraining cost at paper configurations (cost tables, FLOPs)",
                        description="Time training steps of every row of an efficiency table (or one pretraining "
@@ -146,11 +157,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, help="loader workers for the loader throughput (default: the "
                                                       "recipe's train.num_workers)")
     p.add_argument("--flops", action="store_true", help="also count FLOPs at 224/384/448 (tables/efficiency/flops.md)")
+    p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile of the transformer blocks, as the engine's train.compile (auto: on for CUDA)")
+    p.add_argument("--fused-optim", choices=("auto", "on", "off"), default="auto",
+                   help="fused AdamW, as the engine's train.fused_optim (auto: on for CUDA)")
+    p.add_argument("--no-loader", action="store_true", help="skip the loader throughput measurement")
+    p.add_argument("--json", metavar="PATH", help="also write every profile measured by this call to PATH")
+    p.add_argument("--store", action="store_true",
+                   help="replace stored profiles even when they timed more steps than this call")
+    p.add_argument("--side-by-side", metavar="DIR",
+                   help="write tables/efficiency/side-by-side-<device>.md/.csv from a GPU job's DIR (official.json "
+                        "of the official code's benchmark + repro-*.json written by `repro profile --json`)")
+    p.add_argument("--import", dest="import_json", metavar="PATH", nargs="+",
+                   help="store the profiles of `repro profile --json` files (or folders of repro-*.json)")
     p.set_defaults(overrides=[])
 
     p = sub.add_parser("status", help="state of every stage under the runs folder (files + Slurm)",
-                       description="Each stage's state (done / pending / running / failed with its log / not run) from "
-                                   "its result files and, for submitted stages, the scheduler.")
+                       description="Each stage's state (done / pending / running / resumable: stopped with a "
+                                   "checkpoint / failed with its log / corrupt: a damaged record / not run) from its "
+                                   "files and, for submitted stages, the scheduler. Exits 1 when a stage failed.")
     p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
 
     p = sub.add_parser("cancel", help="cancel the Slurm jobs of the latest submission",
@@ -169,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "cache ($REPRO_CACHE, default ~/.cache/repro) and print its folder.")
     p.add_argument("name", choices=("synthetic", "digits"))
     p.add_argument("--img-size", type=int, default=32)
+
+    from repro.record.bench import add_parser as add_bench
+    from repro.record.compare import add_parsers
+
+    add_parsers(sub, "default: $REPRO_RUNS or ./runs")
+    add_bench(sub, "default: $REPRO_RUNS or ./runs")
     return ap
 
 
@@ -192,6 +223,10 @@ def _tables_cmd(args: argparse.Namespace) -> int:
     from repro.pipeline.plan import all_stages, describe, parse_data_paths, plan_tables
 
     root = runs_root(args.runs_dir)
+    if getattr(args, "commit", None):
+        from repro.record.worktree import run_at_commit, strip_options
+
+        return run_at_commit(args.commit, strip_options(args.argv, ("--commit", "--runs-dir")), root)
     ids = [t for t in args.tables if "=" not in t]
     overrides = [*(t for t in args.tables if "=" in t), *getattr(args, "overrides", [])]
     if not ids:
@@ -199,13 +234,14 @@ def _tables_cmd(args: argparse.Namespace) -> int:
     plans = plan_tables(ids, args.scale, overrides, parse_data_paths(getattr(args, "data", [])))
     stages = all_stages(plans)
     if args.cmd == "plan":
-        projected = None
+        projected, sets = None, []
         if args.scale == "paper":
-            try:
-                from repro.profile.projection import projected_hours as projected
-            except ImportError:
-                projected = None
+            from repro.profile.projection import projector
+
+            projected, sets = projector([s.cfg for s in stages if s.kind == "pretrain"], args.device)
         print(describe(plans, root, projected))
+        if projected is not None:
+            print(projected.describe(sets))
         return 0
     if not args.dry_run:  # a dry run does not look for the datasets (they live on the cluster)
         _check(stages, args.devices)
@@ -231,6 +267,9 @@ def _tables_cmd(args: argparse.Namespace) -> int:
                       "skipped": sum(v == "skipped" for v in status.values()),
                       "failed": sum(v in ("failed", "blocked") for v in status.values()),
                       "commit": prov.get("commit") or "?", "host": prov.get("host", "?"), "cpus": os.cpu_count()})
+    from repro.record.store import ingest_quietly
+
+    print(ingest_quietly(root))
     if not args.no_report:
         print(write_results_md(root, Path("RESULTS.md")))
     return 0 if all(v in ("done", "skipped", "submitted") for v in status.values()) else 1
@@ -245,17 +284,75 @@ def _check(stages: list, devices: int) -> None:
         check_dataset(s.cfg["data"])
         if "optim" in s.cfg:
             accumulation(s.cfg, devices)
+        if not s.deps and s.cfg.get("init") not in (None, "random"):
+            check_init(s.cfg)
+
+
+def check_init(cfg: dict) -> None:
+    """Open an ``--init`` file weights-only and load it into the stage's encoder: one line if it does not fit."""
+    import torch
+
+    from repro.evals.features import eval_encoder
+    from repro.io import CheckpointError, load_checkpoint
+
+    path, m = cfg["init"], cfg["model"]
+    want = f"an encoder state dict for {m['arch']}/{m['patch_size']} (an encoder.pth written by `repro pretrain`)"
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        raise ConfigError(f"--init: {e}") from None
+    inner = state.get("encoder") if isinstance(state, dict) else None
+    state = inner if isinstance(inner, dict) else state
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = type(state).__name__ if not isinstance(state, dict) else "a mapping without tensors" if state \
+            else "an empty mapping"
+        raise ConfigError(f"--init {path}: expected {want}, found {found}")
+    try:
+        eval_encoder(cfg, path)
+    except ConfigError as e:
+        raise ConfigError(f"--init {path}: expected {want}; {e}") from None
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[-1].strip() if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--init {path}: expected {want}, found weights that do not fit ({short(first, 160)})") \
+            from None
+
+
+def check_path(value: str | None, what: str) -> None:
+    """A user path: non-empty, no control characters, no component longer than the filesystem allows."""
+    if value is None:
+        return
+    if not value.strip() or CONTROL.search(value) or len(value) > 4096:
+        raise ConfigError(f"{what} {short(value)} is not a usable path (empty, too long or with a control character)")
+    if any(len(part.encode()) > 255 for part in Path(value).parts):
+        raise ConfigError(f"{what} {short(value)} has a name longer than 255 bytes; use a shorter path")
+
+
+def check_run_root(root: Path, what: str = "run root") -> None:
+    """Refuse a run root that cannot be created or written (under a file, in /proc, read-only), creating nothing."""
+    import tempfile
+
+    anc = root
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ConfigError(f"{what} {root} cannot be created: {anc} is a file, not a folder; pick another folder")
+    try:
+        tempfile.TemporaryDirectory(dir=anc).cleanup()
+    except OSError as e:
+        raise ConfigError(f"{what} {root} is not writable ({e.strerror} in {anc}); pick a writable folder") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args, extra = ap.parse_known_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
     if bad:
         ap.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]  # overrides given after options
     try:
+        _check_args(args)
         if args.cmd == "recipes":
             for kind, names in list_recipes(args.kind).items():
                 print(f"{kind}: {', '.join(names) or '-'}")
@@ -272,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
                     "synthetic_classes": 10}
             print(dataset_root(data))
             return 0
+        if args.cmd == "tables" and args.check:
+            from repro.spec.check import check
+
+            found = check(args.ids)
+            for kind, line in found:
+                print(f"{kind}: {line}")
+            return 1 if found else 0
         if args.cmd == "tables":
             from repro.spec import select
 
@@ -289,17 +393,29 @@ def main(argv: list[str] | None = None) -> int:
 
             return cli_main(args)
         if args.cmd == "report":
+            from repro.record.store import ingest_quietly
             from repro.report.results import write_results_md
 
+            print(ingest_quietly(runs_root(args.runs_dir)))
             print(write_results_md(runs_root(args.runs_dir), Path(args.out)))
             return 0
+        if args.cmd in ("compare", "history"):
+            from repro.record.compare import cli_main as compare_main
+
+            return compare_main(args, runs_root(args.runs_dir))
+        if args.cmd == "bench":
+            from repro.record.bench import main as bench_main
+
+            return bench_main(runs_root(args.runs_dir), args.update_baseline, Path(args.baseline), args.jobs,
+                              args.skip_accuracy, args.skip_ratios)
         if args.cmd in ("status", "cancel"):
             from repro.pipeline import slurm
 
             root = runs_root(args.runs_dir)
             if args.cmd == "status":
-                print(f"stages under {root}:\n{slurm.format_status(slurm.status_report(root))}")
-                return 0
+                rows = slurm.status_report(root)
+                print(f"stages under {root}:\n{slurm.format_status(rows)}")
+                return 1 if any(r["state"] in ("failed", "corrupt") for r in rows) else 0
             print(f"cancelled: {' '.join(slurm.cancel(root, args.all)) or 'nothing (no job queued or running)'}")
             return 0
         from repro.pipeline.execute import summary
@@ -315,8 +431,42 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stages under {root}:\n{summary(stages, status, root)}")
         return 0 if all(v in ("done", "skipped", "submitted") for v in status.values()) else 1
     except ConfigError as e:
-        print(f"repro: error: {e}", file=sys.stderr)
+        print(f"repro: error: {str(e).splitlines()[0] if str(e) else 'bad input'}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in (errno.ENAMETOOLONG, errno.EACCES, errno.EROFS, errno.ENOTDIR):
+            raise
+        print(f"repro: error: {e.strerror}: {short(str(e.filename or ''))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: running stages have checkpointed (pipeline.execute)
+        signum = getattr(e, "signum", 2)
+        print(f"repro: interrupted by signal {signum}; run the same command again to resume", file=sys.stderr)
+        return 128 + signum
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Option values, range-checked before anything runs."""
+    for opt, lo in (("jobs", 1), ("devices", 1), ("steps", 1), ("warmup", 0), ("batch", 1), ("loader_workers", 0),
+                    ("img_size", 8)):
+        v = getattr(args, opt, None)
+        if v is not None and v < lo:
+            raise ConfigError(f"--{opt.replace('_', '-')} {v} is out of range; it must be an integer >= {lo}")
+    for opt in ("runs_dir", "log_dir", "init", "out"):
+        check_path(getattr(args, opt, None), f"--{opt.replace('_', '-')}")
+    for item in getattr(args, "data", None) or []:
+        check_path(item.partition("=")[2] or item, "--data")
+    if getattr(args, "evals", None) is not None:
+        from repro.pipeline.plan import EVAL_KINDS
+
+        bad = [e for e in args.evals.split(",") if e not in ("finetune", "linear", "knn")]
+        if bad:
+            raise ConfigError(f"--evals {short(args.evals)}: unknown evaluation(s) {', '.join(map(short, bad))}; "
+                              f"valid: finetune, linear, knn (of {', '.join(EVAL_KINDS)})")
+    if getattr(args, "runs_dir", None) is not None or args.cmd in ("pretrain", "finetune", "linear", "knn", "chain",
+                                                                   "run"):
+        check_run_root(runs_root(getattr(args, "runs_dir", None)))
+    if args.cmd == "report":
+        check_run_root(Path(args.out).absolute().parent, "report output folder")
 
 
 if __name__ == "__main__":

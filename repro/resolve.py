@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from repro.config import (
+    CONTROL,
     ConfigError,
     _load_yaml,
     check_keys,
+    check_values,
     deep_merge,
     load_recipe,
     parse_overrides,
     recipes_root,
+    short,
 )
 from repro.scales import apply_scale
 
 OPEN_KEYS = ("evals", "tiny_overrides", "method")
-CHOICES = {
-    "data.dataset": ("imagenet1k", "imagenet22k", "inat2018", "inat2019", "synthetic", "digits"),
-    "model.pos_embed": ("sincos", "learned", "none"),
-    "model.global_pool": ("token", "avg"),
-    "optim.name": ("adamw", "lars", "sgd"),
-    "train.precision": ("auto", "fp32", "bf16", "fp16"),
-    "feature": ("auto", "cls", "avg", "instance"),
-}
 
 
 def schema(kind: str) -> dict[str, Any]:
@@ -83,14 +79,16 @@ def resolve(name: str, scale: str = "paper", overrides: Iterable[str] | Mapping[
 
 def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     """Value checks that keys/types cannot express."""
-    from repro.config import get
     from repro.models.swin import SWIN_ARCHS, is_swin
     from repro.models.vit import ARCHS
 
-    for key, choices in CHOICES.items():
-        v = get(cfg, key)
-        if v is not None and v not in choices:
-            raise ConfigError(f"bad value for '{key}': {v!r}; valid: {', '.join(choices)}")
+    check_values(cfg, skip=OPEN_KEYS)
+    if method_cls is not None:
+        for k, v in cfg["method"].items():  # method knobs: types from its defaults, ranges in its validate()
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"bad value for 'method.{k}': {v!r} (allowed: a finite number)")
+            if isinstance(v, str) and CONTROL.search(v):
+                raise ConfigError(f"bad value for 'method.{k}': {short(v)} (allowed: no control characters)")
     arch = cfg["model"]["arch"]
     if arch not in ARCHS and arch not in SWIN_ARCHS:
         raise ConfigError(f"bad value for 'model.arch': {arch!r}; valid: {', '.join([*ARCHS, *SWIN_ARCHS])}")
@@ -103,13 +101,6 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     if img % p:
         raise ConfigError(f"data.img_size={img} is not a multiple of model.patch_size={p}")
     o = cfg.get("optim")
-    if o:
-        if o["batch_size"] <= 0 or cfg["train"]["batch_per_device"] <= 0:
-            raise ConfigError("optim.batch_size and train.batch_per_device must be positive")
-        if o["warmup_epochs"] < 0 or o["epochs"] <= 0:
-            raise ConfigError("optim.epochs must be positive and optim.warmup_epochs non-negative")
-    if not (0.0 < cfg["data"].get("train_fraction", 1.0) <= 1.0):
-        raise ConfigError("data.train_fraction must be in (0, 1]")
     d = cfg["data"]
     if o and d["dataset"] == "synthetic":  # the embedded set's size is known: refuse a batch it cannot fill
         k, total, frac = max(1, d["synthetic_classes"]), d["synthetic_train"], d.get("train_fraction", 1.0)
@@ -119,19 +110,24 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
             raise ConfigError(f"optim.batch_size={o['batch_size']} is larger than the {n} training images "
                               f"(data.synthetic_train={d['synthetic_train']}, data.train_fraction="
                               f"{d.get('train_fraction', 1.0)}); lower optim.batch_size or raise data.synthetic_train")
+    if o and o.get("schedule") == "multistep":
+        ms = o.get("milestones") or []
+        if not ms or ms[0] < o["warmup_epochs"]:  # as SimMIM's scheduler; milestones past the last epoch never act
+            raise ConfigError(f"optim.schedule=multistep needs optim.milestones (epochs), none before the warm-up's "
+                              f"end (optim.warmup_epochs={o['warmup_epochs']}); got {o.get('milestones')}")
     if method_cls is not None:
         method_cls.validate(cfg["method"])
 
 
 def accumulation(cfg: Mapping[str, Any], world_size: int) -> int:
-    """Gradient-accumulation steps that keep the recipe's effective batch on ``world_size`` devices."""
+    """Gradient-accumulation steps that keep the recipe's effective batch on ``world_size`` devices: each device takes
+    the largest divisor of its share that is at most ``train.batch_per_device``, accumulation makes up the rest."""
     eff, per = cfg["optim"]["batch_size"], cfg["train"]["batch_per_device"]
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"the world size must be a positive integer, not {world_size!r}")
     if eff % world_size:
         raise ConfigError(f"optim.batch_size={eff} is not divisible by the world size {world_size}; "
                           f"use a batch size that is a multiple of {world_size} or change the number of devices")
     per_dev = eff // world_size
-    per = min(per, per_dev)
-    if per_dev % per:
-        raise ConfigError(f"optim.batch_size={eff} / {world_size} devices = {per_dev} is not a multiple of "
-                          f"train.batch_per_device={per}; pick a divisor of {per_dev}")
+    per = max(d for d in range(1, min(per, per_dev) + 1) if per_dev % d == 0)
     return per_dev // per

@@ -126,6 +126,8 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
         factor = EPOCH_FACTOR if out.get("kind", "pretrain") == "pretrain" else EVAL_EPOCH_FACTOR
         o["epochs"] = rule.epochs(o["epochs"], factor)
         o["warmup_epochs"] = rule.warmup(o["warmup_epochs"], factor)
+        if o.get("milestones"):  # multistep: at the same epoch as the warm-up is (700 of 800 -> 7 of 8)
+            o["milestones"] = [rule.warmup(m, factor) for m in o["milestones"]]
         paper_batch = o["batch_size"]
         o["batch_size"] = rule.batch(paper_batch)
         frac = float(d.get("train_fraction", 1.0))
@@ -138,6 +140,8 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
             o["blr"] = o["blr"] * paper_batch / o["batch_size"]
         t["batch_per_device"] = min(o["batch_size"], 256)
     t["num_workers"] = 0
+    if t.get("compile") is None:  # a tiny stage runs for seconds: compiling its blocks would cost more than it saves
+        t["compile"] = False
     t["log_every"] = 10
     t["keep_every"] = 0
     if method_cls is not None and "method" in out:

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from repro.config import ConfigError
+from repro.engine.train import build_optimizer
 from repro.methods.beit import BEiT, TwoViewCrop
 from repro.models.mim import blockwise_mask
 from repro.models.tokenizer import DalleEncoder, DalleTokenizer, KMeansTokenizer, map_pixels
@@ -231,6 +232,9 @@ def test_tiny_rule_paper_values_and_validation() -> None:
     o = p["optim"]
     assert o["blr"] * o["batch_size"] / 256 == pytest.approx(1.5e-3) and o["batch_size"] == 2048
     assert (o["epochs"], o["warmup_epochs"], o["clip_grad"]) == (300, 10, 3.0)
+    assert resolve("beit_window", "paper")["optim"]["betas"] == [0.9, 0.999]  # official --opt_betas default
+    opt = build_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], o, 1e-3)
+    assert opt.defaults["betas"] == (0.9, 0.999)
     assert resolve("beit_window", "paper")["method"]["num_windows"] == 4
     ft = resolve("beit_vit_base", "paper", kind="finetune")
     assert ft["optim"]["blr"] * ft["optim"]["batch_size"] / 256 == pytest.approx(4e-3)

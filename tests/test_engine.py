@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 import repro.engine.train as train_mod
 from repro.config import ConfigError
 from repro.engine.dist import DistEnv
-from repro.engine.train import build_scheduler, fit, lr_at
+from repro.engine.train import base_lr, build_scheduler, fit, lr_at
 from repro.io import CheckpointError, atomic_torch_save, load_checkpoint
 from repro.methods.base import StepOutput
 from repro.methods.mae import MAE
@@ -120,8 +120,8 @@ def test_lr_schedule_matches_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     task = Recorder()
     real = train_mod.build_optimizer
 
-    def spy(groups: Any, optim: Any, lr: float) -> torch.optim.Optimizer:
-        task.opt = real(groups, optim, lr)
+    def spy(groups: Any, optim: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
+        task.opt = real(groups, optim, lr, **kw)
         return task.opt
 
     monkeypatch.setattr(train_mod, "build_optimizer", spy)
@@ -150,6 +150,71 @@ def test_lr_schedule_matches_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sched_opt.param_groups[0]["lr"] == pytest.approx(1e-6)  # ...and reaches it after the last update
 
 
+def simmim_lr(step: int, base: float, warm: int, warm_lr: float, milestones: list[int], gamma: float) -> float:
+    """microsoft/SimMIM lr_scheduler.MultiStepLRScheduler at update ``step``: linear from warm_lr over ``warm``
+    updates, then base x gamma ** (number of milestones <= step)."""
+    if step < warm:
+        return warm_lr + step * (base - warm_lr) / warm
+    return base * gamma ** sum(m <= step for m in milestones)
+
+
+def test_multistep_schedule_matches_simmim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = Recorder()
+    real = train_mod.build_optimizer
+
+    def spy(groups: Any, optim: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
+        task.opt = real(groups, optim, lr, **kw)
+        return task.opt
+
+    monkeypatch.setattr(train_mod, "build_optimizer", spy)
+    cfg = _cfg(**{"optim.epochs": 8, "optim.warmup_epochs": 1, "optim.blr": 0.0001, "optim.batch_size": 8,
+                  "train.batch_per_device": 4, "optim.schedule": "multistep", "optim.milestones": "[7]",
+                  "optim.warmup_lr": 2e-6})
+    acct = fit(task, TensorDataset(torch.randn(32, 4), torch.randn(32)), cfg, tmp_path, env=CPU)
+    spe, total, base = 4, 32, 0.0001 * 8 / 256
+    per_step = task.lrs[::2]
+    assert acct["steps_per_epoch"] == spe and len(per_step) == total
+    expected = [simmim_lr(s, base, spe, 2e-6, [7 * spe], 0.1) for s in range(total)]
+    assert per_step[0] == pytest.approx(2e-6) and per_step[27] == pytest.approx(base)
+    assert per_step[28] == pytest.approx(base * 0.1)  # x0.1 from the first update of epoch 7
+    assert per_step == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert [lr_at(cfg["optim"], spe, s) for s in range(total)] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    sched_opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=base)
+    sched = build_scheduler(sched_opt, {**cfg["optim"], "milestones": [7, 7.5]}, spe)  # a second step: x0.01
+    for step, lr in ((2, expected[2]), (29, base * 0.1), (30, base * 0.01)):
+        sched.step_update(step)
+        assert sched_opt.param_groups[0]["lr"] == pytest.approx(lr), step
+    # Paper scale: SimMIM's recipes follow the official multistep schedule; its 100-epoch config is cosine.
+    for recipe in ("simmim", "simmim_swin_base", "simmim_swin_large"):
+        o = resolve(recipe, "paper")["optim"]
+        assert (o["schedule"], o["milestones"], o["decay_rate"], o["epochs"]) == ("multistep", [700], 0.1, 800)
+        assert o["warmup_lr"] == pytest.approx(5e-7 * o["batch_size"] / 512)
+    assert resolve("simmim", "tiny")["optim"]["milestones"] == [7.0]  # epoch 700 of 800 -> 7 of 8
+    assert resolve("simmim_swin_base_100ep", "paper")["optim"]["schedule"] == "cosine"
+    with pytest.raises(ConfigError, match="milestones"):
+        resolve("simmim", "paper", ["optim.milestones=[5]"])  # inside the 10-epoch warm-up
+    with pytest.raises(ConfigError, match="milestones"):
+        resolve("simmim", "paper", ["optim.milestones=null"])
+    short = resolve("simmim", "paper", ["optim.epochs=300"])["optim"]  # a shorter run never reaches epoch 700
+    assert lr_at(short, 10, 300 * 10 - 1) == pytest.approx(base_lr(short))
+
+
+def test_precision_choice_and_fp16_uses_the_grad_scaler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert train_mod.resolve_precision("auto", cpu) == "fp32"
+    for arch, expected in (((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):  # V100: fp16; A100, H100: bf16
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None, a=arch: a)
+        assert train_mod.resolve_precision("auto", gpu) == expected
+    assert train_mod.resolve_precision("fp16", cpu) == "fp16" and train_mod.resolve_precision("fp32", gpu) == "fp32"
+    cfg = _cfg(**{"train.precision": "fp16", "optim.epochs": 1})
+    _, acct = _train(cfg, tmp_path)
+    assert acct["precision"] == "fp16"
+    scaler = load_checkpoint(tmp_path / "checkpoints" / "last.pth")["scaler"]
+    assert scaler and scaler["scale"] > 1.0  # the loss was scaled: a GradScaler ran
+    _, acct32 = _train(_cfg(**{"optim.epochs": 1}), tmp_path / "fp32")
+    assert acct32["precision"] == "fp32"
+
+
 def test_accumulation_checks() -> None:
     cfg = {"optim": {"batch_size": 128}, "train": {"batch_per_device": 16}}
     assert accumulation(cfg, 1) == 8
@@ -158,8 +223,10 @@ def test_accumulation_checks() -> None:
     with pytest.raises(ConfigError, match="not divisible by the world size 3") as e:
         accumulation(cfg, 3)
     assert "multiple of 3" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(ConfigError, match="batch_per_device=24"):
-        accumulation({"optim": {"batch_size": 128}, "train": {"batch_per_device": 24}}, 1)
+    # A per-device batch that does not divide the share adapts to its largest divisor (128 = 8 x 16), and a paper
+    # batch fits an 8-GPU node: 768 / 8 = 96 per device -> 2 x 48 under batch_per_device=64.
+    assert accumulation({"optim": {"batch_size": 128}, "train": {"batch_per_device": 24}}, 1) == 8
+    assert accumulation({"optim": {"batch_size": 768}, "train": {"batch_per_device": 64}}, 8) == 2
 
 
 def test_corrupt_checkpoint_is_refused_by_name(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
 
 from repro.config import ConfigError
 from repro.evals.features import features
@@ -21,6 +23,7 @@ from repro.methods.extrema import (
     multi_mask,
 )
 from repro.models.vit import create_vit
+from repro.resolve import resolve
 
 IMG = 32  # patch 4 -> 64 tokens
 
@@ -301,6 +304,17 @@ def test_method_transform_follows_the_aug_knob() -> None:
     m = build(aug="crop_2views")
     tf = m.train_transform()
     assert isinstance(tf, PairTransform) and tf.mode == "crop_2views"
+
+
+def test_recipes_crop_bilinear_as_the_official_augment() -> None:
+    """Official lib/augment.py: RandomResizedCrop without an interpolation argument (torchvision: bilinear)."""
+    for recipe in ("extrema", "extrema_vit_small", "extrema_in22k", "extrema_infonce"):
+        cfg = resolve(recipe, "paper")
+        assert cfg["data"]["interpolation"] == "bilinear", recipe
+    tf = PairTransform("shared_crop_2colors", IMG, interpolation=resolve("extrema", "tiny")["data"]["interpolation"])
+    crop = tf.geometry.transforms[0]
+    assert isinstance(crop, transforms.RandomResizedCrop)
+    assert crop.interpolation == transforms.RandomResizedCrop(IMG).interpolation == InterpolationMode.BILINEAR
 
 
 # ------------------------------------------------------------------------------------------------------ learning

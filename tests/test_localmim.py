@@ -247,6 +247,45 @@ def test_swin_paper_geometry() -> None:
     assert [d.embed.out_features for d in m.decoders] == [64, 128, 128, 128]  # official: first decoder d / 2
     assert all(d.blocks[0].attn.num_heads == 4 for d in m.decoders) and m.ugrid == 7
     assert m.hog is not None and m.hog.nbins == 18 and m.norms["23"] is m.encoder.norm
+    # Official Swin/run_pretrain.py: no weight decay on the 24 relative position tables and the 4 decoder mask tokens.
+    undecayed = no_decay_matrices(m)
+    assert len(undecayed) == 28 and sum("relative_position_bias_table" in n for n in undecayed) == 24
+    assert sum(n.endswith("mask_token") for n in undecayed) == 4
+
+
+def no_decay_matrices(m: LocalMIM) -> list[str]:
+    """Names of the parameters of >= 2 dimensions in the optimizer's weight-decay-free group."""
+    groups = m.param_groups({"weight_decay": 0.05})
+    assert [g["weight_decay"] for g in groups] == [0.0, 0.05]
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in groups[1]["params"]}
+    assert all(p.ndim >= 2 for p in groups[1]["params"])
+    assert len(decayed) + len(groups[0]["params"]) == sum(p.requires_grad for p in m.parameters())
+    return [names[id(p)] for p in groups[0]["params"] if p.ndim >= 2]
+
+
+def test_hog_bias_is_one_independent_draw_per_layer() -> None:
+    """Official: one HOG Conv2d per target scale, each with its own default-initialised bias (2 values, U(-1/3, 1/3),
+    shared by R, G, B)."""
+    swin = make_swin()  # the Swin recipe has hog_bias: true
+    assert swin.params["hog_bias"] and len(swin.hog.layers) == 4
+    offsets = torch.stack([layer.offset for layer in swin.hog.layers])  # (4, 6): (gx, gy) per RGB channel
+    assert torch.equal(offsets[:, :2].repeat(1, 3), offsets)
+    assert len({tuple(o) for o in offsets[:, :2].tolist()}) == 4 and offsets.abs().max() < 1 / 3
+    imgs = images()
+    for layer, cell, target in zip(swin.hog.layers, swin.cells, swin.targets(imgs)):
+        torch.testing.assert_close(target, layer.multi_cell(imgs, [cell])[0].flatten(2).transpose(1, 2))
+    plain = make()  # no bias: one shared gradient pass
+    assert not plain.params["hog_bias"] and len(plain.hog.layers) == 1
+    assert torch.count_nonzero(plain.hog.layers[0].offset) == 0
+
+
+def test_weight_decay_groups() -> None:
+    swin = make_swin()
+    assert sorted(no_decay_matrices(swin)) == sorted(
+        n for n, p in swin.named_parameters() if "relative_position_bias_table" in n or n.endswith("mask_token"))
+    assert len(no_decay_matrices(swin)) == 8 + 4  # swin_micro: 8 blocks, 4 decoders
+    assert no_decay_matrices(make()) == []  # official ViT/run_pretrain.py: decay on every matrix, mask tokens too
 
 
 def test_swin_taps_and_targets() -> None:

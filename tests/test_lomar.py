@@ -4,6 +4,7 @@ the tiny rule, a micro overfit and a tiny chain."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from repro.methods.lomar import (
     irpe_buckets_per_axis,
     irpe_piecewise,
     irpe_product_bucket,
+    window_assignment,
 )
 from repro.models.mim import patchify
 from repro.models.vit import create_vit, grid_coords, set_token_coords
@@ -48,7 +50,7 @@ def gen(seed: int = 0) -> torch.Generator:
 
 
 def test_windows_are_squares_inside_the_grid_and_shared_by_default() -> None:
-    m = make(num_windows=4)
+    m = make(num_windows=4, window_pairing="all")
     coords = m.sample_windows(5, gen())
     assert coords.shape == (5, 4, 16, 2)
     assert coords.min() >= 0 and coords.max() <= 7
@@ -64,15 +66,62 @@ def test_windows_are_squares_inside_the_grid_and_shared_by_default() -> None:
 
 
 def test_per_image_windows_differ_across_images() -> None:
-    m = make(num_windows=2, window_placement="per_image")
+    m = make(num_windows=2, window_placement="per_image", window_pairing="all")
     coords = m.sample_windows(16, gen(1))
     firsts = {tuple(coords[i, :, 0].flatten().tolist()) for i in range(16)}
     assert len(firsts) > 1
     assert coords.min() >= 0 and coords.max() <= 7
 
 
+def official_table(n: int, w: int) -> list[list[int]]:
+    """The official forward's pairing, by reasoning from its code: the patch features are repeated window-major
+    (``x.unsqueeze(0).repeat(W, 1, 1, 1).view(N*W, ...)``: sequence r holds image r % N) and the window patch indices
+    image-major (``idx.unsqueeze(0).expand(N, W, T).view(N*W, T)``: sequence r holds window r % W). Per image, the
+    windows of its sequences in increasing r."""
+    table: list[list[int]] = [[] for _ in range(n)]
+    for r in range(n * w):
+        table[r % n].append(r % w)
+    return table
+
+
+def test_official_window_pairing_table() -> None:
+    # Written out for N = 6, W = 4: gcd 2, so image i sees the two windows of i's parity, each twice.
+    assert window_assignment(6, 4, 6).tolist() == [[0, 2, 0, 2], [1, 3, 1, 3], [2, 0, 2, 0], [3, 1, 3, 1],
+                                                   [0, 2, 0, 2], [1, 3, 1, 3]]
+    for n, w in ((6, 4), (4, 4), (5, 3), (8, 6), (3, 9), (256, 4), (256, 9)):
+        assert window_assignment(n, w, n).tolist() == official_table(n, w), (n, w)
+    # The README's per-GPU batch 256: at 224 (4 windows) one window four ways, at 448 (9) all nine.
+    assert all(len(set(r)) == 1 for r in window_assignment(256, 4, 256).tolist())
+    assert all(sorted(r) == list(range(9)) for r in window_assignment(256, 9, 256).tolist())
+    # The pairing comes from the official batch, not this run's: a device batch of 10 pairs like the official 256.
+    assert window_assignment(10, 4, 256).tolist() == official_table(256, 4)[:10]
+    assert window_assignment(3, 4, None).tolist() == [[0, 1, 2, 3]] * 3  # the paper's reading
+
+
+def test_forward_pairs_images_with_windows_officially_by_default() -> None:
+    assert LoMaR.defaults["window_pairing"] == "official" and LoMaR.defaults["official_per_gpu_batch"] == 256
+    assert resolve("lomar", "paper")["method"]["official_per_gpu_batch"] == 256
+    m = make(num_windows=4, official_per_gpu_batch=6)
+    drawn = make(num_windows=4, window_pairing="all").sample_windows(6, gen(3))[0]  # the 4 windows drawn
+    coords = m.sample_windows(6, gen(3))  # the same draws, paired
+    for i, wins in enumerate(official_table(6, 4)):
+        for k, w in enumerate(wins):
+            assert torch.equal(coords[i, k], drawn[w])
+    one = make(num_windows=4).sample_windows(5, gen(3))  # official batch 256: one window per image
+    assert all(torch.equal(one[i, 0], one[i, k]) for i in range(5) for k in range(4))
+    assert not torch.equal(one[0, 0], one[1, 0])
+
+
+def test_pairing_keeps_the_profile_cost_key() -> None:
+    from repro.profile.bench import cost_key
+
+    cfg = resolve("lomar", "paper")
+    assert cost_key(cfg) == cost_key(resolve("lomar", "paper", {"method": {"window_pairing": "all"}}))
+    assert cost_key(cfg) != cost_key(resolve("lomar", "paper", {"method": {"num_windows": 6}}))
+
+
 def test_more_windows_than_offsets_cycle_the_permutation() -> None:
-    m = make(window_size=6, num_windows=5)  # only 3 offsets per axis on an 8 x 8 grid
+    m = make(window_size=6, num_windows=5, window_pairing="all")  # only 3 offsets per axis on an 8 x 8 grid
     coords = m.sample_windows(2, gen())
     tops = coords[0, :, 0, 0].tolist()
     assert coords.max() <= 7 and sorted(tops[:3]) == [0, 1, 2]
@@ -293,6 +342,10 @@ def test_config_checks() -> None:
         LoMaR.validate({**LoMaR.defaults, "window_size": 2, "mask_ratio": 0.2})
     with pytest.raises(ConfigError, match="window_placement"):
         LoMaR.validate({**LoMaR.defaults, "window_placement": "random"})
+    with pytest.raises(ConfigError, match="window_pairing"):
+        LoMaR.validate({**LoMaR.defaults, "window_pairing": "random"})
+    with pytest.raises(ConfigError, match="official_per_gpu_batch"):
+        LoMaR.validate({**LoMaR.defaults, "official_per_gpu_batch": 0})
 
 
 def test_tiny_rule_scales_the_window_with_the_grid() -> None:
@@ -333,3 +386,6 @@ def test_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     rc = main(["chain", "lomar", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
                "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
     assert rc == 0
+    results = [json.loads(p.read_text()) for p in tmp_path.rglob("result.json")]
+    assert {r["kind"] for r in results} >= {"pretrain", "knn"}
+    assert all(r["accounting"]["precision"] == "fp32" for r in results)  # every result says what precision ran

@@ -131,6 +131,11 @@ def test_validation_and_tiny_rule() -> None:
     assert t["min_block"] == 5  # 16 patches of 196 -> 5 of 64
     paper = resolve("maskfeat", "paper")
     assert paper["optim"]["epochs"] == 1600 and paper["method"]["min_block"] == 16
+    # SlowFast config: 256 images and lr 2e-4 (warm-up start, cosine end 1e-6) per shard; 2048 = 8 shards scales all.
+    o, shards = paper["optim"], paper["optim"]["batch_size"] // 256
+    assert shards == 8 and o["blr"] * o["batch_size"] / 256 == pytest.approx(2e-4 * shards)
+    assert o["min_lr"] == pytest.approx(1e-6 * shards) and o["warmup_lr"] == pytest.approx(1e-6 * shards)
+    assert "ASSUMED" in paper["source"] and "NUM_SHARDS 1" in paper["source"]
 
 
 def test_overfits_fixed_batch() -> None:

@@ -129,7 +129,10 @@ def test_profile_table_writes_consistent_outputs(tmp_path, monkeypatch):
     for suffix in ("md", "csv", "json"):
         assert (tmp_path / "tables" / "lomar" / f"t2-cost.{suffix}").stat().st_size > 0
     assert (tmp_path / "plots" / "lomar" / "t2-cost.png").stat().st_size > 0
-    assert len(json.loads((tmp_path / "profiles.json").read_text())) == 2
+    from repro.profile.projection import load_profiles
+
+    (cpu_set,) = load_profiles(tmp_path / "profiles.json").values()
+    assert len(cpu_set) == 2
     from repro.profile.report import efficiency_section
 
     sec = efficiency_section(tmp_path)
@@ -145,7 +148,8 @@ def test_cli_profiles_a_tiny_recipe_and_plan_projection(tmp_path, monkeypatch):
     ov = MICRO + MICRO_DEC + ["data.img_size=32", "model.patch_size=4"]
     rc = main(["profile", "mae", *ov, "--steps", "1", "--warmup", "0", "--batch", "2", "--loader-workers", "0"])
     assert rc == 0
-    prof = next(iter(json.loads((tmp_path / "profiles.json").read_text()).values()))
+    (cpu_set,) = json.loads((tmp_path / "profiles.json").read_text())["sets"].values()
+    prof = next(iter(cpu_set.values()))
     assert prof["step_time_s"] > 0 and prof["batch"] == 2 and prof["flops_per_image"] > 0
     cfg = resolve("mae", "paper", ov, kind="pretrain")
     assert projected_hours(cfg) == pytest.approx(prof["s_per_image"] * 1_281_167 * 800 / 3600)
@@ -171,3 +175,194 @@ def test_stage_accounting_counts_flops_per_image():
     f = step_flops_per_image(method, train, torch.device("cpu"))
     assert f == pytest.approx(cost.analytic_flops(cfg)["total"], rel=1e-6)
     assert all(p.grad is None for p in method.parameters())
+
+
+def test_profile_records_compile_recompiles_and_mfu(monkeypatch):
+    """The profiler times the step as the engine runs it: with compile on, the blocks go through torch.compile
+    (aot_eager here, so that it is fast on a CPU), the graphs are counted, and none is made after the first step;
+    MFU = counted FLOPs per image x images/s / the device's named peak."""
+    import functools
+
+    from repro.engine import train
+
+    torch.set_num_threads(1)
+    torch._dynamo.reset()
+    monkeypatch.setattr(train, "compile_blocks", functools.partial(train.compile_blocks, backend="aot_eager"))
+    monkeypatch.setattr(bench, "peak_flops", lambda _d: (1e12, "test peak 1 TFLOP/s"))
+    cfg = resolve("mae", "paper", MICRO + MICRO_DEC + ["data.img_size=32", "model.patch_size=4"], kind="pretrain")
+    prof = bench.profile_config(cfg, device=torch.device("cpu"), warmup=1, steps=2, batch=2, loader=False,
+                                compile=True, fused_optim=True)
+    assert prof["compile"] is True and prof["fused_optim"] is True and prof["compiled_blocks"] == 2
+    assert prof["graphs_compiled"] >= 1 and prof["recompiles"] == 0
+    assert prof["mfu"] == pytest.approx(prof["flops_per_image"] * prof["images_per_s"] / 1e12)
+    assert prof["mfu_peak"] == "test peak 1 TFLOP/s"
+    off = bench.profile_config(cfg, device=torch.device("cpu"), warmup=1, steps=1, batch=2, loader=False)
+    assert (off["compile"], off["fused_optim"], off["graphs_compiled"]) == (False, False, 0)  # CPU default: eager
+    torch._dynamo.reset()
+
+
+def test_peak_flops_named_per_gpu(monkeypatch):
+    assert bench.peak_flops(torch.device("cpu")) is None
+    for name, peak in (("NVIDIA H200", 989e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                       ("NVIDIA GeForce RTX 4090", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda _d=None, n=name: n)
+        got = bench.peak_flops(torch.device("cuda"))
+        assert (got[0] if got else None) == peak
+        assert got is None or "dense bf16" in got[1]
+
+
+def test_cli_json_and_switches(tmp_path, monkeypatch):
+    from repro.cli import main
+
+    monkeypatch.setenv("REPRO_PROFILES", str(tmp_path / "profiles.json"))
+    ov = MICRO + MICRO_DEC + ["data.img_size=32", "model.patch_size=4"]
+    out = tmp_path / "p.json"
+    rc = main(["profile", "pretrain/mae", *ov, "--steps", "1", "--warmup", "0", "--batch", "2", "--no-loader",
+               "--compile", "off", "--fused-optim", "on", "--json", str(out)])
+    assert rc == 0  # `pretrain/NAME`: the recipe (`lomar`, `extrema` alone name a paper's tables)
+    prof = json.loads(out.read_text())["pretrain/mae"]
+    assert prof["recipe"] == "mae" and prof["loader_images_per_s"] is None
+    assert prof["compile"] is False and prof["fused_optim"] is True
+    assert prof["device"].startswith("CPU") and prof["precision"] == "fp32" and prof["mfu"] is None
+
+
+# -- stored profiles per device, the side-by-side table, per-device cost tables ------------------------------------
+
+GPU_DIR = Path(__file__).resolve().parents[1] / "tables" / "efficiency" / "gpu" / "h200-2026-11-26"
+
+
+def _prof(device: str, steps: int, s: float, compile: bool = False, key: str = "k1") -> dict:
+    return {"device": device, "precision": "fp32" if device.startswith("CPU") else "bf16 autocast",
+            "compile": compile, "fused_optim": compile, "timed_steps": steps, "s_per_image": s, "recipe": "mae",
+            "img_size": 224, "date": "d", "cost_key": key}
+
+
+def test_profiles_keyed_by_device_and_a_quick_run_keeps_the_better_one(tmp_path):
+    from repro.profile.projection import load_profiles, profile_set, store_profiles
+
+    path = tmp_path / "profiles.json"
+    cpu = _prof("CPU (x86_64, 2 threads)", 5, 1.0)
+    path.write_text(json.dumps({"k1": cpu}))  # the first format: cost key -> profile, read as its set
+    assert load_profiles(path) == {profile_set(cpu): {"k1": cpu}}
+    logs: list[str] = []
+    store_profiles({"k1": _prof("NVIDIA H200", 5, 0.01)}, path, log=logs.append)
+    store_profiles({"k1": _prof("NVIDIA H200", 5, 0.005, compile=True)}, path, log=logs.append)
+    sets = load_profiles(path)
+    assert sorted(sets) == ["CPU (x86_64, 2 threads) | fp32 | eager", "NVIDIA H200 | bf16 autocast | compiled + "
+                            "fused AdamW", "NVIDIA H200 | bf16 autocast | eager"]
+    assert sets["CPU (x86_64, 2 threads) | fp32 | eager"]["k1"]["s_per_image"] == 1.0  # a GPU run replaced nothing
+    store_profiles({"k1": _prof("CPU (x86_64, 2 threads)", 1, 2.0)}, path, log=logs.append)  # a quick run
+    assert load_profiles(path)["CPU (x86_64, 2 threads) | fp32 | eager"]["k1"]["s_per_image"] == 1.0
+    assert len(logs) == 1 and "--store" in logs[0] and "5 timed steps" in logs[0]
+    store_profiles({"k1": _prof("CPU (x86_64, 2 threads)", 1, 2.0)}, path, replace=True, log=logs.append)
+    assert load_profiles(path)["CPU (x86_64, 2 threads) | fp32 | eager"]["k1"]["s_per_image"] == 2.0
+
+
+def test_projection_uses_one_device_and_refuses_to_mix(tmp_path, monkeypatch, capsys):
+    from repro.config import ConfigError
+    from repro.profile.projection import choose_set, projector, store_profiles
+
+    cfg = resolve("mae", "paper", MICRO + MICRO_DEC, kind="pretrain")
+    other = resolve("mae", "paper", MICRO + MICRO_DEC + ["data.img_size=448"], kind="pretrain")
+    k, k2 = bench.cost_key(cfg), bench.cost_key(other)
+    path = tmp_path / "profiles.json"
+    store_profiles({k: _prof("CPU (x86_64, 2 threads)", 3, 1.0, key=k),
+                    k2: _prof("CPU (x86_64, 2 threads)", 3, 2.0, key=k2)}, path)
+    store_profiles({k: _prof("NVIDIA H200", 3, 0.01, key=k)}, path)
+    store_profiles({k: _prof("NVIDIA H100 80GB HBM3", 3, 0.02, compile=True, key=k)}, path)
+    proj, sets = projector([cfg, other], None, path)
+    assert proj.set_name.startswith("CPU")  # covers both stages
+    assert proj(cfg) == pytest.approx(1.0 * 1_281_167 * 800 / 3600) and "CPU" in proj.describe(sets)
+    h200, _ = projector([cfg, other], "h200", path)
+    assert h200(cfg) == pytest.approx(0.01 * 1_281_167 * 800 / 3600) and h200(other) is None  # never the CPU's
+    with pytest.raises(ConfigError, match="several devices"):
+        choose_set({n: {} for n in sets}, [], "NVIDIA")
+    with pytest.raises(ConfigError, match="no stored profiles"):
+        projector([cfg], "A100", path)
+    monkeypatch.setenv("REPRO_PROFILES", str(path))
+    from repro.cli import main
+
+    assert main(["plan", "lomar/t2", "--scale", "paper", "--device", "H100"]) == 0
+    out = capsys.readouterr().out
+    assert "projection device: NVIDIA H100 80GB HBM3 | bf16 autocast | compiled + fused AdamW" in out
+    assert main(["plan", "lomar/t2", "--scale", "paper", "--device", "NVIDIA"]) == 2  # two GPUs: refused
+
+
+def test_side_by_side_from_the_committed_h200_job(tmp_path):
+    """The committed H200 files give one row per paper configuration; every ratio is ours / the official code's
+    images/s from those files; files of two devices are refused."""
+    import pandas as pd
+
+    from repro.config import ConfigError
+    from repro.profile.sidebyside import CONFIGS, side_by_side, write_side_by_side
+
+    df, env = side_by_side(GPU_DIR)
+    assert env["device"] == "NVIDIA H200" and "989 TFLOP/s" in env["mfu_peak"] and list(df["config"]) == [
+        c[0] for c in CONFIGS]
+    official = {r["config"]: r for r in json.loads((GPU_DIR / "official.json").read_text())["runs"]}
+    on = json.loads((GPU_DIR / "repro-on.json").read_text())["pretrain/mae"]
+    mae = df.set_index("config").loc["MAE 224"]
+    assert mae["official_img_per_s"] == pytest.approx(128 / official["mae-224"]["s_per_step"])
+    assert mae["compiled_fused_over_official"] == pytest.approx(on["images_per_s"] / mae["official_img_per_s"])
+    assert mae["compiled_recompiles"] == 0 and not pd.isna(mae["eager_fused_img_per_s"])
+    assert df["compiled_fused_img_per_s"].notna().all() and df["eager_img_per_s"].notna().all()
+    md, csv_path = write_side_by_side(GPU_DIR, tmp_path)
+    assert md.name == "side-by-side-nvidia-h200.md" and "| MAE 224 | 128 |" in md.read_text()
+    assert len(pd.read_csv(csv_path)) == len(CONFIGS)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for f in ("official.json", "repro-on.json"):
+        (mixed / f).write_text((GPU_DIR / f).read_text())
+    (mixed / "repro-x.json").write_text(json.dumps({"pretrain/mae": {**on, "device": "NVIDIA H100"}}))
+    with pytest.raises(ConfigError, match="2 devices"):
+        side_by_side(mixed)
+
+
+def test_cost_tables_per_device_named_in_the_efficiency_section(tmp_path):
+    from repro.profile.report import cost_table_suffixes, efficiency_section
+
+    assert run.cost_suffix("CPU (x86_64, 2 threads)") == "" and run.cost_suffix("NVIDIA H200") == ".nvidia-h200"
+    d = tmp_path / "tables" / "lomar"
+    d.mkdir(parents=True)
+    row = {"row": "LoMaR", "reference": "MAE", "measured_speedup": 1.5, "paper_speedup": 2.5, "status": "measured"}
+    for suffix, device in (("", "CPU (x86_64, 2 threads)"), (".nvidia-h200", "NVIDIA H200")):
+        meta = {"device": device, "attention": "sdpa", "precision": "p", "date": "d", "unit": "h", "compile": False}
+        (d / f"t1-cost{suffix}.json").write_text(json.dumps({"meta": meta, "rows": [row]}))
+    assert cost_table_suffixes(tmp_path, "lomar/t1") == ["", ".nvidia-h200"]
+    sec = efficiency_section(tmp_path)
+    assert "### lomar/t1 on CPU (x86_64, 2 threads)" in sec and "### lomar/t1 on NVIDIA H200" in sec
+    assert "tables/lomar/t1-cost.nvidia-h200.md" in sec
+
+
+# -- host-side costs of the step: block-wise masks and LoMaR's window table on the device ---------------------------
+
+
+@pytest.mark.parametrize("geom", [(64, 14, 14, 75, 16, None, 0.3), (96, 8, 8, 24, 5, None, 0.3),
+                                  (64, 4, 4, 6, 1, None, 0.3), (64, 14, 14, 75, 16, 40, 0.3),
+                                  (32, 14, 14, 9, 9, None, 1.0)])
+def test_blockwise_mask_batched_equals_the_per_image_loop(geom):
+    """The batched masking (all images at once, the device path) makes exactly the masks of the per-image loop from
+    the same draws: same blocks, same count per image, same generator state afterwards."""
+    from repro.models.mim import blockwise_mask
+
+    torch.set_num_threads(1)
+    n, h, w, num, lo, hi, aspect = geom
+    for seed in range(3):
+        ga, gb = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        a = blockwise_mask(n, h, w, num, ga, lo, hi, aspect, batched=False)
+        b = blockwise_mask(n, h, w, num, gb, lo, hi, aspect, batched=True)
+        assert torch.equal(a, b)
+        assert torch.equal(torch.rand(3, generator=ga), torch.rand(3, generator=gb))
+        assert a.sum(1).max() <= num and a.sum(1).float().mean() >= num - 2
+
+
+def test_lomar_window_assignment_built_once_per_shape():
+    from repro.methods.lomar import cached_window_assignment, window_assignment
+
+    cpu = torch.device("cpu")
+    a = cached_window_assignment(6, 4, 6, cpu)
+    assert a is cached_window_assignment(6, 4, 6, cpu) and torch.equal(a, window_assignment(6, 4, 6))
+    with torch.inference_mode():
+        b = cached_window_assignment(7, 4, 7, cpu)
+    assert not b.is_inference()  # usable as a gather index in training steps later
+    assert cached_window_assignment(3, 4, None, cpu).tolist() == [[0, 1, 2, 3]] * 3

@@ -38,6 +38,26 @@ def check_dataset(data: Mapping[str, Any]) -> None:
         d = root / split
         if not d.is_dir() or not any(p.is_dir() for p in d.iterdir()):
             raise ConfigError(f"data.path={root} has no class folders under {split}/; {hint}")
+        for cls in sorted(p for p in d.iterdir() if p.is_dir()):
+            if not _has_decodable_image(cls):
+                raise ConfigError(f"data.path={root}: class folder {split}/{cls.name} has no decodable image "
+                                  f"({', '.join(IMG_EXT[:4])}...); {hint}")
+
+
+def _has_decodable_image(folder: Path, tries: int = 8) -> bool:
+    """True when one of the first ``tries`` image files of ``folder`` decodes."""
+    from PIL import Image
+
+    for n, p in enumerate(q for q in sorted(folder.iterdir()) if q.suffix in IMG_EXT):
+        if n >= tries:
+            return False
+        try:
+            with Image.open(p) as im:
+                im.verify()
+            return True
+        except Exception:  # noqa: BLE001,S112 - any decoder error: try the next file
+            continue
+    return False
 
 
 def dataset_root(data: Mapping[str, Any], progress: bool = True) -> Path:
@@ -86,11 +106,35 @@ def eval_transform(data: Mapping[str, Any], crop_pct: float = 0.875) -> Callable
     ])
 
 
+class SkippingImageFolder(datasets.ImageFolder):
+    """ImageFolder that skips an image that fails to decode (a corrupt file met during training): it is counted in
+    ``skipped`` (per process), logged once, and the next decodable image of the folder takes its place."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.skipped: set[str] = set()
+
+    def __getitem__(self, index: int) -> Any:
+        import logging
+
+        for k in range(min(len(self.samples), 64)):
+            i = (index + k) % len(self.samples)
+            try:
+                return super().__getitem__(i)
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's decoder errors
+                path = self.samples[i][0]
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    logging.getLogger("repro.data").warning("skipped undecodable image %s (%s); %d skipped so far",
+                                                            path, type(e).__name__, len(self.skipped))
+        raise ConfigError(f"{self.root}: 64 images in a row from index {index} fail to decode; check the data set")
+
+
 def build_split(data: Mapping[str, Any], split: str, transform: Callable[[Any], Any] | None,
                 seed: int = 0) -> Dataset:
     """ImageFolder over ``<root>/<split>``; the train split may keep only ``train_fraction`` (class-stratified)."""
     root = dataset_root(data)
-    ds = datasets.ImageFolder(str(root / split), transform=transform)
+    ds = SkippingImageFolder(str(root / split), transform=transform)
     frac = float(data.get("train_fraction", 1.0))
     if split == "train" and frac < 1.0:
         targets = np.asarray(ds.targets)

@@ -21,7 +21,8 @@ is the labelled one. ``CLASSES`` is sorted so ImageFolder's class index equals `
 
 Measured generation rate (one process, PNG + json writing included, shared 2-core dev container, load ~2.5):
 about 33,000-35,000 images/minute at 32px and 15,000-17,000 images/minute at 64px. A 2-process pool gained
-little there, so ``ensure_synthetic`` only uses one for big datasets.
+little there, so ``ensure_synthetic`` only uses one for big datasets; its workers are spawned, never forked (the
+caller may run torch threads, and a fork after threads can deadlock).
 """
 
 from __future__ import annotations
@@ -383,13 +384,19 @@ def ensure_synthetic(
         objects: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}
         bar = tqdm(total=total, desc=f"synthetic {final.name}", disable=not progress, unit="img")
         if workers > 1:
-            # fork needs no re-import of __main__ (spawn breaks unguarded scripts); workers only use numpy/PIL.
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(workers) as pool:
-                results = pool.imap(_make_one, jobs, chunksize=64)
-                for rel, objs in results:
+            # spawn, never fork: the caller may already run torch/OpenMP or tqdm threads, and a fork after threads
+            # can deadlock in the child. Workers import only this module (numpy, PIL); start-up is under a second.
+            pool = mp.get_context("spawn").Pool(workers)
+            try:
+                for rel, objs in pool.imap(_make_one, jobs, chunksize=64):
                     objects[rel.split("/", 1)[0]][rel] = objs
                     bar.update()
+                pool.close()  # the workers exit on their own
+            except BaseException:
+                pool.terminate()
+                raise
+            finally:
+                pool.join()
         else:
             for job in jobs:
                 rel, objs = _make_one(job)

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from timm.optim import Lars, param_groups_weight_decay
-from timm.scheduler import CosineLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
@@ -39,31 +40,52 @@ CKPT_VERSION = 1
 
 
 class Preempted(Exception):
-    """Raised after a checkpoint was written because the process was asked to stop (signal)."""
+    """Raised after a checkpoint was written because the process was asked to stop; ``signal`` is the signal."""
+
+    def __init__(self, message: str, signal: int | None = None) -> None:
+        super().__init__(message)
+        self.signal = signal
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGUSR1/SIGUSR2 (Slurm preemption, time limit, requeue); the loop checkpoints and exits."""
+    """One per ``fit`` call, its handlers installed for that call only (the previous ones restored after): set by
+    SIGTERM / SIGINT (Ctrl-C) / SIGUSR1 / SIGUSR2 (Slurm preemption, time limit, requeue); the loop then checkpoints
+    and raises ``Preempted``. A second Ctrl-C while the checkpoint is pending interrupts at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            with contextlib.suppress(ValueError, OSError):  # not in the main thread
-                signal.signal(sig, self._handler)
+    def __enter__(self) -> StopFlag:
+        for sig in self.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):  # not in the main thread: no handler, no preemption
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(sig, old)
+        self._previous.clear()
 
     def _handler(self, signum: int, frame: Any) -> None:
-        self.signal = signum
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal is None:  # the first signal says why (USR2 then TERM at a time limit: a requeue)
+            self.signal = signum
 
 
-STOP = StopFlag()
+def _ignore_sigint(worker_id: int) -> None:
+    """Loader workers share the terminal's process group: a Ctrl-C is the training loop's to handle, not theirs."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _stop_requested(env: DistEnv) -> bool:
+def _stop_requested(env: DistEnv, stop: StopFlag) -> bool:
     """Whether any process was signalled. Under DDP every rank must stop at the same step (the checkpoint is a
     collective), and a signal may reach the ranks at different steps: agree on it with one tiny all-reduce."""
-    flag = STOP.signal is not None
+    flag = stop.signal is not None
     if env.distributed:
         t = torch.tensor([float(flag)], device=env.device)
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
@@ -75,10 +97,33 @@ def base_lr(optim: Mapping[str, Any]) -> float:
     return float(optim["lr"]) if optim.get("lr") is not None else float(optim["blr"]) * optim["batch_size"] / 256
 
 
-def build_optimizer(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float) -> torch.optim.Optimizer:
+def auto_switch(value: bool | None, device: torch.device) -> bool:
+    """A speed switch of ``train`` (``compile``, ``fused_optim``): None means on for CUDA, off elsewhere."""
+    return device.type == "cuda" if value is None else bool(value)
+
+
+def compile_blocks(task: nn.Module, backend: str = "inductor") -> int:
+    """``torch.compile`` every transformer block of ``task`` in place (``nn.Module.compile``: parameter names and the
+    state dict are unchanged); returns how many. Blocks are the members of any ``blocks`` container (ViT, Swin stages,
+    decoders, heads): identical blocks share one graph, and the masking, gathers and losses between them stay eager,
+    so the masking generator never enters a graph. Static shapes: a recipe's token counts are fixed."""
+    n = 0
+    for m in task.modules():
+        blocks = getattr(m, "blocks", None)
+        if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            for b in blocks:
+                b.compile(backend=backend, dynamic=False)
+                n += 1
+    return n
+
+
+def build_optimizer(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float,
+                    fused: bool = False) -> torch.optim.Optimizer:
+    """The recipe's optimizer; ``fused``: AdamW's single-kernel update (else torch's default, foreach)."""
     name = optim["name"]
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"])
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"],
+                                 fused=True if fused else None)
     if name == "lars":
         return Lars(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
     if name == "sgd":
@@ -86,20 +131,49 @@ def build_optimizer(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: 
     raise ValueError(f"unknown optimizer {name}")
 
 
-def build_scheduler(opt: torch.optim.Optimizer, optim: Mapping[str, Any], steps_per_epoch: int) -> CosineLRScheduler:
-    """Per-step linear warm-up from 0 then half-cosine to ``min_lr`` (the MAE schedule, stepped per update)."""
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``train.precision`` on ``device``: ``auto`` is bf16 autocast on a GPU that supports it, fp16 autocast (with
+    a gradient scaler) on one that does not (V100, the hardware of the official LocalMIM / ExtreMA / MAE runs), fp32
+    on the CPU; an explicit fp32 / bf16 / fp16 is kept (the engine scales the loss for fp16)."""
+    if requested != "auto":
+        return requested
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16"  # native bf16 from Ampere on
+
+
+def milestone_steps(optim: Mapping[str, Any], steps_per_epoch: int) -> list[int]:
+    """The ``multistep`` schedule's milestones (``optim.milestones``, in epochs) as optimizer steps."""
+    return [int(round(m * steps_per_epoch)) for m in optim.get("milestones") or []]
+
+
+def build_scheduler(opt: torch.optim.Optimizer, optim: Mapping[str, Any], steps_per_epoch: int) -> Scheduler:
+    """Per-step (stepped per update) linear warm-up from ``warmup_lr`` (default 0), then ``schedule``: ``cosine``
+    (default; half-cosine to ``min_lr``, the MAE schedule) or ``multistep`` (constant, x ``decay_rate`` from each of
+    ``milestones``, SimMIM's official schedule)."""
     total = optim["epochs"] * steps_per_epoch
     warm = int(round(optim["warmup_epochs"] * steps_per_epoch))
+    warm_lr = float(optim.get("warmup_lr", 0.0))
+    if optim.get("schedule", "cosine") == "multistep":
+        # timm applies milestone m from step m - 1 (and, with warmup_prefix, counts after the warm-up); SimMIM's
+        # official scheduler from step m, counted from the start: hence m + 1 and no prefix.
+        steps = [m + 1 for m in milestone_steps(optim, steps_per_epoch)]
+        return MultiStepLRScheduler(opt, decay_t=steps, decay_rate=float(optim.get("decay_rate", 0.1)), warmup_t=warm,
+                                    warmup_lr_init=warm_lr, warmup_prefix=False, t_in_epochs=False)
     return CosineLRScheduler(opt, t_initial=max(1, total - warm), lr_min=optim["min_lr"], warmup_t=warm,
-                             warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+                             warmup_lr_init=warm_lr, warmup_prefix=True, t_in_epochs=False)
 
 
 def lr_at(optim: Mapping[str, Any], steps_per_epoch: int, step: int) -> float:
     """The analytic schedule (for tests and plots): what the lr is during optimizer step ``step`` (0-based)."""
     lr, total = base_lr(optim), optim["epochs"] * steps_per_epoch
     warm = int(round(optim["warmup_epochs"] * steps_per_epoch))
+    warm_lr = float(optim.get("warmup_lr", 0.0))
     if step < warm:
-        return lr * step / warm
+        return warm_lr + (lr - warm_lr) * step / warm
+    if optim.get("schedule", "cosine") == "multistep":
+        passed = sum(step >= m for m in milestone_steps(optim, steps_per_epoch))
+        return lr * float(optim.get("decay_rate", 0.1)) ** passed
     t = (step - warm) / max(1, total - warm)
     return optim["min_lr"] + (lr - optim["min_lr"]) * 0.5 * (1 + math.cos(math.pi * t))
 
@@ -176,7 +250,16 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
     """Train ``task`` on ``train_set`` under ``cfg['optim']``/``cfg['train']``, resuming from ``out_dir`` if possible.
 
     Returns the accounting and per-epoch history. Raises ``Preempted`` after checkpointing when signalled.
+    The accounting (wall time, device-seconds, images) sums every process segment of the stage: the totals are
+    kept in the checkpoint, so a stage killed or requeued and resumed reports what it cost in all.
     """
+    with StopFlag() as stop:
+        return _fit(task, train_set, cfg, out_dir, epoch_hook=epoch_hook, desc=desc, env=env, stop=stop)
+
+
+def _fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: str | Path, *,
+         epoch_hook: Callable[[int], dict[str, float]] | None, desc: str, env: DistEnv | None,
+         stop: StopFlag) -> dict[str, Any]:
     env = env or setup()
     optim, tcfg = cfg["optim"], cfg["train"]
     out_dir = Path(out_dir)
@@ -191,12 +274,14 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
     gen.manual_seed(seed * 7919 + env.rank)
 
     task.to(env.device)
+    if auto_switch(tcfg.get("compile"), env.device):
+        compile_blocks(task)
     model: nn.Module = task
     if env.distributed:
         model = DistributedDataParallel(task, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                                         find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
     groups = task.param_groups(optim) if hasattr(task, "param_groups") else default_param_groups(task, optim)
-    opt = build_optimizer(groups, optim, base_lr(optim))
+    opt = build_optimizer(groups, optim, base_lr(optim), fused=auto_switch(tcfg.get("fused_optim"), env.device))
 
     data = SeededDataset(train_set, seed)
     sampler = ResumableSampler(len(data), env.world_size, env.rank, seed)
@@ -207,13 +292,13 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
                          f"{optim['batch_size']}; lower optim.batch_size")
     sched = build_scheduler(opt, optim, steps_per_epoch)
     total_steps = optim["epochs"] * steps_per_epoch
-    precision = tcfg.get("precision", "auto")
-    if precision == "auto":
-        precision = "bf16" if env.device.type == "cuda" else "fp32"
+    precision = resolve_precision(tcfg.get("precision", "auto"), env.device)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
 
     state = {"epoch": 0, "step": 0, "micro": 0, "history": [], "version": CKPT_VERSION, "loss_sum": 0.0, "loss_n": 0}
+    # Cost of the earlier process segments of this stage (up to their last checkpoint).
+    before = {"wall_s": 0.0, "device_s": 0.0, "images": 0, "segments": 0, "step_time_s": None}
     last = ckpt_dir / "last.pth"
     if last.exists():
         ck = load_checkpoint(last)
@@ -224,6 +309,7 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         set_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)], gen)
         state.update({k: ck[k] for k in ("epoch", "step", "micro", "history")})
         state.update({k: ck[k] for k in ("loss_sum", "loss_n") if k in ck})
+        before.update(ck.get("accounting") or {})
         sched.step_update(state["step"])
         if env.is_main:
             print(f"[{desc}] resumed from {last} at epoch {state['epoch']} step {state['step']}", flush=True)
@@ -237,9 +323,16 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         if env.is_main:
             atomic_torch_save({"model": task.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                               **state}, path)  # counters, history, version and the epoch's running loss
+                               "accounting": totals(), **state}, path)  # counters, history, the epoch's loss
 
-    STOP.install()
+    def totals() -> dict[str, Any]:
+        """Cost so far, every segment included (this one: since it started)."""
+        seg = time.perf_counter() - t_start
+        med = float(np.median(step_times)) if step_times else before["step_time_s"]
+        return {"wall_s": before["wall_s"] + seg, "device_s": before["device_s"] + seg * env.world_size,
+                "images": before["images"] + images * env.world_size, "segments": before["segments"] + (images > 0),
+                "step_time_s": med}
+
     step_times: list[float] = []
     images = 0
     t_start = time.perf_counter()
@@ -257,7 +350,8 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
         # RNG) a mid-epoch resume would shift the global stream that drop path etc. use.
         loader = DataLoader(data, batch_size=per, sampler=sampler, num_workers=tcfg["num_workers"],
                             pin_memory=env.device.type == "cuda", drop_last=True,
-                            persistent_workers=False, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+                            persistent_workers=False, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
+                            worker_init_fn=_ignore_sigint if tcfg["num_workers"] else None)
         # The epoch's running loss is checkpointed: a resumed epoch reports the mean an uninterrupted one would.
         loss_sum = torch.as_tensor(state["loss_sum"], dtype=torch.float32).to(env.device).clone()
         loss_n = state["loss_n"]
@@ -305,10 +399,11 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
             if max_steps is not None and state["step"] >= max_steps and state["micro"] < micro_per_epoch:
                 stopped = True  # mid-epoch stop; at an epoch end the epoch is closed first (below)
                 break
-            if _stop_requested(env):
+            if _stop_requested(env, stop):
                 save(last)
                 bar.close()
-                raise Preempted(f"signal {STOP.signal} at step {state['step']}; checkpoint written to {last}")
+                raise Preempted(f"signal {stop.signal} at step {state['step']}; checkpoint written to {last}",
+                                stop.signal)
         if stopped:
             break
         mean_loss = all_reduce_mean(loss_sum / max(1, loss_n)).item()
@@ -333,15 +428,17 @@ def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: st
     if stopped:
         save(last)
     bar.close()
-    wall = time.perf_counter() - t_start
-    med = float(np.median(step_times)) if step_times else float("nan")
+    tot = totals()
+    med, wall = tot["step_time_s"], tot["wall_s"]  # med: None when no segment timed a step
     return {
         "completed": state["epoch"] >= optim["epochs"],
         "epochs": state["epoch"], "steps": state["step"], "steps_per_epoch": steps_per_epoch,
         "accumulation": accum, "batch_per_device": per, "effective_batch": optim["batch_size"],
-        "base_lr": base_lr(optim), "wall_s": wall, "images": images * env.world_size,
-        "images_per_s": images * env.world_size / wall if wall > 0 else float("nan"),
-        "step_time_s": med, "epoch_time_s": med * steps_per_epoch,
+        "base_lr": base_lr(optim), "wall_s": wall, "device_s": tot["device_s"], "images": tot["images"],
+        "segments": tot["segments"], "segment_wall_s": time.perf_counter() - t_start,
+        "images_per_s": tot["images"] / wall if wall > 0 else None,
+        "step_time_s": med, "epoch_time_s": med * steps_per_epoch if med is not None else None,
         "peak_memory_mb": peak_memory_mb(env.device), "history": state["history"],
         "device": env.device.type, "world_size": env.world_size,
+        "precision": precision,  # as run by this process: fp32 | bf16 | fp16 (autocast + GradScaler)
     }

@@ -27,17 +27,38 @@ def load_encoder(vit: nn.Module, init: str | None) -> dict[str, list[str]]:
     state = load_checkpoint(init)
     if isinstance(state, Mapping) and "encoder" in state:
         state = state["encoder"]
-    state = adapt_state_dict(vit, state)
-    own = vit.state_dict()
-    if "pos_embed" in state and "pos_embed" in own and state["pos_embed"].shape != own["pos_embed"].shape:
-        raise ConfigError(f"{init}: position table {tuple(state['pos_embed'].shape)} does not fit "
-                          f"{tuple(own['pos_embed'].shape)}; evaluate at the pretraining resolution")
+    state = resize_positions(vit, adapt_state_dict(vit, state))
     res = vit.load_state_dict(state, strict=False)
     missing = [k for k in res.missing_keys if not k.startswith(HEAD_KEYS)]
     if missing:
         raise ConfigError(f"{init} lacks encoder weights {missing[:4]}...; it was not written for this model "
                           "(check model.arch / patch_size / rel_pos)")
     return {"missing": list(res.missing_keys), "unexpected": list(res.unexpected_keys)}
+
+
+def resize_positions(vit: nn.Module, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Position tables of ``state`` fitted to ``vit``'s grid, for an evaluation at another resolution than the
+    pretraining's (LoMaR 384-FT): the absolute table by timm's ``resample_abs_pos_embed`` (bicubic over the patch
+    grid, prefix tokens kept), relative-bias tables (``rel_pos: bias``) by timm's ``resize_rel_pos_bias_table``
+    (the 3 prefix entries kept). A Swin's tables were already resized by ``adapt_state_dict``."""
+    from timm.layers import resample_abs_pos_embed, resize_rel_pos_bias_table
+
+    out = dict(state)
+    own = vit.state_dict()
+    pos = out.get("pos_embed")
+    if pos is not None and "pos_embed" in own and pos.shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(vit, "no_embed_class", False) else int(getattr(vit, "num_prefix_tokens", 0))
+        old = round((pos.shape[1] - prefix) ** 0.5)
+        if old * old + prefix != pos.shape[1] or pos.shape[-1] != own["pos_embed"].shape[-1]:
+            raise ConfigError(f"position table {tuple(pos.shape)} does not fit {tuple(own['pos_embed'].shape)} "
+                              "(not a square grid of the same width); check model.arch / patch_size")
+        out["pos_embed"] = resample_abs_pos_embed(pos, list(vit.patch_embed.grid_size), [old, old],
+                                                  num_prefix_tokens=prefix)
+    for key, table in state.items():
+        if key.endswith("attn.rel_table") and key in own and table.shape != own[key].shape:
+            grid = vit.patch_embed.grid_size
+            out[key] = resize_rel_pos_bias_table(table, tuple(grid), tuple(own[key].shape))
+    return out
 
 
 def eval_encoder(cfg: Mapping[str, Any], init: str | None, num_classes: int = 0,

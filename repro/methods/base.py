@@ -32,6 +32,11 @@ class PretrainMethod(nn.Module):
     linear_feature: ClassVar[str] = "cls"
     # What the fine-tuning classifier pools (`avg` of patch tokens, or `token`).
     finetune_pool: ClassVar[str] = "avg"
+    # Knobs that change what a step computes but not what it costs: left out of the profile key (profile.bench).
+    cost_free: ClassVar[tuple[str, ...]] = ()
+    # Bumped by any change to the method's code that alters its results: part of its stages' identity (a finished
+    # stage made by an older version is recomputed; repro.pipeline.stage.results_version).
+    results_version: ClassVar[int] = 1
 
     encoder: nn.Module
 

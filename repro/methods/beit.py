@@ -101,6 +101,7 @@ def beit_init_(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> N
 @register
 class BEiT(PretrainMethod):
     name = "beit"
+    results_version = 2  # 2: issue 10 fidelity fixes
     defaults = {
         "name": "beit",
         "num_mask_patches": 75,     # masked patches per image (BEiT: 75 of 196)

@@ -211,6 +211,7 @@ class PairTransform:
 @register
 class ExtreMA(PretrainMethod):
     name = "extrema"
+    results_version = 2  # 2: issue 10 fidelity fixes
     defaults = {
         "name": "extrema",
         "mask_ratio": 0.8,

@@ -45,12 +45,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import LayerNorm2d
+from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from repro.config import ConfigError
 from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
 from repro.methods.greenmim import UnitDecoder
-from repro.models.hog import HOG
+from repro.models.hog import HOGLayers
 from repro.models.mim import MaskedDecoder, encode_visible, mae_init_, masked_mse, norm_pix, patchify
 from repro.models.swin import (
     SWIN_ARCHS,
@@ -135,6 +136,7 @@ def _detach_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
 @register
 class LocalMIM(PretrainMethod):
     name = "localmim"
+    results_version = 2  # 2: Swin weight-decay groups, one hog_bias draw per layer (issue 10)
     defaults = {
         "name": "localmim",
         "mask_ratio": 0.75,
@@ -190,7 +192,7 @@ class LocalMIM(PretrainMethod):
             str(t): self.encoder.norm if t == depth - 1 else nn.LayerNorm(dim, eps=1e-6) for t in tapped})
         self.fuse = nn.ModuleDict({str(t): nn.Linear(dim, dim) for t in taps[:-1]}) if fusion else None
         if p["target"] == "hog":
-            self.hog = HOG(p["hog_bins"], bias=p["hog_bias"])
+            self.hog = HOGLayers(p["hog_bins"], len(self.scales), bias=p["hog_bias"])
             out_dims = [3 * p["hog_bins"]] * len(self.scales)
         else:
             self.hog = None
@@ -260,7 +262,7 @@ class LocalMIM(PretrainMethod):
                                   f"Swin block {t} at {img} px (target grid and cell size must be whole numbers)")
             self.cells.append(img // int(g))
         if p["target"] == "hog":
-            self.hog = HOG(p["hog_bins"], bias=p["hog_bias"])
+            self.hog = HOGLayers(p["hog_bins"], len(self.scales), bias=p["hog_bias"])
             out_dims = [3 * p["hog_bins"]] * len(self.scales)
         else:
             self.hog = None
@@ -336,6 +338,13 @@ class LocalMIM(PretrainMethod):
             m = scale_mask(mask[None].expand(n, -1), self.ugrid, g * s / self.ugrid)
             out.append(masked_mse(pred.float(), tgt.float(), m))
         return out
+
+    def param_groups(self, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """No weight decay on biases and 1-D parameters; on a Swin also none on names containing ``position_bias``
+        or ``token`` (relative position tables, decoder mask tokens), as the official Swin/run_pretrain.py. The
+        official ViT run_pretrain.py has no such list (its mask tokens are decayed)."""
+        skip = [n for n, _ in self.named_parameters() if "position_bias" in n or "token" in n] if self.swin else []
+        return param_groups_weight_decay(self, optim["weight_decay"], no_weight_decay_list=skip)
 
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:

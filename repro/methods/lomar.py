@@ -8,10 +8,17 @@ linear head predicts the (per-patch normalised) pixels; the MSE is taken on the 
 from iRPE (Wu et al. 2021): contextual "product" relative encoding on the keys, one table shared by the heads, no
 absolute table. The ``encoder_decoder`` arch (paper Fig. 4) runs an MAE encoder on the visible window patches and an
 MAE decoder on the window; ``position: sincos`` (supplementary Table 1) adds the fixed 2-D sin-cos table instead.
+
+Which windows an image gets (``window_pairing``): the official forward repeats the image batch window-major but the
+window indices image-major, so its encoder sequence r holds image r % N and window r % W (N the per-GPU batch, W the
+window count); an image sees W / gcd(N, W) distinct windows, each gcd(N, W) times with independent masks. ``official``
+replays that with N = ``official_per_gpu_batch`` (the README's 256: one window four ways at 224, all nine at 448),
+whatever batch this run's devices hold; ``all`` is the paper's reading, every image with every window once.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +50,26 @@ from repro.models.vit import (
 IRPE_RATIO = 1.9
 # Paper grid at 224 px / patch 16: the tiny rule scales the window by tiny_grid / PAPER_GRID.
 PAPER_GRID = 14
+
+
+def window_assignment(n: int, num_windows: int, official_batch: int | None,
+                      device: torch.device | str = "cpu") -> torch.Tensor:
+    """(n, num_windows) window index of each of image i's ``num_windows`` encoder sequences, on ``device``.
+
+    With ``official_batch`` = N, image i's k-th sequence is the official sequence r = i + k*N, whose window is
+    r % num_windows; for n == N this is exactly the official (image, window) table. ``None``: every window once."""
+    k = torch.arange(num_windows, device=device)
+    if official_batch is None:
+        return k.expand(n, -1).clone()
+    return (torch.arange(n, device=device)[:, None] + k[None, :] * official_batch) % num_windows
+
+
+@functools.lru_cache(maxsize=64)
+def cached_window_assignment(n: int, num_windows: int, official_batch: int | None,
+                             device: torch.device) -> torch.Tensor:
+    """``window_assignment`` built on the device once per shape (read-only: shared by every step)."""
+    with torch.inference_mode(False):  # a normal tensor even when first built under inference mode
+        return window_assignment(n, num_windows, official_batch, device)
 
 
 def irpe_piecewise(offset: torch.Tensor, ratio: float = IRPE_RATIO) -> torch.Tensor:
@@ -112,12 +139,15 @@ register_rel_pos("irpe", IRPEAttention)
 @register
 class LoMaR(PretrainMethod):
     name = "lomar"
+    results_version = 2  # 2: official image-window pairing (issue 10)
     defaults = {
         "name": "lomar",
         "window_size": 7,
         "num_windows": 4,
         "mask_ratio": 0.8,
         "window_placement": "shared",  # shared: same windows for the whole batch (official) | per_image
+        "window_pairing": "official",  # official: image r % N with window r % W (module doc) | all: every window
+        "official_per_gpu_batch": 256,  # N of the official pairing: the official runs' per-GPU batch (README)
         "norm_pix_loss": True,
         "arch": "encoder",  # encoder: all window tokens + linear head | encoder_decoder: MAE-style (Fig. 4)
         "position": "irpe",  # irpe (model.rel_pos irpe, no absolute table) | sincos (absolute, supp. Table 1)
@@ -127,6 +157,7 @@ class LoMaR(PretrainMethod):
     }
     linear_feature = "cls"
     finetune_pool = "avg"
+    cost_free = ("window_pairing", "official_per_gpu_batch")  # which image meets which window: same step cost
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
@@ -168,7 +199,10 @@ class LoMaR(PretrainMethod):
         if not 1 <= int(k * k * ratio) < k * k:
             raise ConfigError(f"method.mask_ratio={ratio} masks {int(k * k * ratio)} of {k * k} window patches; "
                               "pick a ratio that masks at least one and keeps at least one")
-        for key, choices in (("window_placement", ("shared", "per_image")), ("arch", ("encoder", "encoder_decoder")),
+        if int(params["official_per_gpu_batch"]) < 1:
+            raise ConfigError(f"method.official_per_gpu_batch={params['official_per_gpu_batch']}: need >= 1")
+        for key, choices in (("window_placement", ("shared", "per_image")), ("window_pairing", ("official", "all")),
+                             ("arch", ("encoder", "encoder_decoder")),
                              ("position", ("irpe", "sincos"))):
             if params[key] not in choices:
                 raise ConfigError(f"method.{key}={params[key]!r}; valid: {', '.join(choices)}")
@@ -186,11 +220,15 @@ class LoMaR(PretrainMethod):
     # -- windows and masks -------------------------------------------------------------------------------------------
 
     def sample_windows(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        """(n, num_windows, K*K, 2) grid coordinates (row, col) of every window's patches in raster order
-        (``repro.models.mim.sample_windows``); ``shared`` draws one set for the whole batch, ``per_image`` one per
-        image."""
-        return sample_windows(n, self.grid, self.k, self.params["num_windows"], generator,
-                              per_image=self.params["window_placement"] == "per_image")
+        """(n, num_windows, K*K, 2) grid coordinates (row, col) of the patches, in raster order, of each image's
+        encoder sequences: the drawn windows (``repro.models.mim.sample_windows``; ``shared`` draws one set for the
+        whole batch, ``per_image`` one per image) paired with the images by ``window_pairing``."""
+        p = self.params
+        drawn = sample_windows(n, self.grid, self.k, p["num_windows"], generator,
+                               per_image=p["window_placement"] == "per_image")
+        official = int(p["official_per_gpu_batch"]) if p["window_pairing"] == "official" else None
+        which = cached_window_assignment(n, p["num_windows"], official, drawn.device)
+        return torch.gather(drawn, 1, which[:, :, None, None].expand(-1, -1, *drawn.shape[2:]))
 
     def window_masking(self, m: int, generator: torch.Generator,
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -92,6 +92,7 @@ def simmim_vit_init_(vit: nn.Module) -> None:
 @register
 class SimMIM(PretrainMethod):
     name = "simmim"
+    results_version = 2  # 2: issue 10 fidelity fixes
     defaults = {
         "name": "simmim",
         "mask_ratio": 0.6,

@@ -14,6 +14,7 @@ gradients along y (a horizontal edge).
 ``bias=True`` (LocalMIM ViT-L's ``--hog_bias``) reproduces the official filters' bias: a fixed random offset added to
 (gx, gy), drawn like PyTorch's default Conv2d bias, U(-1/3, 1/3) for a 3x3 single-channel kernel. It is never
 trained; here it is drawn from a seeded generator so that every process and every resume gets the same values.
+LocalMIM builds one such layer per target scale, each with its own bias draw: ``HOGLayers``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,26 @@ class HOG(nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.multi_cell(imgs, [self.cell])[0]
+
+
+class HOGLayers(nn.Module):
+    """One HOG layer per target (LocalMIM's per-scale layers), layer i with bias seed i: with ``bias`` every layer has
+    its own independent draw, as the official per-layer Conv2d biases; without it the layers are identical and one
+    gradient pass serves every cell size."""
+
+    def __init__(self, nbins: int, num_layers: int, bias: bool = False):
+        super().__init__()
+        self.nbins = nbins
+        self.layers = nn.ModuleList([HOG(nbins, bias=bias, bias_seed=i) for i in range(num_layers if bias else 1)])
+
+    @torch.no_grad()
+    def multi_cell(self, imgs: torch.Tensor, cells: Sequence[int]) -> list[torch.Tensor]:
+        """Layer i's HOG map at ``cells[i]``: a list of (N, 3 * nbins, H / c, W / c)."""
+        if len(self.layers) == 1:
+            return self.layers[0].multi_cell(imgs, cells)
+        if len(cells) != len(self.layers):
+            raise ValueError(f"{len(self.layers)} HOG layers got {len(cells)} cell sizes")
+        return [layer.multi_cell(imgs, [c])[0] for layer, c in zip(self.layers, cells)]
 
 
 def cells_to_patches(hog: torch.Tensor, k: int) -> torch.Tensor:

@@ -46,10 +46,12 @@ def random_masking(n: int, length: int, mask_ratio: float, generator: torch.Gene
 
 
 _ATTEMPTS = 10  # tries per block, as BEiT's MaskingGenerator
+_CHECK_EVERY = 8  # tries between the (one-flag) checks whether every image has finished
 
 
 def blockwise_mask(n: int, grid_h: int, grid_w: int, num_masking: int, generator: torch.Generator,
-                   min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3) -> torch.Tensor:
+                   min_num: int = 16, max_num: int | None = None, min_aspect: float = 0.3,
+                   batched: bool | None = None) -> torch.Tensor:
     """BEiT's block-wise masking for ``n`` images: (n, grid_h*grid_w) float mask on the generator's device, 1 = masked.
 
     Rectangular blocks are added until ``num_masking`` patches are masked: each try draws a target area uniformly in
@@ -57,17 +59,62 @@ def blockwise_mask(n: int, grid_h: int, grid_w: int, num_masking: int, generator
     (each strictly smaller than the grid), places it uniformly, and is kept when it adds between 1 and ``remaining``
     new patches; after ``_ATTEMPTS`` failed tries in a row the image stops (so it may end a few patches short, never
     over). All random numbers come from ``generator``, drawn up front in one tensor (a fixed amount per call, so the
-    generator's state does not depend on the masks drawn).
+    generator's state does not depend on the masks drawn); image i's t-th try uses draw (i, t).
+
+    ``batched`` (default: on any device but the CPU): every image runs its tries at once on the device (a loop over
+    tries, not images; the only read back is one flag every ``_CHECK_EVERY`` tries). Otherwise a loop per image on
+    the CPU, which is faster there. Both give the same masks.
     """
     max_num = num_masking if max_num is None else max_num
-    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    dev = generator.device
     # At most num_masking successful blocks plus one final failing round, each of up to _ATTEMPTS tries.
     tries = _ATTEMPTS * (num_masking + 1)
-    u = torch.rand(n, tries, 4, generator=generator, device=generator.device, dtype=torch.float64).cpu().numpy()
-    out = np.zeros((n, grid_h, grid_w), dtype=np.float32)
-    for i in range(n):
-        mask, draws, count = out[i], u[i], 0
-        k = 0
+    u = torch.rand(n, tries, 4, generator=generator, device=dev, dtype=torch.float64)
+    if batched if batched is not None else dev.type != "cpu":
+        mask = _blockwise_batched(u, grid_h, grid_w, num_masking, min_num, max_num, min_aspect)
+    else:
+        mask = _blockwise_loop(u.cpu().numpy(), grid_h, grid_w, num_masking, min_num, max_num, min_aspect)
+    return mask.reshape(n, grid_h * grid_w).to(dev, torch.float32)
+
+
+def _blockwise_batched(u: torch.Tensor, grid_h: int, grid_w: int, num_masking: int, min_num: int, max_num: int,
+                       min_aspect: float) -> torch.Tensor:
+    n, tries, dev = u.shape[0], u.shape[1], u.device
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    aspect = torch.exp(log_lo + u[..., 1] * (log_hi - log_lo))  # (n, tries): the state-free part, at once
+    rows, cols = torch.arange(grid_h, device=dev), torch.arange(grid_w, device=dev)
+    mask = torch.zeros(n, grid_h, grid_w, dtype=torch.bool, device=dev)
+    count = torch.zeros(n, dtype=torch.long, device=dev)
+    fails = torch.zeros(n, dtype=torch.long, device=dev)
+    active = torch.full((n,), num_masking > 0, dtype=torch.bool, device=dev)
+    for t in range(tries):
+        if t % _CHECK_EVERY == 0 and not bool(active.any()):
+            break
+        limit = (num_masking - count).clamp(max=max_num)
+        area = min_num + u[:, t, 0] * (limit - min_num)
+        h = torch.round(torch.sqrt(area * aspect[:, t])).long()
+        w = torch.round(torch.sqrt(area / aspect[:, t])).long()
+        fits = (w < grid_w) & (h < grid_h)
+        top = (u[:, t, 2] * (grid_h - h + 1)).long()
+        left = (u[:, t, 3] * (grid_w - w + 1)).long()
+        in_rows = (rows >= top[:, None]) & (rows < (top + h)[:, None])  # (n, grid_h)
+        in_cols = (cols >= left[:, None]) & (cols < (left + w)[:, None])
+        rect = in_rows[:, :, None] & in_cols[:, None, :]
+        new = h * w - (rect & mask).sum((1, 2))
+        ok = active & fits & (new > 0) & (new <= limit)
+        mask |= rect & ok[:, None, None]
+        count += torch.where(ok, new, 0)
+        fails = torch.where(ok, 0, fails + 1)
+        active &= (count < num_masking) & (fails < _ATTEMPTS)
+    return mask
+
+
+def _blockwise_loop(u: np.ndarray, grid_h: int, grid_w: int, num_masking: int, min_num: int, max_num: int,
+                    min_aspect: float) -> torch.Tensor:
+    log_lo, log_hi = math.log(min_aspect), math.log(1.0 / min_aspect)
+    out = np.zeros((u.shape[0], grid_h, grid_w), dtype=np.float32)
+    for i in range(u.shape[0]):
+        mask, draws, count, k = out[i], u[i], 0, 0
         while count < num_masking:
             limit = min(num_masking - count, max_num)
             delta = 0
@@ -90,7 +137,7 @@ def blockwise_mask(n: int, grid_h: int, grid_w: int, num_masking: int, generator
             if delta == 0:
                 break
             count += delta
-    return torch.from_numpy(out.reshape(n, grid_h * grid_w)).to(generator.device)
+    return torch.from_numpy(out)
 
 
 def sample_windows(n: int, grid: int, k: int, num_windows: int, generator: torch.Generator,

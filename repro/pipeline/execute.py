@@ -5,26 +5,69 @@ independent stages go on), dependencies first, a failed stage's dependents block
 A single-device stage runs in a child forked from a fork server that has imported torch, timm and the methods once
 (and never computes, so forking it is safe even when this process has used OpenMP threads), so a stage costs its own
 work and not ~5 s of imports; a multi-device stage is started with torchrun.
+
+Stopping: SIGTERM or Ctrl-C to this process is passed on to the running stages (each checkpoints and stops, exit 75:
+"stopped"; a rerun resumes it), and a stage gets SIGTERM when this process is gone, however it ended (SIGKILL too:
+a forked stage watches a pipe only this process writes to; torchrun has PR_SET_PDEATHSIG), so killing ``repro``
+never leaves a stage training. Each stage runs under its folder's lock (``StageLock``): a stage
+that another run is training is waited for and then used, not trained twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 from repro.io import atomic_write_json
-from repro.pipeline.stage import FAILED, LOG, RESULT, Stage, topo_order
+from repro.pipeline.stage import FAILED, LOG, RESULT, Stage, lock_holder, reset, topo_order
+from repro.pipeline.worker import BUSY_EXIT, PREEMPTED_EXIT
+
+STOP_WAIT_S = 600.0  # how long an interrupted run waits for its stages to checkpoint before killing them
+
+
+class Interrupted(KeyboardInterrupt):
+    """This process got SIGINT or SIGTERM; the running stages were told to checkpoint and stop."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def die_with_parent() -> None:
+    """In a child of this process (``preexec_fn``): have the kernel send it SIGTERM when its parent exits (Linux
+    ``PR_SET_PDEATHSIG``; a no-op elsewhere). torchrun passes SIGTERM on to its workers, which checkpoint and stop."""
+    with contextlib.suppress(OSError, AttributeError):
+        parent = os.getppid()
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)  # 1: PR_SET_PDEATHSIG; the parent died before the call
+
+
+def watch_parent(alive: Any) -> None:
+    """SIGTERM this process when ``alive`` (the read end of a pipe whose only writer is the parent) reaches EOF:
+    the parent exited, however it ended. A forked stage's parent is the fork server, which outlives ``repro``."""
+
+    def wait() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                alive.recv_bytes()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait, name="parent-watch", daemon=True).start()
 
 
 class Executor(Protocol):
     def run(self, stages: Iterable[Stage], runs_root: Path, force: bool = False) -> dict[str, str]:
-        """Run the stages; returns stage key -> status (done, skipped, failed, blocked)."""
+        """Run the stages; returns stage key -> status (done, skipped, failed, blocked, stopped)."""
         ...
 
 
@@ -36,8 +79,9 @@ def write_spec(stage: Stage, runs_root: Path) -> Path:
     return atomic_write_json(d / "stage.json", spec)
 
 
-def _forked_worker(spec: str, log: str, threads: int) -> None:
+def _forked_worker(spec: str, log: str, threads: int, alive: Any) -> None:
     """Body of a forked stage process: output to the stage's log, then the ordinary worker."""
+    watch_parent(alive)
     fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -53,7 +97,9 @@ def _forked_worker(spec: str, log: str, threads: int) -> None:
     code = worker.main([spec])
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    # sys.exit, not os._exit: multiprocessing's exit handlers run, and unlink the semaphores this process made
+    # (tqdm's lock), which the resource tracker would otherwise report as leaked when `repro` exits.
+    sys.exit(code)
 
 
 _CTX: Any = None
@@ -73,11 +119,34 @@ class _Running:
 
     def __init__(self, stage: Stage, handle: Any, log: Path):
         self.stage, self.handle, self.log, self.pos = stage, handle, log, log.stat().st_size if log.exists() else 0
+        self.code: int | None = None
+        self.alive: Any = None  # a forked stage: the write end of its parent-alive pipe
+        self._reaped = False
 
     def poll(self) -> int | None:
+        if self.code is None:
+            if isinstance(self.handle, subprocess.Popen):
+                self.code = self.handle.poll()
+            elif not self.handle.is_alive():
+                self.code = self.handle.exitcode
+        return self.code
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError, OSError):
+            os.kill(self.handle.pid, signum)  # torchrun passes SIGTERM on to its workers
+
+    def join(self) -> None:
+        """Reap the process (and, for a forked one, close its handle: no file descriptor left open)."""
+        if self._reaped:
+            return
         if isinstance(self.handle, subprocess.Popen):
-            return self.handle.poll()
-        return None if self.handle.is_alive() else self.handle.exitcode
+            self.code = self.handle.wait()
+        else:
+            self.handle.join()
+            self.code = self.handle.exitcode
+            self.handle.close()
+            self.alive.close()
+        self._reaped = True
 
     def new_output(self) -> bytes:
         if not self.log.exists():
@@ -111,43 +180,101 @@ class LocalExecutor:
         if self.devices > 1:
             env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(self._threads()))
             with open(log, "ab") as f:
-                handle: Any = subprocess.Popen(self.command(spec), stdout=f, stderr=subprocess.STDOUT, env=env)
+                handle: Any = subprocess.Popen(self.command(spec), stdout=f, stderr=subprocess.STDOUT, env=env,
+                                               preexec_fn=die_with_parent)
             return _Running(stage, handle, log)
         run = _Running(stage, None, log)
-        run.handle = _context().Process(target=_forked_worker, args=(str(spec), str(log), self._threads()),
+        alive, run.alive = _context().Pipe(duplex=False)  # the child's end reads EOF when this process is gone
+        run.handle = _context().Process(target=_forked_worker, args=(str(spec), str(log), self._threads(), alive),
                                         name=stage.name)
         sys.stdout.flush()
         sys.stderr.flush()
         run.handle.start()
+        alive.close()  # only the child holds the read end now
         return run
 
     def run(self, stages: Iterable[Stage], runs_root: Path, force: bool = False) -> dict[str, str]:
+        """Run the DAG; on SIGINT / SIGTERM tell the running stages to checkpoint, wait for them, raise Interrupted."""
+        self._running: list[_Running] = []
+
+        def interrupt(signum: int, frame: Any) -> None:
+            raise Interrupted(signum)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread: no handler
+                previous[sig] = signal.signal(sig, interrupt)
+        try:
+            return self._run(stages, runs_root, force)
+        except KeyboardInterrupt as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            for sig in previous:  # a second signal while the stages checkpoint: kill them
+                signal.signal(sig, interrupt)
+            self._stop_all()
+            raise Interrupted(signum) from None
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _stop_all(self) -> None:
+        """SIGTERM every running stage (it checkpoints at its next step and exits) and wait; kill after STOP_WAIT_S or
+        on a second interrupt."""
+        live = [r for r in self._running if r.poll() is None]
+        if not live:
+            return
+        print(f"repro: stopping {len(live)} running stage(s): each writes its checkpoint; the same command resumes "
+              "them (interrupt again to kill them now)", file=sys.stderr, flush=True)
+        for r in live:
+            r.signal(signal.SIGTERM)
+        deadline = time.time() + STOP_WAIT_S
+        try:
+            while any(r.poll() is None for r in live) and time.time() < deadline:
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            pass
+        for r in live:
+            if r.poll() is None:
+                r.signal(signal.SIGKILL)
+            r.join()
+            print(f"  {r.stage.name}: {_ended(r.poll())}; log: {r.log}", file=sys.stderr, flush=True)
+
+    def _run(self, stages: Iterable[Stage], runs_root: Path, force: bool) -> dict[str, str]:
         order = topo_order(stages)
         status: dict[str, str] = {}
         index = {s.key: i for i, s in enumerate(order, 1)}
         head = {s.key: f"[{index[s.key]}/{len(order)}] {s.name} {s.label}".rstrip() for s in order}
         pending = list(order)
-        running: list[_Running] = []
+        running = self._running
+        waiting: set[str] = set()  # stages another run is training: started (or found done) when it lets go
         while pending or running:
             for s in list(pending):  # settle what needs no process: blocked or already done
                 deps = [status.get(d.key) for d in s.deps.values()]
-                if any(st in ("failed", "blocked") for st in deps):
+                if any(st in ("failed", "blocked", "stopped") for st in deps):
                     status[s.key] = "blocked"
                     pending.remove(s)
-                    print(f"{head[s.key]}: blocked (an input failed)", file=sys.stderr)
-                elif not force and s.done(runs_root):
+                    print(f"{head[s.key]}: blocked (an input failed or was stopped)", file=sys.stderr)
+                elif (not force or s.key in waiting) and s.done(runs_root):
                     status[s.key] = "skipped"
                     pending.remove(s)
-                    print(f"{head[s.key]}: done already, skipped ({s.dir(runs_root) / RESULT})", file=sys.stderr)
+                    how = "by another run" if s.key in waiting else "already"
+                    print(f"{head[s.key]}: done {how}, skipped ({s.dir(runs_root) / RESULT})", file=sys.stderr)
             ready = [s for s in pending if all(status.get(d.key) in ("done", "skipped") for d in s.deps.values())]
             while ready and len(running) < self.jobs:
                 s = ready.pop(0)
+                d = s.dir(runs_root)
+                holder = lock_holder(d)
+                if holder:  # another run trains it: wait, then use its result (or resume it if it stopped)
+                    if s.key not in waiting:
+                        print(f"{head[s.key]}: another run is training it ({holder}); waiting for it",
+                              file=sys.stderr, flush=True)
+                        waiting.add(s.key)
+                    continue
                 pending.remove(s)
-                if force:
-                    (s.dir(runs_root) / RESULT).unlink(missing_ok=True)
-                print(f"{head[s.key]}: running (log: {s.dir(runs_root) / LOG})", file=sys.stderr, flush=True)
+                if force and s.key not in waiting:
+                    reset(d)  # result, failure record and checkpoints: from scratch
+                print(f"{head[s.key]}: running (log: {d / LOG})", file=sys.stderr, flush=True)
                 running.append(self._start(s, runs_root))
-            if not running:
+            if not running and not waiting:
                 if pending:  # nothing runnable and nothing running: cannot happen with a valid DAG
                     raise RuntimeError(f"stages waiting on inputs that will never finish: {[s.name for s in pending]}")
                 break
@@ -161,17 +288,35 @@ class LocalExecutor:
                 if rc is None:
                     continue
                 running.remove(r)
+                r.join()
                 s = r.stage
+                if rc == BUSY_EXIT:  # another run took the stage's lock first: wait for it like above
+                    print(f"{head[s.key]}: another run is training it; waiting for it", file=sys.stderr, flush=True)
+                    pending.insert(0, s)
+                    waiting.add(s.key)
+                    continue
                 ok = rc == 0 and s.done(runs_root)
-                status[s.key] = "done" if ok else "failed"
+                status[s.key] = "done" if ok else "stopped" if rc == PREEMPTED_EXIT else "failed"
                 if ok:
                     print(f"{head[s.key]}: done", file=sys.stderr, flush=True)
+                    continue
+                if rc == PREEMPTED_EXIT:
+                    print(f"{head[s.key]}: stopped by a signal after writing its checkpoint; the same command "
+                          f"resumes it (log: {s.dir(runs_root) / LOG})", file=sys.stderr, flush=True)
                     continue
                 failed = s.dir(runs_root) / FAILED
                 if not failed.exists():
                     atomic_write_json(failed, {"error": f"exit code {rc}", "log": str(s.dir(runs_root) / LOG)})
                 print(f"{head[s.key]}: FAILED (exit {rc}); log: {s.dir(runs_root) / LOG}", file=sys.stderr, flush=True)
         return status
+
+
+def _ended(rc: int | None) -> str:
+    if rc == PREEMPTED_EXIT:
+        return "checkpointed and stopped (resumes when rerun)"
+    if rc == 0:
+        return "finished"
+    return f"ended (exit {rc}; it resumes from its last epoch checkpoint, if any)"
 
 
 def summary(stages: Iterable[Stage], status: dict[str, str], runs_root: Path) -> str:

@@ -21,10 +21,34 @@ INHERITED = {
     "model": ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
               "class_token", "window_size"),
 }
+# Inherited keys that follow another one: a row that sets the key takes these from its recipe too, not the input.
+COUPLED = {"data.dataset": ("data.path", "data.num_classes"), "data.img_size": ("model.window_size",)}
+# The papers evaluate a pretraining on the key's dataset on the value's (ExtreMA: IN-22K models on IN-1K).
+EVAL_DATASET = {"imagenet22k": "imagenet1k"}
 
 
-def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None) -> dict[str, Any]:
-    """What an evaluation (``kind``, with its ``recipe``) takes over from the pretraining config ``pre``."""
+def input_eval_defaults(pretrain: str, paper_overrides: Mapping[str, Any] | Iterable[str] = ()) -> dict[str, Any]:
+    """Paper-level evaluation overrides implied by a pretraining recipe (+ its paper-level overrides): an
+    ImageNet-22K pretraining is evaluated on ImageNet-1K (``EVAL_DATASET``). Decided at paper level, so that it holds
+    at every scale; a row's own ``eval_overrides`` go over it."""
+    from repro.resolve import nested
+
+    cfg = deep_merge(load_recipe(pretrain, "pretrain")[1], nested(paper_overrides))
+    target = EVAL_DATASET.get(cfg["data"]["dataset"])
+    return {"data": {"dataset": target}} if target else {}
+
+
+def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None,
+                   row: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What an evaluation (``kind``, with its ``recipe``) takes over from the pretraining config ``pre``.
+
+    Precedence of an evaluation's configuration, low to high (decided here and nowhere else): its recipe < what it
+    inherits from its input (this layer) < the row's paper-level ``eval_overrides`` (``row``, nested; they go
+    through the scale rule like the recipe's own values) < command-line overrides (after the scale). So the keys
+    ``row`` sets, and the keys ``COUPLED`` to them, are left out of this layer.
+    """
+    from repro.config import flatten
+
     ov: dict[str, Any] = {sec: {k: pre[sec][k] for k in keys} for sec, keys in INHERITED.items()}
     if recipe is not None and kind == "finetune" and load_recipe(recipe, kind)[1].get("resolution") == "own":
         del ov["data"]["img_size"], ov["model"]["window_size"]  # e.g. SimMIM-Swin: pretrain 192, fine-tune 224
@@ -38,14 +62,20 @@ def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None)
         # A Swin has no cls token: its methods' cls feature becomes the mean of the last stage's tokens.
         swin = str(pre["model"]["arch"]).startswith("swin_")
         ov["feature"] = "avg" if swin and method.linear_feature == "cls" else method.linear_feature
+    for key in flatten(row or {}):
+        for k in (key, *COUPLED.get(key, ())):
+            sec, _, name = k.rpartition(".")
+            (ov.get(sec, {}) if sec else ov).pop(name, None)
     return ov
 
 
-def eval_stages(pre: Stage, evals: Mapping[str, str], scale: str, baseline: bool = False) -> list[Stage]:
+def eval_stages(pre: Stage, evals: Mapping[str, str], scale: str, baseline: bool = False,
+                row: Mapping[str, Any] | None = None) -> list[Stage]:
+    """One stage per evaluation kind of ``pre``; ``row``: paper-level evaluation overrides for every kind."""
     out = []
     label = pre.label
     for kind, recipe in evals.items():
-        cfg = resolve(recipe, scale, eval_overrides(pre.cfg, kind, recipe), kind=kind)
+        cfg = resolve(recipe, scale, eval_overrides(pre.cfg, kind, recipe, row), kind=kind, paper_overrides=row or {})
         out.append(Stage(kind, cfg, {"init": pre}, label=label))
         if baseline:
             out.append(Stage(kind, cfg, {}, label=f"{label} (random init)"))
@@ -60,7 +90,7 @@ def chain(recipe: str, scale: str = "tiny", overrides: Iterable[str] = (), basel
         wanted = {k: v for k, v in wanted.items() if k in set(evals)}
     label = f"{pre_cfg['method']['name']} {pre_cfg['model']['arch']}/{pre_cfg['model']['patch_size']}"
     pre = Stage("pretrain", pre_cfg, label=label)
-    return [pre, *eval_stages(pre, wanted, scale, baseline)]
+    return [pre, *eval_stages(pre, wanted, scale, baseline, input_eval_defaults(recipe))]
 
 
 # ---- paper tables -> stages ------------------------------------------------------------------------------------------
@@ -143,7 +173,9 @@ def for_kind(overrides: Mapping[str, Any], kind: str) -> dict[str, Any]:
 def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | None = None,
              data_paths: Mapping[str, str] | None = None) -> RowPlan:
     """Expand one spec row into stages at ``scale`` (reported-only and pending rows get none). ``overrides`` (nested,
-    after the scale) apply to every stage whose kind has those keys: a smaller run of the same table."""
+    after the scale) apply to every stage whose kind has those keys: a smaller run of the same table. An evaluation's
+    precedence (recipe < inherited from the input < the row's ``eval_overrides`` < ``overrides``) is
+    ``eval_overrides``'s docstring."""
     if row.reported:
         return RowPlan(spec.id, row, "reported", reason=row.reported)
     if row.pending:
@@ -154,6 +186,8 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
     missing = [k for k in kinds if k not in RUNNABLE and k != "derived"]
     if missing:
         return RowPlan(spec.id, row, "pending", reason=f"needs a {', '.join(missing)} stage, not implemented yet")
+    from repro.resolve import nested
+
     plan = RowPlan(spec.id, row, "trainable")
     evals = dict(row.evals or {})
     pre: Stage | None = None
@@ -172,10 +206,11 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
         if recipe is None:
             raise ConfigError(f"{spec.id} row '{row.label}': no {kind} recipe; add evals: {{{kind}: ...}} to the row "
                               "or to its pretraining recipe")
-        pov = (row.eval_overrides or {}).get(kind, {})
+        pov = nested((row.eval_overrides or {}).get(kind, {}))
         run_ov = for_kind(overrides or {}, rkind)
         if pre is not None:
-            cfg = resolve(recipe, scale, deep_merge(eval_overrides(pre.cfg, rkind, recipe), run_ov), kind=rkind,
+            pov = deep_merge(input_eval_defaults(row.pretrain, row.overrides or {}), pov)
+            cfg = resolve(recipe, scale, deep_merge(eval_overrides(pre.cfg, rkind, recipe, pov), run_ov), kind=rkind,
                           paper_overrides=pov)
             plan.evals[kind] = Stage(kind, with_data_path(cfg, data_paths), {"init": pre}, label=row.label)
         else:

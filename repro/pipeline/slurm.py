@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -35,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from repro.config import ConfigError, parse_value
+from repro.config import CONTROL, ConfigError, Rule, parse_value, short
 from repro.io import atomic_write_json
-from repro.pipeline.stage import FAILED, LOG, RESULT, Stage, topo_order
+from repro.pipeline.stage import CHECKPOINTS, FAILED, LOG, RESULT, Stage, lock_holder, read_json, reset, topo_order
 from repro.pipeline.worker import PREEMPTED_EXIT
 
 SLURM_FILE = "slurm.json"  # per stage: job id, log paths, cluster
@@ -98,6 +99,18 @@ def load_profile(name: str) -> Profile:
         v = getattr(prof, k)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"cluster profile {path}: {k} must be a non-negative integer, not {v!r}")
+    for k in ("partition", "account", "qos", "constraint", "gpu_type", "runs_root", "log_root", "python"):
+        v = getattr(prof, k)
+        if v is not None:
+            safe_text(v if isinstance(v, str) else repr(v), f"cluster profile {path}: {k}")
+    for k in ("mem_per_node_gb", "mem_per_gpu_gb", "mem_per_cpu_gb"):
+        v = getattr(prof, k)
+        if v is not None and not Rule(float, lo=0, lo_open=True).ok(v):
+            raise ConfigError(f"cluster profile {path}: {k} must be a positive number, not {short(v)}")
+    if not isinstance(prof.setup, list):
+        raise ConfigError(f"cluster profile {path}: setup must be a list of shell lines")
+    for line in prof.setup:
+        safe_text(line if isinstance(line, str) else repr(line), f"cluster profile {path}: setup line")
     return replace(prof, setup=list(prof.setup or []))
 
 
@@ -120,6 +133,10 @@ class Resources:
 
 
 RES_KEYS = tuple(f.name for f in fields(Resources))
+# The type and range of each resource key (the upper bounds come from the cluster profile, in check_resources).
+RES_RULES = {"nodes": Rule(int, 1, 4096), "gpus_per_node": Rule(int, 0, 64), "tasks_per_node": Rule(int, 1, 1024,
+             nullable=True), "cpus_per_task": Rule(int, 1, 1024), "mem_gb": Rule(float, lo=0, lo_open=True, hi=65536,
+             nullable=True), "time_min": Rule(int, 1, 525600, nullable=True)}
 
 
 def parse_res_overrides(items: Iterable[str]) -> dict[str, Any]:
@@ -127,22 +144,51 @@ def parse_res_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, val = item.partition("=")
         if not sep or key not in RES_KEYS:
-            raise ConfigError(f"bad --res '{item}'; use KEY=VALUE with KEY one of {', '.join(RES_KEYS)}")
-        out[key] = parse_value(val)
+            raise ConfigError(f"bad --res {short(item)}; use KEY=VALUE with KEY one of {', '.join(RES_KEYS)}")
+        value = parse_value(val)
+        if not RES_RULES[key].ok(value):
+            raise ConfigError(f"bad --res {short(item)}: {key} must be {RES_RULES[key].describe()}")
+        out[key] = value
     return out
 
 
-def stage_resources(stage: Stage, overrides: Mapping[str, Any] | None = None) -> Resources:
-    """Resources of one stage: ``slurm/resources.yaml`` at the stage's scale, its recipe's entry, then ``--res``."""
+def fit_to_profile(res: Mapping[str, Any], prof: Profile) -> dict[str, Any]:
+    """A default request (resources.yaml) shrunk to what one of ``prof``'s jobs can have: the paper's 8 nodes x 8 GPUs
+    become the profile's largest job; the effective batch is kept by gradient accumulation (resolve.accumulation)."""
+    out = dict(res)
+    out["nodes"] = max(1, min(int(out.get("nodes", 1)), prof.max_nodes))
+    gpus = min(int(out.get("gpus_per_node", 0)), prof.gpus_per_node)
+    out["gpus_per_node"] = gpus
+    tasks = out.get("tasks_per_node")
+    if tasks is not None:
+        tasks = out["tasks_per_node"] = max(1, min(int(tasks), max(1, gpus) if gpus else prof.cpus_per_node))
+    tasks = tasks or max(1, gpus)
+    out["cpus_per_task"] = max(1, min(int(out.get("cpus_per_task", 1)), prof.cpus_per_node // tasks))
+    if out.get("mem_gb") is not None:
+        out["mem_gb"] = min(float(out["mem_gb"]), prof.mem_per_node_gb)
+    if out.get("time_min") is not None:
+        out["time_min"] = min(int(out["time_min"]), prof.max_time_min)
+    return out
+
+
+def stage_resources(stage: Stage, overrides: Mapping[str, Any] | None = None,
+                    profile: Profile | None = None) -> Resources:
+    """Resources of one stage: ``slurm/resources.yaml`` at the stage's scale, its recipe's entry (fitted to
+    ``profile`` when one is given), then ``--res`` (never fitted: check_resources refuses what the profile lacks)."""
     table = yaml.safe_load((slurm_dir() / "resources.yaml").read_text())
     scale = stage.cfg.get("scale", "paper")
     base = dict(table.get(scale) or {})
     per_recipe = base.pop("recipes", None) or {}
     base.update(per_recipe.get(f"{stage.kind}/{stage.cfg.get('recipe')}", {}))
-    base.update(overrides or {})
     bad = sorted(set(base) - set(RES_KEYS))
     if bad:
         raise ConfigError(f"slurm/resources.yaml: unknown key(s) {', '.join(bad)}; valid: {', '.join(RES_KEYS)}")
+    for k, v in base.items():
+        if not RES_RULES[k].ok(v):
+            raise ConfigError(f"slurm/resources.yaml: {k}={short(v)} must be {RES_RULES[k].describe()}")
+    if profile is not None:
+        base = fit_to_profile(base, profile)
+    base.update(overrides or {})
     return Resources(**base)
 
 
@@ -220,7 +266,7 @@ def check_partition(prof: Profile) -> None:
 
 
 def check_writable(path: Path, what: str) -> Path:
-    path = Path(os.path.expandvars(os.path.expanduser(str(path))))
+    path = Path(os.path.expandvars(os.path.expanduser(safe_text(str(path), what))))
     if not path.is_absolute():
         raise ConfigError(f"{what} {path} is relative; give an absolute folder on the shared filesystem")
     try:
@@ -292,20 +338,39 @@ def sacct_usage(job_id: str) -> dict[str, Any] | None:
             "states": [r[1].split()[0] for r in rows]}
 
 
+def job_history(stage_dir: Path) -> list[str]:
+    """Every Slurm job that has run the stage since it was last started from scratch, oldest first (a stage stopped
+    and submitted again runs as a new job; a requeued job keeps its id)."""
+    try:
+        info = json.loads((stage_dir / SLURM_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return [str(j) for j in info.get("jobs") or ([info["job_id"]] if info.get("job_id") else [])]
+
+
 def reconcile(stage_dir: Path, retries: int = 10, wait_s: float = 1.0) -> dict[str, Any] | None:
-    """Record the sacct figure in the stage's result.json beside the engine's ``device_hours``."""
+    """Record the sacct figure in the stage's result.json beside the engine's ``device_hours``: the sum over every
+    run of every job of the stage (``job_history``)."""
     res_path, slurm_path = stage_dir / RESULT, stage_dir / SLURM_FILE
     if not (res_path.is_file() and slurm_path.is_file()):
         return None
-    job_id = json.loads(slurm_path.read_text())["job_id"]
+    jobs = job_history(stage_dir)
+    if not jobs:
+        return None
     usage = None
     for _ in range(retries):
-        usage = sacct_usage(job_id)
+        usage = sacct_usage(jobs[-1])
         if usage:
             break
         time.sleep(wait_s)
     if not usage:
         return None
+    for u in filter(None, (sacct_usage(j) for j in jobs[:-1])):  # earlier jobs of the stage (purged ones: skipped)
+        usage["hours"] += u["hours"] if u["unit"] == usage["unit"] else 0.0
+        usage["runs"] += u["runs"]
+        usage["elapsed_s"] += u["elapsed_s"]
+        usage["states"] = u["states"] + usage["states"]
+    usage["jobs"] = jobs
     result = json.loads(res_path.read_text())
     acct = result["accounting"]
     # Both figures stay: ``device_hours`` (the engine's: training wall x processes, what the tables compare with the
@@ -350,20 +415,21 @@ class StageJob:
             info = json.loads((out_dir / SLURM_FILE).read_text()) if (out_dir / SLURM_FILE).is_file() else {}
             info.update({"job_id": str(env.job_id), "stdout": str(env.paths.stdout), "stderr": log,
                          "restarts": restarts, "hostnames": env.hostnames})
+            info["jobs"] = [*(j for j in info.get("jobs") or [] if j != str(env.job_id)), str(env.job_id)]
             atomic_write_json(out_dir / SLURM_FILE, info)
         if restarts > self.max_requeues:
             msg = f"requeued {restarts} times (profile max_requeues={self.max_requeues}); giving up"
             if env.global_rank == 0:
                 self._fail(out_dir, msg, log)
             raise RuntimeError(msg)
-        from repro.engine.train import STOP
         from repro.pipeline import worker
 
-        rc = worker.main([self.spec_path])
+        outcome = worker.execute(self.spec_path)
+        rc = outcome.code
         if rc == 0:
             return json.loads((out_dir / RESULT).read_text()) if env.global_rank == 0 else None
         if rc == PREEMPTED_EXIT:
-            sig = STOP.signal
+            sig = outcome.signal
             if sig in (signal.SIGUSR1, signal.SIGUSR2) and env.global_rank == 0:
                 # Time limit ahead or preemption notice: requeue ourselves (the checkpoint is on disk).
                 subprocess.check_call(["scontrol", "requeue", str(env.job_id)], timeout=60)
@@ -387,6 +453,21 @@ class Group:
     res: Resources
     deps: list[Stage]
     job_ids: list[str] = field(default_factory=list)
+
+
+def job_name(group: Group) -> str:
+    """The Slurm job name of a group: its first stage's name (+ the number of further array tasks)."""
+    n = len(group.stages)
+    return safe_text(group.stages[0].name.replace("/", "-") + (f"+{n - 1}" if n > 1 else ""), "job name")
+
+
+def safe_text(text: str, what: str, limit: int = 4096) -> str:
+    """Refuse a string that reaches an sbatch script with a control character (a newline would end an #SBATCH line
+    and run the rest as a command), or that is empty or too long."""
+    if not isinstance(text, str) or not text or CONTROL.search(text) or len(text) > limit:
+        raise ConfigError(f"{what} {short(text)} is not allowed: it must be non-empty, at most {limit} characters, "
+                          "without control characters (newline, tab, ...)")
+    return text
 
 
 class SlurmExecutor:
@@ -413,7 +494,7 @@ class SlurmExecutor:
             level[s.key] = 1 + max((level[d.key] for d in s.deps.values() if d.key in todo_keys), default=-1)
         groups: dict[tuple[Any, ...], Group] = {}
         for s in todo:
-            res = stage_resources(s, self.res_overrides)
+            res = stage_resources(s, self.res_overrides, self.profile)
             check_resources(res, self.profile, f"stage {s.name}")
             if "optim" in s.cfg:
                 from repro.resolve import accumulation
@@ -432,25 +513,41 @@ class SlurmExecutor:
     def _executor(self, folder: Path, group: Group, dependency: str | None) -> Any:
         import submitit
 
+        python = shlex.quote(self.profile.python) if self.profile.python else None
         ex = submitit.SlurmExecutor(folder=str(folder / "%j"), max_num_timeout=self.profile.max_requeues,
-                                    python=self.profile.python)
-        name = group.stages[0].name.replace("/", "-") + (f"+{len(group.stages) - 1}" if len(group.stages) > 1 else "")
-        params = slurm_params(group.res, self.profile, name)
+                                    python=python)
+        params = slurm_params(group.res, self.profile, job_name(group))
         if dependency:
             params["dependency"] = dependency
         params["array_parallelism"] = self.profile.array_parallelism
         ex.update_parameters(**params)
         return ex
 
-    def render(self, stages: Iterable[Stage], runs_root: Path, force: bool = False) -> str:
-        """The sbatch scripts that ``run`` would submit (dependencies on jobs not yet submitted as ``$JOB_<n>``, or
-        ``$JOB_<n>_<i>`` for task i of an array, as Slurm's ``afterok:<array>_<i>``)."""
+    def script(self, folder: Path, group: Group, dependency: str | None) -> str:
+        """The sbatch script submitit writes for ``group`` (what ``_executor(...).submit`` sends to sbatch; checked
+        against a real submission with a stand-in sbatch in tests/test_bad_inputs.py). Built without submitit's
+        executor, which needs ``srun``: a dry run may be made off the cluster."""
         from submitit.slurm.slurm import _make_sbatch_string
 
+        params = slurm_params(group.res, self.profile, job_name(group))
+        if dependency:
+            params["dependency"] = dependency
+        params["array_parallelism"] = self.profile.array_parallelism
+        # submitit submits an array from a fresh executor, which runs sys.executable (not the profile's python)
+        python = self.profile.python if self.profile.python and len(group.stages) == 1 else sys.executable
+        if len(group.stages) > 1:
+            params["map_count"] = len(group.stages)
+        job_folder = Path(folder / "%j").expanduser().absolute()
+        command = " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(str(job_folder))])
+        return _make_sbatch_string(command=command, folder=job_folder, **params)
+
+    def render(self, stages: Iterable[Stage], runs_root: Path, force: bool = False) -> str:
+        """The sbatch scripts that ``run`` would submit, each exactly as submitit writes it (dependencies on jobs not
+        yet submitted as ``$JOB_<n>``, or ``$JOB_<n>_<i>`` for task i of an array, as Slurm's
+        ``afterok:<array>_<i>``)."""
         groups, done = self.groups(stages, runs_root, force)
         check_writable(runs_root, "run root")  # the partition is not checked: a dry run may be made off the cluster
-        folder = (self.log_root or Path(self.profile.log_root or runs_root / "slurm" / "logs")) / "%j"
-        python = self.profile.python or sys.executable
+        folder = self.log_root or Path(self.profile.log_root or runs_root / "slurm" / "logs")
         lines = [f"# cluster '{self.profile.name}': {len(groups)} job(s) for "
                  f"{sum(len(g.stages) for g in groups)} stage(s); {len(done)} stage(s) done already"]
         ref = {s.key: f"$JOB_{i}" + (f"_{j}" if len(g.stages) > 1 else "")  # an array task: <array>_<index>
@@ -458,15 +555,8 @@ class SlurmExecutor:
         for i, g in enumerate(groups, 1):
             lines.append(f"\n# ---- JOB_{i}: {len(g.stages)} stage(s), world size {g.res.world_size}")
             lines += [f"#   {s.name} {s.label} -> {s.dir(runs_root)}" for s in g.stages]
-            params = slurm_params(g.res, self.profile, g.stages[0].name.replace("/", "-"))
-            if g.deps:
-                params["dependency"] = "afterok:" + ":".join(ref[d.key] for d in g.deps)
-            params["array_parallelism"] = self.profile.array_parallelism
-            if len(g.stages) > 1:
-                params["map_count"] = len(g.stages)
-            text = _make_sbatch_string(command=f"{python} -u -m submitit.core._submit {folder}", folder=folder,
-                                       **params)
-            lines.append(text.rstrip())
+            dep = "afterok:" + ":".join(ref[d.key] for d in g.deps) if g.deps else None
+            lines.append(self.script(folder, g, dep).rstrip())
         return "\n".join(lines)
 
     # -- submission
@@ -495,7 +585,7 @@ class SlurmExecutor:
             for s in fresh:
                 d = s.dir(runs_root)
                 if force:
-                    (d / RESULT).unlink(missing_ok=True)
+                    reset(d)  # result, failure and checkpoints: the stage starts from scratch
                 (d / FAILED).unlink(missing_ok=True)
                 specs.append(write_spec(s, runs_root))
             if len(fresh) > 1:
@@ -505,8 +595,10 @@ class SlurmExecutor:
                 jobs = [ex.submit(StageJob(str(specs[0]), self.profile.max_requeues))]
             for s, job, spec in zip(fresh, jobs, specs):
                 job_of[s.key] = str(job.job_id)
+                earlier = [] if force else job_history(spec.parent)  # a resumed stage's cost includes them
                 atomic_write_json(spec.parent / SLURM_FILE, {
-                    "job_id": str(job.job_id), "cluster": self.profile.name, "submitted": time.time(),
+                    "job_id": str(job.job_id), "jobs": [*earlier, str(job.job_id)], "cluster": self.profile.name,
+                    "submitted": time.time(),
                     "stdout": str(job.paths.stdout), "stderr": str(job.paths.stderr), "restarts": 0,
                     "dependency": dep_ids, "resources": asdict(g.res)})
                 record.append({"stage": s.name, "dir": str(spec.parent), "job_id": str(job.job_id)})
@@ -580,14 +672,24 @@ def stage_dirs(runs_root: Path) -> list[Path]:
 
 
 def stage_status(d: Path, states: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """State of one stage folder from its files and (if it was submitted) the scheduler."""
-    spec = json.loads((d / "stage.json").read_text())
-    info = json.loads((d / SLURM_FILE).read_text()) if (d / SLURM_FILE).is_file() else {}
+    """State of one stage folder from its files, its lock and (if it was submitted) the scheduler: done, pending,
+    running, failed, cancelled, resumable (stopped with a checkpoint: a rerun resumes it), corrupt or not run."""
+    try:
+        spec, info, result, err = (read_json(d / name) for name in ("stage.json", SLURM_FILE, RESULT, FAILED))
+        bad = next((n for n, v in (("stage.json", spec), (SLURM_FILE, info), (RESULT, result), (FAILED, err))
+                    if v is not None and not isinstance(v, dict)), None)
+        if bad or not isinstance(spec, dict) or "name" not in spec:
+            raise ValueError(f"corrupt: {d / (bad or 'stage.json')} (not a stage record)")
+    except ValueError as e:  # a truncated or corrupt record: reported, never a traceback
+        return {"stage": f"{d.parent.name}/{d.name}", "label": "", "dir": str(d), "job_id": None, "scheduler": "",
+                "log": str(d / LOG), "state": "corrupt", "error": str(e)}
+    info = info or {}
     job = info.get("job_id")
     sched = (states or {}).get(job, "") if job else ""
     row = {"stage": spec["name"], "label": spec.get("label", ""), "dir": str(d), "job_id": job,
            "scheduler": sched, "log": info.get("stderr") or str(d / LOG)}
-    result = json.loads((d / RESULT).read_text()) if (d / RESULT).is_file() else None
+    checkpoint = d / CHECKPOINTS / "last.pth"
+    holder = lock_holder(d)
     if result and result.get("status") == "done":
         acct = result.get("accounting", {})
         row.update(state="done", hours=acct.get("device_hours"), sacct_hours=acct.get("device_hours_sacct"),
@@ -596,9 +698,12 @@ def stage_status(d: Path, states: Mapping[str, str] | None = None) -> dict[str, 
         row["state"] = "pending"
     elif sched.split(" ")[0] in ("RUNNING", "COMPLETING", "SUSPENDED"):
         row["state"] = "running"
-    elif (d / FAILED).is_file():
-        err = json.loads((d / FAILED).read_text())
+    elif holder:  # a local run holds the stage's lock
+        row.update(state="running", holder=holder)
+    elif err and err.get("error") != f"exit code {PREEMPTED_EXIT}":  # (older runs recorded a stop as a failure)
         row.update(state="failed", error=err.get("error"), log=err.get("log") or row["log"])
+    elif checkpoint.is_file():  # killed, or stopped by a signal (exit 75) for a requeue that did not come
+        row.update(state="resumable", checkpoint=str(checkpoint))
     elif sched.startswith("CANCELLED"):
         row.update(state="cancelled", error=f"job {job} was cancelled (by `repro cancel`, or an input failed)")
     elif sched:
@@ -610,10 +715,7 @@ def stage_status(d: Path, states: Mapping[str, str] | None = None) -> dict[str, 
 
 def status_report(runs_root: Path) -> list[dict[str, Any]]:
     dirs = stage_dirs(runs_root)
-    jobs = []
-    for d in dirs:
-        if (d / SLURM_FILE).is_file():
-            jobs.append(json.loads((d / SLURM_FILE).read_text())["job_id"])
+    jobs = [h[-1] for h in map(job_history, dirs) if h]
     states = job_states(jobs) if jobs and shutil.which("squeue") else {}
     rows = []
     for d in dirs:
@@ -634,10 +736,16 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
             extra = f"  engine {r['hours']:.4f} device-h"
             if r.get("sacct_hours") is not None:
                 extra += f", sacct {r['sacct_hours']:.4f} {r['sacct_unit']}"
+        elif r["state"] in ("pending", "running") and r.get("holder"):
+            extra = f"  locally ({r['holder']}); log: {r['log']}"
         elif r["state"] in ("pending", "running"):
             extra = f"  job {r['job_id']} ({r['scheduler'].lower()})"
         elif r["state"] in ("failed", "cancelled"):
             extra = f"  {r.get('error')}; log: {r['log']}"
+        elif r["state"] == "resumable":
+            extra = f"  stopped with a checkpoint ({r['checkpoint']}); running it again resumes it"
+        elif r["state"] == "corrupt":
+            extra = f"  {r['error']}"
         label = f" {r['label']}" if r["label"] else ""
         lines.append(f"  {r['state']:9s} {r['stage']}{label}{extra}")
     return "\n".join(lines) or "  (no stages)"
@@ -672,7 +780,10 @@ def make_executor(args: Any) -> Any:
         jobs = getattr(args, "jobs", 1)
         return LocalExecutor(devices=args.devices, jobs=jobs, stream=jobs == 1)
     prof = load_profile(cluster)
-    log_root = getattr(args, "log_dir", None) or prof.log_root
+    log_root = getattr(args, "log_dir", None)
+    if log_root is not None:
+        safe_text(log_root, "--log-dir")
+    log_root = log_root or prof.log_root
     res = parse_res_overrides(getattr(args, "res", None) or [])
     return SlurmExecutor(prof, Path(log_root) if log_root else None, res, dry_run=getattr(args, "dry_run", False),
                          wait=not getattr(args, "detach", False))

@@ -3,13 +3,14 @@ measured time to the paper's schedule.
 
 What a step is: the method's forward with its own loss, backward, AdamW step and the method's ``after_step`` (EMA
 teachers), on random images shaped as the method's training transform shapes them (so two-view methods get two
-views). As the engine: bf16 autocast on a GPU, fp32 on the CPU; attention goes through
-``F.scaled_dot_product_attention`` (timm's fused attention and our relative-position attention both), which picks
-the fused kernel of the device. Batch: on a CPU small batches (8 at <= 224 px, 4 above; say so in the outputs); on a
-GPU the largest of {256, 128, 64, 48, 32} that fits (the LocalMIM appendix's rule). The data loader's images/s (the
-method's own per-image transform on decoded images, ``train.num_workers`` workers) is measured beside the model's, so
-a table shows when loading would be the bottleneck. JPEG decoding is not included (no image files at paper scale
-here): the loader figure is an upper bound.
+views). As the engine: bf16 autocast on a GPU, fp32 on the CPU, transformer blocks compiled and fused AdamW on a GPU
+(``train.compile`` / ``train.fused_optim``; ``repro profile --compile/--fused-optim`` override); attention goes
+through ``F.scaled_dot_product_attention`` (timm's fused attention and our relative-position attention both), which
+picks the fused kernel of the device. Batch: on a CPU small batches (8 at <= 224 px, 4 above; say so in the
+outputs); on a GPU the largest of {256, 128, 64, 48, 32} that fits (the LocalMIM appendix's rule). The data loader's
+images/s (the method's own per-image transform on decoded images, ``train.num_workers`` workers) is measured beside
+the model's, so a table shows when loading would be the bottleneck. JPEG decoding is not included (no image files at
+paper scale here): the loader figure is an upper bound.
 """
 
 from __future__ import annotations
@@ -91,8 +92,35 @@ def attention_impl(device: torch.device) -> str:
     from timm.layers import use_fused_attn
 
     fused = use_fused_attn()
-    kernel = {"cpu": "CPU flash kernel", "cuda": "flash / mem-efficient kernels"}.get(device.type, device.type)
+    kernel = {"cpu": "CPU flash kernel",
+              "cuda": "flash kernel; memory-efficient kernel where a relative-position bias is added"
+              }.get(device.type, device.type)
     return f"fused SDPA ({kernel})" if fused else "explicit softmax(QK^T)V for timm blocks, SDPA for rel-pos blocks"
+
+
+# Dense bf16 tensor-core peaks (vendor datasheets, no sparsity) that MFU is stated against; first match of the name.
+PEAK_BF16_FLOPS: tuple[tuple[str, str, float], ...] = (
+    ("H100 PCIe", "NVIDIA H100 PCIe dense bf16 peak 756 TFLOP/s", 756e12),
+    ("H100 NVL", "NVIDIA H100 NVL dense bf16 peak 835 TFLOP/s", 835e12),
+    ("H100", "NVIDIA H100 SXM dense bf16 peak 989 TFLOP/s", 989e12),
+    ("H200", "NVIDIA H200 dense bf16 peak 989 TFLOP/s", 989e12),
+    ("A100", "NVIDIA A100 dense bf16 peak 312 TFLOP/s", 312e12),
+)
+
+
+def peak_flops(device: torch.device) -> tuple[float, str] | None:
+    """(FLOP/s, its name) of the device's dense bf16 peak, or None where none is known (CPUs, other GPUs)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next(((f, label) for key, label, f in PEAK_BF16_FLOPS if key in name), None)
+
+
+def dynamo_graphs() -> int:
+    """Graphs torch.compile has made in this process so far (a new one after warm-up is a recompile)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def device_name(device: torch.device) -> str:
@@ -104,17 +132,24 @@ def device_name(device: torch.device) -> str:
 class _Steps:
     """Forward / backward / AdamW / after_step on one fixed random batch."""
 
-    def __init__(self, method: Any, cfg: Mapping[str, Any], batch_size: int, device: torch.device, seed: int = 0):
-        from repro.engine.train import build_optimizer, default_param_groups
+    def __init__(self, method: Any, cfg: Mapping[str, Any], batch_size: int, device: torch.device, seed: int = 0,
+                 compile: bool | None = None, fused_optim: bool | None = None):
+        from repro.engine.train import auto_switch, build_optimizer, compile_blocks, default_param_groups
 
         self.method, self.device = method.to(device), device
         self.method.train()
+        # As the engine: the recipe's switches (None: on for CUDA), unless the caller fixes them.
+        tcfg = cfg.get("train", {})
+        self.compile = auto_switch(tcfg.get("compile") if compile is None else compile, device)
+        self.fused_optim = auto_switch(tcfg.get("fused_optim") if fused_optim is None else fused_optim, device)
+        self.compiled_blocks = compile_blocks(self.method) if self.compile else 0
         optim = dict(cfg["optim"])
         if optim.get("name") != "adamw":
             optim["name"] = "adamw"
         groups = (method.param_groups(optim) if hasattr(method, "param_groups")
                   else default_param_groups(method, optim))
-        self.opt = build_optimizer(groups, optim, 1e-6)  # a tiny lr: random inputs must not blow the weights up
+        # a tiny lr: random inputs must not blow the weights up
+        self.opt = build_optimizer(groups, optim, 1e-6, fused=self.fused_optim)
         self.batch = random_batch(method, cfg, batch_size, device, seed)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.amp = torch.bfloat16 if device.type == "cuda" else None
@@ -142,7 +177,7 @@ def choose_batch(cfg: Mapping[str, Any], device: torch.device, build: Any = buil
         return b, f"CPU: small batch ({b} at {cfg['data']['img_size']} px), not the paper's"
     for b in GPU_BATCHES:
         try:
-            steps = _Steps(build(cfg), cfg, b, device)
+            steps = _Steps(build(cfg), cfg, b, device, compile=False)  # memory probe: eager
             steps()
             steps()
             del steps
@@ -181,9 +216,12 @@ def loader_images_per_s(method: Any, cfg: Mapping[str, Any], batch_size: int, nu
 
 def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None, warmup: int = 1, steps: int = 3,
                    batch: int | None = None, count_flops: bool = True, loader: bool = True,
-                   loader_workers: int | None = None) -> dict[str, Any]:
+                   loader_workers: int | None = None, compile: bool | None = None,
+                   fused_optim: bool | None = None) -> dict[str, Any]:
     """Measure one resolved pretraining config: batch, step times, images/s, FLOPs per image (counted and analytic),
-    loader images/s, device and attention implementation. No projection (see ``project``)."""
+    MFU, loader images/s, device, attention implementation, and the engine's speed switches (``compile`` /
+    ``fused_optim``: None = the recipe's, i.e. on for CUDA) with the graphs compiled and recompiles after the first
+    step. No projection (see ``project``)."""
     from repro.profile.cost import analytic_flops
     from repro.profile.flops import flops_per_image
 
@@ -200,12 +238,21 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     if count_flops:  # one image on the CPU in fp32: counts do not depend on the device
         flops = flops_per_image(method, random_batch(method, cfg, 1, torch.device("cpu")),
                                 torch.Generator().manual_seed(0))
-    run = _Steps(method, cfg, batch, device)
-    for _ in range(warmup):
+    torch._dynamo.reset()  # each config compiles afresh: no recompile limit reached across a table's configs
+    if device.type == "cuda":  # the peak of this config, not of the process so far
+        torch.cuda.reset_peak_memory_stats(device)
+    graphs0 = dynamo_graphs()
+    run = _Steps(method, cfg, batch, device, compile=compile, fused_optim=fused_optim)
+    first = [run() for _ in range(min(1, warmup))]
+    graphs1 = dynamo_graphs()
+    for _ in range(warmup - len(first)):
         run()
     times = [run() for _ in range(steps)]
     step = float(np.median(times))
     from repro.engine.train import peak_memory_mb
+
+    peak = peak_flops(device)
+    mfu = flops["total"] * batch / step / peak[0] if (flops and peak) else None
 
     prof = {
         "recipe": cfg.get("recipe"), "method": cfg["method"]["name"], "img_size": cfg["data"]["img_size"],
@@ -220,6 +267,10 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
         "device": device_name(device), "device_type": device.type, "device_count": 1,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "attention": attention_impl(device), "torch": torch.__version__,
+        "compile": run.compile, "compiled_blocks": run.compiled_blocks, "fused_optim": run.fused_optim,
+        "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
+        "first_step_s": first[0] if first else None,
+        "mfu": mfu, "mfu_peak": peak[1] if peak else None,
         "peak_memory_mb": peak_memory_mb(device),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cost_key": cost_key(cfg),
@@ -235,7 +286,11 @@ def cost_key(cfg: Mapping[str, Any]) -> str:
     import hashlib
     import json
 
-    key = {"method": dict(cfg["method"]), "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
+    from repro.methods import get_method
+
+    free = get_method(cfg["method"]["name"]).cost_free
+    method = {k: v for k, v in cfg["method"].items() if k not in free}
+    key = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -12,6 +12,7 @@ import csv
 import datetime as _dt
 import io
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +31,18 @@ from repro.profile.bench import (
     train_images,
 )
 from repro.profile.cost import analytic_flops, describe
-from repro.profile.projection import store_profiles
+from repro.profile.projection import repo_root, store_profiles
 from repro.profile.tables import CALIBRATION, EFFICIENCY_TABLES, CostRow, cost_table, resolve_row
 
-CSV_FIELDS = ("row", "recipe", "overrides", "status", "batch", "step_time_s", "images_per_s", "loader_images_per_s",
+CSV_FIELDS = ("row", "recipe", "overrides", "status", "batch", "step_time_s", "images_per_s", "mfu", "compile",
+              "recompiles", "loader_images_per_s",
               "gflops_per_image", "analytic_gflops_per_image", "epochs", "dataset_images",
               "measured_h_per_epoch", "measured_total_device_h", "calibrated_h", "paper_time", "reference",
               "measured_speedup", "paper_speedup", "measured_over_paper")
+
+
+def _onoff(x: Any) -> str:
+    return "—" if x is None else ("on" if x else "off")
 
 
 def _fmt(x: Any, nd: int = 2) -> str:
@@ -78,11 +84,15 @@ def _measure_row(row: CostRow, cache: _Cache, log: Any) -> dict[str, Any]:
         prof = cache.get(cfg, log)
     except ConfigError as e:  # e.g. a method that needs real data even to build
         return {**out, "status": f"not measured: {e}"}
+    except torch.cuda.OutOfMemoryError:  # a fixed --batch too large for this row: the other rows still run
+        torch.cuda.empty_cache()
+        return {**out, "status": f"not measured: out of GPU memory at batch {cache.opts.get('batch')}"}
     images = train_images(cfg)
     epochs = float(cfg["optim"]["epochs"])
     proj = project(prof["s_per_image"], images, epochs)
     return {**out, "status": "measured", "batch": prof["batch"], "step_time_s": prof["step_time_s"],
             "images_per_s": prof["images_per_s"], "loader_images_per_s": prof["loader_images_per_s"],
+            "mfu": prof.get("mfu"), "compile": prof.get("compile"), "recompiles": prof.get("recompiles"),
             "gflops_per_image": prof["flops_per_image"] / 1e9 if prof["flops_per_image"] else None,
             "analytic_gflops_per_image": (prof["analytic_flops_per_image"] or 0) / 1e9 or None,
             "analytic": describe(analytic_flops(cfg)), "epochs": epochs, "dataset_images": images,
@@ -91,11 +101,14 @@ def _measure_row(row: CostRow, cache: _Cache, log: Any) -> dict[str, Any]:
 
 
 def profile_table(table_id: str, repo_root: Path, *, warmup: int = 1, steps: int = 3, batch: int | None = None,
-                  loader_workers: int | None = None, log: Any = print) -> dict[str, Any]:
-    """Measure one table's rows (+ its paper's calibration row when the table lacks it) and write its outputs."""
+                  loader_workers: int | None = None, log: Any = print, store: bool = False,
+                  **switches: Any) -> dict[str, Any]:
+    """Measure one table's rows (+ its paper's calibration row when the table lacks it) and write its outputs (file
+    names carry the device, ``cost_suffix``); ``switches``: ``compile``, ``fused_optim``, ``loader`` of
+    ``profile_config``; ``store``: replace stored profiles that timed more steps."""
     table = cost_table(table_id)
     log(f"[profile] {table_id}: {len(table.rows)} rows ({table.source})")
-    cache = _Cache(warmup=warmup, steps=steps, batch=batch, loader_workers=loader_workers)
+    cache = _Cache(warmup=warmup, steps=steps, batch=batch, loader_workers=loader_workers, **switches)
     rows = [_measure_row(r, cache, log) for r in table.rows]
     # Calibration: the paper's declared reference row, measured in this same run.
     cal = CALIBRATION[table.paper]
@@ -129,22 +142,35 @@ def profile_table(table_id: str, repo_root: Path, *, warmup: int = 1, steps: int
         "source": table.source, "steps": steps, "warmup": warmup,
         "device": first["device"] if first else None, "device_type": first["device_type"] if first else None,
         "attention": first["attention"] if first else None, "precision": first["precision"] if first else None,
+        "compile": first["compile"] if first else None, "fused_optim": first["fused_optim"] if first else None,
+        "recompiles": sum(p["recompiles"] or 0 for p in profiles.values()),
+        "mfu_peak": first["mfu_peak"] if first else None,
         "batch_rule": first["batch_rule"] if first else None, "torch": torch.__version__,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "calibration": {"table": cal.table, "row": cal.label, "paper": cal.paper, "hardware": cal.hardware,
                         "per_epoch": cal.per_epoch, "factor": factor,
                         "measured_row": cal_row["row"]},
-        "command": f"repro profile {table_id} --steps {steps} --warmup {warmup}",
+        "command": f"repro profile {table_id} --steps {steps} --warmup {warmup}"
+                   + (f" --compile {'on' if first['compile'] else 'off'}" if first else ""),
     }
     _write_outputs(table_id, repo_root, meta, rows, cal_row)
     if profiles:
-        store_profiles(profiles)
+        store_profiles(profiles, replace=store, log=log)
     return {"meta": meta, "rows": rows}
+
+
+def cost_suffix(device: str | None) -> str:
+    """The device part of a cost table's file name: none for a CPU (the project's machine), else ``.<device>``
+    (``t1-cost.nvidia-h200.md``), so each device's table sits beside the others."""
+    if not device or device.startswith("CPU"):
+        return ""
+    return "." + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
 def _write_outputs(table_id: str, repo_root: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                    cal_row: dict[str, Any]) -> None:
     paper, tid = table_id.split("/", 1)
+    tid += "-cost" + cost_suffix(meta.get("device"))
     tdir, pdir = repo_root / "tables" / paper, repo_root / "plots" / paper
     tdir.mkdir(parents=True, exist_ok=True)
     pdir.mkdir(parents=True, exist_ok=True)
@@ -153,11 +179,11 @@ def _write_outputs(table_id: str, repo_root: Path, meta: dict[str, Any], rows: l
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, extrasaction="ignore")
     w.writeheader()
     w.writerows(clean)
-    atomic_write_text(tdir / f"{tid}-cost.csv", buf.getvalue())
+    atomic_write_text(tdir / f"{tid}.csv", buf.getvalue())
     extra = [] if cal_row in rows else [{k: v for k, v in cal_row.items() if not k.startswith("_")}]
-    atomic_write_json(tdir / f"{tid}-cost.json", {"meta": meta, "rows": clean, "calibration_row": extra})
-    atomic_write_text(tdir / f"{tid}-cost.md", render_markdown(meta, clean, extra))
-    plot_speedups(meta, clean, pdir / f"{tid}-cost.png")
+    atomic_write_json(tdir / f"{tid}.json", {"meta": meta, "rows": clean, "calibration_row": extra})
+    atomic_write_text(tdir / f"{tid}.md", render_markdown(meta, clean, extra))
+    plot_speedups(meta, clean, pdir / f"{tid}.png")
 
 
 def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], extra: list[dict[str, Any]]) -> str:
@@ -168,6 +194,9 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], extra: lis
         f"# {meta['table']}: pretraining cost, measured vs paper",
         "",
         f"Measured {meta['date']} on **{meta['device']}** ({meta['precision']}; attention: {meta['attention']}; "
+        f"torch.compile of the blocks: {_onoff(meta.get('compile'))} ({meta.get('recompiles')} recompiles after the "
+        f"first step); fused AdamW: {_onoff(meta.get('fused_optim'))}; MFU against "
+        f"{meta.get('mfu_peak') or 'no known peak'}; "
         f"torch {meta['torch']}); {meta['warmup']} warm-up + {meta['steps']} timed steps per configuration, median "
         f"step time; batch: {meta['batch_rule']}. One run: `{meta['command']}`. Rows source: {meta['source']}.",
         "",
@@ -177,15 +206,16 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], extra: lis
         f"the declared reference row '{cal['row']}' ({cal['table']}, {cal['paper']} {cal['hardware']}) match "
         f"the paper (factor {_fmt(cal['factor'], 4)}; measured in this run as '{cal['measured_row']}').",
         "",
-        "| row | status | batch | s/step | img/s | loader img/s | GFLOPs/img fwd+bwd (counted) | analytic GFLOPs/img "
-        "(tokens) | measured device-h/epoch | projected device-h total | calibrated " + unit + " | paper " + unit +
-        " | reference | speed-up measured | speed-up paper | measured / paper |",
-        "|" + "---|" * 16,
+        "| row | status | batch | s/step | img/s | MFU | loader img/s | GFLOPs/img fwd+bwd (counted) | analytic "
+        "GFLOPs/img (tokens) | measured device-h/epoch | projected device-h total | calibrated " + unit +
+        " | paper " + unit + " | reference | speed-up measured | speed-up paper | measured / paper |",
+        "|" + "---|" * 17,
     ]
     for r in rows + extra:
         lines.append("| " + " | ".join([
             r["row"] + (f" (`{r['recipe']}` {r['overrides']})".rstrip() if r.get("recipe") else ""),
             r.get("status", ""), _fmt(r.get("batch")), _fmt(r.get("step_time_s")), _fmt(r.get("images_per_s")),
+            f"{r['mfu']:.0%}" if r.get("mfu") else "—",
             _fmt(r.get("loader_images_per_s"), 1), _fmt(r.get("gflops_per_image"), 1), r.get("analytic", "—"),
             _fmt(r.get("measured_h_per_epoch"), 1), _fmt(r.get("measured_total_device_h"), 0),
             _fmt(r.get("calibrated_h"), 2 if meta["per_epoch"] else 1), _fmt(r.get("paper_time")),
@@ -275,62 +305,147 @@ def describe_analytic(r: dict[str, Any]) -> str:
 
 
 def main(targets: Sequence[str], repo_root: Path, *, warmup: int = 1, steps: int = 3, batch: int | None = None,
-         flops: bool = False, loader_workers: int | None = None, overrides: Sequence[str] = ()) -> int:
-    """The CLI: table ids (or ``all`` = the efficiency tables), a paper name, or a pretraining recipe name."""
+         flops: bool = False, loader_workers: int | None = None, overrides: Sequence[str] = (),
+         json_out: Path | None = None, store: bool = False, **switches: Any) -> int:
+    """The CLI: table ids (or ``all`` = the efficiency tables), a paper name, or a pretraining recipe name;
+    ``switches``: ``compile``, ``fused_optim``, ``loader`` of ``profile_config``; ``json_out``: every profile
+    measured by this call, in one file; ``store``: replace stored profiles that timed more steps."""
     ids: list[str] = []
+    measured: dict[str, Any] = {}
     for t in targets:
         if t == "all":
             ids += list(EFFICIENCY_TABLES)
         elif t in ("lomar", "localmim", "extrema"):
             ids += [i for i in EFFICIENCY_TABLES if i.startswith(t + "/")]
-        elif "/" in t:
+        elif "/" in t and not t.startswith("pretrain/"):
             if t not in EFFICIENCY_TABLES:
                 raise ConfigError(f"'{t}' is not an efficiency table; valid: all, lomar, localmim, extrema, "
-                                  f"{', '.join(EFFICIENCY_TABLES)}, or a pretraining recipe")
+                                  f"{', '.join(EFFICIENCY_TABLES)}, or a pretraining recipe (pretrain/NAME for "
+                                  "one named as a paper)")
             ids.append(t)
-        else:
-            _profile_recipe(t, overrides, warmup=warmup, steps=steps, batch=batch, loader_workers=loader_workers)
+        else:  # a recipe; `pretrain/lomar` is the recipe where `lomar` alone is the paper
+            measured[t] = _profile_recipe(t.removeprefix("pretrain/"), overrides, warmup=warmup, steps=steps,
+                                          batch=batch, loader_workers=loader_workers, store=store, **switches)
+            _dump(json_out, measured)
     for i in dict.fromkeys(ids):
-        profile_table(i, repo_root, warmup=warmup, steps=steps, batch=batch, loader_workers=loader_workers)
-        print(f"[profile] wrote tables/{i}-cost.md, tables/{i}-cost.csv, plots/{i}-cost.png", flush=True)
+        res = profile_table(i, repo_root, warmup=warmup, steps=steps, batch=batch, loader_workers=loader_workers,
+                            store=store, **switches)
+        measured[i] = {"meta": res["meta"], "rows": [{k: v for k, v in r.items() if k != "_profile"}
+                                                     for r in res["rows"]]}
+        _dump(json_out, measured)
+        name = f"{i}-cost{cost_suffix(res['meta'].get('device'))}"
+        print(f"[profile] wrote tables/{name}.md, tables/{name}.csv, plots/{name}.png", flush=True)
     if flops:
         path = flops_benchmark(repo_root)
         print(f"[profile] wrote {path}", flush=True)
     return 0
 
 
-def _profile_recipe(recipe: str, overrides: Sequence[str], **opts: Any) -> dict[str, Any]:
+def _dump(path: Path | None, measured: dict[str, Any]) -> None:
+    """Rewrite ``path`` after every target, so a run cut short still leaves what it measured."""
+    if path is not None:
+        atomic_write_json(Path(path), measured)
+
+
+def _profile_recipe(recipe: str, overrides: Sequence[str], store: bool = False, **opts: Any) -> dict[str, Any]:
     """One named recipe at paper scale (with dotted overrides): print the measurement and the projection."""
     from repro.resolve import resolve
 
     cfg = resolve(recipe, "paper", list(overrides), kind="pretrain")
     prof = profile_config(cfg, **opts)
     line = {k: prof[k] for k in ("recipe", "img_size", "batch", "step_time_s", "images_per_s", "loader_images_per_s",
-                                 "flops_per_image", "analytic_flops_per_image", "device", "attention")}
+                                 "flops_per_image", "analytic_flops_per_image", "mfu", "mfu_peak", "device",
+                                 "precision", "attention", "compile", "graphs_compiled", "recompiles",
+                                 "first_step_s", "fused_optim")}
     try:
         line["projection"] = project(prof["s_per_image"], train_images(cfg), float(cfg["optim"]["epochs"]))
     except ConfigError as e:
         line["projection"] = str(e)
     print(json.dumps(line, indent=2, default=str), flush=True)
-    store_profiles({cost_key(cfg): prof})
+    store_profiles({cost_key(cfg): prof}, replace=store)
     return prof
 
 
-def repo_root() -> Path:
-    """Where tables/ and plots/ go: the checkout this package lives in."""
-    return Path(__file__).resolve().parents[2]
+def profiles_from_json(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Profiles (profile set -> cost key -> profile) in ``repro profile --json`` files (a folder: its
+    ``repro-*.json``): each recipe target's full profile, and for a cost table's row without one a profile derived
+    from the row (its step time, batch, MFU and the table's device and switches; marked ``derived_from``). Later
+    files win."""
+    from repro.profile.projection import profile_set
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("repro-*.json")) if p.is_dir() else [p]
+    full: dict[str, dict[str, dict[str, Any]]] = {}
+    derived: dict[str, dict[str, dict[str, Any]]] = {}
+    for f in files:
+        for target, entry in json.loads(f.read_text()).items():
+            if "rows" not in entry:
+                if "cost_key" not in entry:
+                    raise ConfigError(f"{f}: '{target}' is neither a profile nor a cost table")
+                full.setdefault(profile_set(entry), {})[entry["cost_key"]] = entry
+                continue
+            meta = entry["meta"]
+            for r in entry["rows"]:
+                if r.get("status") != "measured":
+                    continue
+                cfg = resolve_row(r["recipe"], dict(o.split("=", 1) for o in (r.get("overrides") or "").split()))
+                prof = {
+                    "recipe": cfg.get("recipe"), "method": cfg["method"]["name"], "img_size": cfg["data"]["img_size"],
+                    "batch": r["batch"], "step_time_s": r["step_time_s"], "s_per_image": r["step_time_s"] / r["batch"],
+                    "images_per_s": r["images_per_s"], "mfu": r.get("mfu"), "mfu_peak": meta.get("mfu_peak"),
+                    "flops_per_image": (r.get("gflops_per_image") or 0) * 1e9 or None,
+                    "device": meta["device"], "device_type": meta.get("device_type"),
+                    "precision": meta["precision"], "attention": meta.get("attention"), "torch": meta.get("torch"),
+                    "compile": meta.get("compile"), "fused_optim": meta.get("fused_optim"),
+                    "recompiles": r.get("recompiles"), "timed_steps": meta.get("steps"),
+                    "warmup_steps": meta.get("warmup"), "date": meta.get("date"), "cost_key": cost_key(cfg),
+                    "derived_from": f"{meta['table']} row '{r['row']}' ({f.name})"}
+                derived.setdefault(profile_set(prof), {})[prof["cost_key"]] = prof
+    out = {}
+    for name in dict.fromkeys([*derived, *full]):
+        out[name] = {**derived.get(name, {}), **full.get(name, {})}
+    return out
+
+
+def import_profiles(paths: Sequence[Path], store: bool = False) -> int:
+    """``repro profile --import``: store the profiles of ``--json`` files, each in its device's set."""
+    for name, profs in profiles_from_json(paths).items():
+        store_profiles(profs, replace=store)
+        print(f"[profile] {len(profs)} profile(s) of {name}: "
+              f"{', '.join(sorted({str(p['recipe']) for p in profs.values()}))}")
+    return 0
 
 
 def cli_main(args: Any) -> int:
-    """``repro profile``: split TARGETs from key=value overrides, then run ``main``."""
+    """``repro profile``: split TARGETs from key=value overrides, then run ``main`` (or ``--side-by-side`` /
+    ``--import``)."""
     targets = [t for t in args.targets if "=" not in t]
     overrides = [t for t in args.targets if "=" in t] + list(args.overrides)
+    side, imports = getattr(args, "side_by_side", None), getattr(args, "import_json", None)
+    store = bool(getattr(args, "store", False))
+    if side or imports:
+        if targets or overrides or args.flops:
+            raise ConfigError("--side-by-side / --import read measured files; they take no targets")
+        if imports:
+            import_profiles([Path(p) for p in imports], store=store)
+        if side:
+            from repro.profile.sidebyside import write_side_by_side
+
+            for path in write_side_by_side(Path(side), repo_root()):
+                print(f"[profile] wrote {path}", flush=True)
+        return 0
     if not targets and not args.flops:
         raise ConfigError("name what to profile: an efficiency table (e.g. lomar/t1), a paper, `all`, a pretraining "
                           "recipe, or --flops")
-    if overrides and any("/" in t or t == "all" or t in ("lomar", "localmim", "extrema") for t in targets):
+    if overrides and any(("/" in t and not t.startswith("pretrain/")) or t in ("all", "lomar", "localmim", "extrema")
+                         for t in targets):
         raise ConfigError("key=value overrides apply to a recipe target only; tables use their paper configurations")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
+    switch = {"on": True, "off": False, "auto": None}
     return main(targets, repo_root(), warmup=args.warmup, steps=args.steps, batch=args.batch, flops=args.flops,
-                loader_workers=args.loader_workers, overrides=overrides)
+                loader_workers=args.loader_workers, overrides=overrides,
+                json_out=Path(args.json) if getattr(args, "json", None) else None, store=store,
+                compile=switch[getattr(args, "compile", "auto")],
+                fused_optim=switch[getattr(args, "fused_optim", "auto")], loader=not getattr(args, "no_loader", False))

@@ -53,6 +53,13 @@ def device_name() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def _results_version(cfg: dict[str, Any]) -> dict[str, int]:
+    """Which code made the result (``repro.pipeline.stage.results_version``); empty without a stage config."""
+    from repro.pipeline.stage import results_version
+
+    return results_version(str(cfg["kind"]), cfg) if cfg.get("kind") else {}
+
+
 def provenance(cfg: dict[str, Any]) -> dict[str, Any]:
     return {
         **code_version(),
@@ -62,5 +69,6 @@ def provenance(cfg: dict[str, Any]) -> dict[str, Any]:
         "device_name": device_name(),
         "seed": cfg.get("seed"),
         "config_hash": config_hash(cfg),
+        "results_version": _results_version(cfg),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

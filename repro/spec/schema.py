@@ -62,7 +62,7 @@ FILE_KEYS = ("paper", "title", "tables")
 TABLE_KEYS = ("id", "kind", "caption", "source", "columns", "rows", "reference_row", "plot", "notes")
 COLUMN_KEYS = ("id", "title", "type", "measure", "unit", "reference")
 ROW_KEYS = ("label", "values", "approx", "flags", "pretrain", "overrides", "evals", "eval_overrides", "init",
-            "reported", "pending", "x", "series", "note")
+            "reported", "pending", "x", "series", "note", "same_stage_ok")
 PLOT_KEYS = ("x", "y", "series", "xlabel", "ylabel", "logx")
 
 
@@ -97,6 +97,7 @@ class Row:
     x: float | None = None  # figures: the x value of this point
     series: str | None = None  # figures: the curve this point belongs to
     note: str | None = None
+    same_stage_ok: str | None = None  # why this row may share its stage with a row that prints another value
 
     @property
     def trainable(self) -> bool:
@@ -241,7 +242,7 @@ def _row(raw: Any, columns: dict[str, Column], where: str) -> Row:
                eval_overrides={k: _dotted(v, f"{where} eval_overrides.{k}") for k, v in eval_ov.items()},
                init=init, reported=_str(raw, "reported", where), pending=_str(raw, "pending", where),
                x=raw.get("x"), series=None if raw.get("series") is None else str(raw["series"]),
-               note=_str(raw, "note", where))
+               note=_str(raw, "note", where), same_stage_ok=_str(raw, "same_stage_ok", where))
 
 
 def _table(raw: Any, paper: str, where: str) -> TableSpec:

@@ -18,4 +18,4 @@ export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -qq
 $SUDO apt-get install -y -qq --no-install-recommends munge slurmctld slurmd slurm-client slurmdbd mariadb-server \
   >/dev/null
-echo "slurm/local/install.sh: done (slurm $(dpkg-query -W -f="${Version}" slurmctld))"
+echo "slurm/local/install.sh: done (slurm $(dpkg-query -W -f='${Version}' slurmctld))"  # dpkg's field, not bash's
