@@ -366,9 +366,18 @@ def test_readme_commands_work_as_written(command: str, sandbox: Path, capsys: py
         args.overrides = overrides
         _check(_stages_for(args), args.devices)
     elif args.cmd == "profile":
-        from repro.spec import select
+        from repro.config import load_recipe
+        from repro.profile.run import EFFICIENCY_TABLES
 
-        assert select([t for t in args.targets if "=" not in t])
+        if args.side_by_side:
+            assert (ROOT / args.side_by_side / "official.json").is_file()
+        if args.import_json:
+            assert args.import_json == ["out.json"]  # what `profile --json out.json` writes
+        for t in (t for t in args.targets if "=" not in t):
+            if t.startswith("pretrain/") or "/" not in t and t not in ("all", "lomar", "localmim", "extrema"):
+                load_recipe(t.removeprefix("pretrain/"), "pretrain")  # a recipe that exists
+            else:
+                assert t in ("all", "lomar", "localmim", "extrema") or t in EFFICIENCY_TABLES, t
     else:  # tables, plan, show, recipes, report, status
         rc = main([*argv, *(["--runs-dir", str(sandbox / "runs")] if args.cmd in ("plan", "status") else []),
                    *(["--out", str(sandbox / "R.md"), "--runs-dir", str(sandbox / "runs")]

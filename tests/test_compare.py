@@ -54,15 +54,16 @@ def repo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
 
 def _write(root: Path, commit: str, top1: list[float], device: str = "x86_64", ips: float = 100.0,
-           table: bool = True) -> None:
+           table: bool = True, dirty: bool = False) -> None:
     """One table row (lomar/t2, row LoMaR) evaluated with one seed per value; the stage folders are rewritten by
     each commit's run, as `repro run --force` does."""
     for seed, v in enumerate(top1):
         atomic_write_json(folder(root, seed) / "result.json",
-                          fake_result(commit, seed, {"linear_top1": v}, device=device, images_per_s=ips + seed))
+                          fake_result(commit, seed, {"linear_top1": v}, device=device, images_per_s=ips + seed,
+                                      dirty=dirty))
         atomic_write_json(folder(root, seed, "pretrain") / "result.json",
                           fake_result(commit, seed, {"final_loss": 1.0}, kind="pretrain", device=device,
-                                      images_per_s=ips + seed))
+                                      images_per_s=ips + seed, dirty=dirty))
         if table:
             atomic_write_json(root / "tiny" / "tables" / "lomar" / "t2.json",
                               {"table": "lomar/t2", "scale": "tiny", "overrides": [f"seed={seed}"],
@@ -94,6 +95,15 @@ def test_compare_catches_a_regression(tmp_path: Path, repo: list[str], capsys: p
     assert "**regressed" in md.read_text() and "| lomar/t2 | LoMaR | linear | linear_top1 |" in md.read_text()
     assert main(["compare", repo[0], repo[2], "--runs-dir", str(runs), "--fail-on-regression"]) == 1
     assert main(["compare", repo[0], repo[1], "--runs-dir", str(runs), "--fail-on-regression"]) == 0
+    # uncommitted changes on top of a commit are their own side (REV+dirty)
+    _write(runs, repo[2], [55.0, 56.0, 54.0], dirty=True)
+    lines, facts = compare.compare(runs, repo[2], repo[2] + "+dirty", metric="linear_top1")
+    assert [ln.v.verdict for ln in lines] == ["improved"] and lines[0].v.head.mean == 55.0
+    assert facts["dirty"] == {"base": False, "head": True}
+    assert "+dirty" in compare.format_text(lines, facts)
+    hist = compare.history(runs, "linear_top1", table="lomar/t2")
+    assert [(p.commit, p.dirty) for p in next(iter(hist.values()))] == [(repo[0], False), (repo[1], False),
+                                                                        (repo[2], False), (repo[2], True)]
     capsys.readouterr()
     # one seed per side: no verdict, and no tolerance invented
     runs1 = tmp_path / "runs1"
@@ -135,6 +145,7 @@ def test_bad_input_one_line_each(tmp_path: Path, repo: list[str], capsys: pytest
     r = ["--runs-dir", str(runs)]
     assert "unknown revision 'nosuchrev'" in _error(capsys, ["compare", "nosuchrev", repo[1], *r])
     assert "no stored results for head" in _error(capsys, ["compare", repo[0], repo[2], *r])
+    assert "(4 made without uncommitted changes" in _error(capsys, ["compare", repo[0], repo[1] + "+dirty", *r])
     assert "metric 'top9'" in _error(capsys, ["compare", repo[0], repo[1], "--metric", "top9", *r])
     assert "unknown table 'lomar/t99'" in _error(capsys, ["compare", repo[0], repo[1], "--table", "lomar/t99", *r])
     assert "no stored results for table lomar/t1" in _error(capsys, ["compare", repo[0], repo[1], "--table",

@@ -172,7 +172,8 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for k in d:
         wait_until(lambda k=k: ended(d[k]), 300, f"the {k} job to end", poll=2)
     for k in d:
-        repro("status", "--runs-dir", str(base / k))  # reconciles the detached runs with sacct
+        # reconciles the detached runs with sacct; exits 1 where a stage failed (the diverging one)
+        assert repro("status", "--runs-dir", str(base / k), check=False).returncode == (k == "error")
     return d
 
 
@@ -207,8 +208,9 @@ def test_real_error_is_not_requeued_and_shows_in_status(interrupted: dict[str, P
     d = interrupted["error"]
     assert not (d / "result.json").exists()
     assert [r[1].split()[0] for r in sacct(job_of(d))] == ["FAILED"]
-    status = repro("status", "--runs-dir", str(d.parents[2])).stdout
-    line = next(x for x in status.splitlines() if "pretrain/" in x)
+    res = repro("status", "--runs-dir", str(d.parents[2]), check=False)
+    assert res.returncode == 1  # a failed stage makes `repro status` exit non-zero
+    line = next(x for x in res.stdout.splitlines() if "pretrain/" in x)
     assert line.split()[0] == "failed" and "FloatingPointError" in line and json.loads((d / "slurm.json").read_text())[
         "stderr"] in line
 

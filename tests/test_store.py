@@ -22,7 +22,8 @@ from repro.record import store
 
 def fake_result(commit: str, seed: int = 0, metrics: dict[str, float] | None = None, kind: str = "linear",
                 recipe: str = "mae", device: str = "x86_64", images_per_s: float = 100.0,
-                finished: float | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                finished: float | None = None, extra: dict[str, Any] | None = None,
+                dirty: bool = False) -> dict[str, Any]:
     """A result.json as the worker writes it (the fields the store reads)."""
     cfg = {"kind": kind, "recipe": recipe, "scale": "tiny", "seed": seed,
            "data": {"dataset": "synthetic", "path": None}, "optim": {"epochs": 1}, **(extra or {})}
@@ -30,7 +31,7 @@ def fake_result(commit: str, seed: int = 0, metrics: dict[str, float] | None = N
             "config": cfg, "metrics": metrics if metrics is not None else {"linear_top1": 50.0 + seed},
             "accounting": {"device": "cpu", "images_per_s": images_per_s, "step_time_s": 1.0 / images_per_s,
                            "device_hours": 0.01},
-            "provenance": {"commit": commit, "dirty": False, "seed": seed, "device_name": device,
+            "provenance": {"commit": commit, "dirty": dirty, "seed": seed, "device_name": device,
                            "results_version": {kind: 1}},
             "inputs": {}, "finished": finished if finished is not None else time.time()}
 

@@ -702,10 +702,11 @@ def stage_status(d: Path, states: Mapping[str, str] | None = None) -> dict[str, 
         row.update(state="running", holder=holder)
     elif err and err.get("error") != f"exit code {PREEMPTED_EXIT}":  # (older runs recorded a stop as a failure)
         row.update(state="failed", error=err.get("error"), log=err.get("log") or row["log"])
+    elif sched.startswith("CANCELLED"):
+        resume = "; it has a checkpoint: running it again resumes it" if checkpoint.is_file() else ""
+        row.update(state="cancelled", error=f"job {job} was cancelled (by `repro cancel`, or an input failed){resume}")
     elif checkpoint.is_file():  # killed, or stopped by a signal (exit 75) for a requeue that did not come
         row.update(state="resumable", checkpoint=str(checkpoint))
-    elif sched.startswith("CANCELLED"):
-        row.update(state="cancelled", error=f"job {job} was cancelled (by `repro cancel`, or an input failed)")
     elif sched:
         row.update(state="failed", error=f"job {job} ended {sched} without a result")
     else:

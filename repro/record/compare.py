@@ -141,8 +141,18 @@ def load(runs_root: str | Path) -> list[dict[str, Any]]:
     return records(runs_root)
 
 
+DIRTY = "+dirty"
+
+
 def _short(sha: str, dirty: bool = False) -> str:
-    return sha[:10] + ("+dirty" if dirty else "")
+    return sha[:10] + (DIRTY if dirty else "")
+
+
+def parse_side(rev: str) -> tuple[str, bool]:
+    """A side of a comparison: a git revision, with ``+dirty`` for the results made with uncommitted changes on top
+    of it (without: only results from a clean tree)."""
+    dirty = rev.endswith(DIRTY)
+    return resolve_revision(rev.removesuffix(DIRTY)), dirty
 
 
 # ---------------------------------------------------------------------------------------------------- compare
@@ -161,16 +171,23 @@ def compare(runs_root: str | Path, base: str, head: str, table: str | None = Non
             metric: str | None = None, allow_device_mismatch: bool = False) -> tuple[list[Line], dict[str, Any]]:
     """Lines of a comparison of two revisions' stored results, and facts for its header. Bad input raises
     ``ConfigError`` with one line."""
-    sha = {"base": resolve_revision(base), "head": resolve_revision(head)}
+    want = {"base": parse_side(base), "head": parse_side(head)}
+    sha = {side: w[0] for side, w in want.items()}
     recs = load(runs_root)
     recs = _select(recs, table, scale, _metric_names(recs), metric)
     where = "".join(f" {w} {x}" for w, x in (("in table", table), ("at scale", scale)) if x)
     sides: dict[str, list[dict[str, Any]]] = {}
     for side, rev in (("base", base), ("head", head)):
-        sides[side] = [r for r in recs if r["commit_sha"] == sha[side]]
+        at = [r for r in recs if r["commit_sha"] == sha[side]]
+        sides[side] = [r for r in at if bool(r.get("dirty")) == want[side][1]]
         if not sides[side]:
-            raise ConfigError(f"no stored results for {side} {rev} ({sha[side][:10]}){where}; run them with "
-                              f"`repro run --commit {rev} TABLE...`")
+            other = "" if len(at) == len(sides[side]) else (
+                f" ({len(at)} made {'without' if want[side][1] else 'with'} uncommitted changes: "
+                f"{_short(sha[side], not want[side][1])})")
+            how = ("`repro run TABLE...` in a working tree with changes on top of it" if want[side][1] else
+                   f"`repro run --commit {rev} TABLE...`")
+            raise ConfigError(f"no stored results for {side} {rev} ({_short(sha[side], want[side][1])}){where}"
+                              f"{other}; run them with {how}")
     groups: dict[tuple, dict[str, list[dict[str, Any]]]] = {}
     for side, rs in sides.items():
         for r in rs:
@@ -201,7 +218,7 @@ def compare(runs_root: str | Path, base: str, head: str, table: str | None = Non
                             dev))
     if not out:
         raise ConfigError(f"no metric{' ' + metric if metric else ''} stored on both sides{where}")
-    dirty = {side: any(r.get("dirty") for r in rs) for side, rs in sides.items()}
+    dirty = {side: want[side][1] for side in sides}
     return out, {"sha": sha, "rev": {"base": base, "head": head}, "devices": devices, "mismatch": mismatch,
                  "dirty": dirty}
 
@@ -298,7 +315,7 @@ def history(runs_root: str | Path, metric: str, table: str | None = None, row: s
         name = (f"{g[1]} {g[3]}" if g[1] else f"{g[3]}") + f" ({g[-1]}, {g[0]})"
         if g[1] and g[4] not in ("[]", None):
             name += f" [{', '.join(json.loads(g[4]))}]"
-        series.setdefault(name, {}).setdefault(r["commit_sha"], []).append(r)
+        series.setdefault(name, {}).setdefault((r["commit_sha"], bool(r.get("dirty"))), []).append(r)
     if not series:
         raise ConfigError(f"no stored values of {metric}" + "".join(f" {w} {x}" for w, x in
                                                                    (("in table", table), ("row", row),
@@ -307,12 +324,13 @@ def history(runs_root: str | Path, metric: str, table: str | None = None, row: s
     dates: dict[str, float | None] = {}
     for name, by_commit in sorted(series.items()):
         pts = []
-        for sha, rs in by_commit.items():
+        for (sha, dirty), rs in by_commit.items():
             if sha not in dates:
                 dates[sha] = commit_time(sha)
             vals = [values(r, metric) for r in rs]
-            when = dates[sha] or min((r.get("finished") or 0.0) for r in rs)
-            pts.append(Point(sha, when, summarize(vals), vals, any(r.get("dirty") for r in rs)))
+            # uncommitted changes on top of a commit come after it
+            when = (dates[sha] + 0.5 * dirty) if dates[sha] else min((r.get("finished") or 0.0) for r in rs)
+            pts.append(Point(sha, when, summarize(vals), vals, dirty))
         out[name] = sorted(pts, key=lambda p: p.when)
     return out
 
@@ -336,12 +354,11 @@ def plot_history(metric: str, hist: Mapping[str, list[Point]], out: str | Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    order = sorted({(p.when, p.commit) for pts in hist.values() for p in pts})
-    x_of = {c: i for i, (_, c) in enumerate(order)}
-    dirty = {p.commit for pts in hist.values() for p in pts if p.dirty}
+    order = sorted({(p.when, p.commit, p.dirty) for pts in hist.values() for p in pts})
+    x_of = {(c, d): i for i, (_, c, d) in enumerate(order)}
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(order) + 3), 4.2))
     for name, pts in list(hist.items())[:10]:
-        xs = [x_of[p.commit] for p in pts]
+        xs = [x_of[p.commit, p.dirty] for p in pts]
         m = [p.summary.mean for p in pts]
         s = [p.summary.std for p in pts]
         (line,) = ax.plot(xs, m, marker="o", label=name)
@@ -349,7 +366,7 @@ def plot_history(metric: str, hist: Mapping[str, list[Point]], out: str | Path) 
                         alpha=0.2, linewidth=0)
         for x, p in zip(xs, pts):
             ax.scatter([x] * len(p.values), p.values, s=10, color=line.get_color(), alpha=0.6)
-    ax.set_xticks(range(len(order)), [_short(c, c in dirty) for _, c in order], rotation=30, ha="right",
+    ax.set_xticks(range(len(order)), [_short(c, d) for _, c, d in order], rotation=30, ha="right",
                   fontsize=8)
     ax.set_xlabel("commit (by commit date)")
     ax.set_ylabel(COST_NAMES.get(metric, metric))
@@ -382,8 +399,9 @@ def add_parsers(sub: Any, runs_help: str) -> None:
                                    "the difference (cost: the ratio, with the device) and a verdict (improved / "
                                    f"regressed / within noise: |diff| > {K:g} x the Welch standard error of the seed "
                                    "spreads; none without seeds). Reads the results store under the runs folder.")
-    p.add_argument("base", help="git revision of the base side (commit id, branch, tag, HEAD~1)")
-    p.add_argument("head", help="git revision of the head side")
+    p.add_argument("base", help="git revision of the base side (commit id, branch, tag, HEAD~1); REV+dirty: the "
+                                "results made with uncommitted changes on top of REV")
+    p.add_argument("head", help="git revision of the head side (e.g. HEAD+dirty: this working tree's results)")
     p.add_argument("--table", help="one table id (e.g. localmim/t4a), or bench/... for the benchmark")
     p.add_argument("--scale", choices=("tiny", "paper"))
     p.add_argument("--metric", help="one metric (e.g. linear_top1, knn_top1_k20, images_per_s, step_time_s)")

@@ -220,6 +220,8 @@ def ingest(runs_root: str | Path) -> IngestReport:
 def ingest_quietly(runs_root: str | Path) -> str:
     """``ingest`` for `repro run` / `report`: one line, never an exception for a store problem (results stay on
     disk)."""
+    if not Path(runs_root).is_dir():
+        return f"results store: nothing to collect ({runs_root} does not exist)"
     try:
         return ingest(runs_root).line()
     except (sqlite3.Error, OSError, ConfigError) as e:
@@ -228,7 +230,8 @@ def ingest_quietly(runs_root: str | Path) -> str:
 
 # -------------------------------------------------------------------------------------------------------- reading
 def records(runs_root: str | Path, scale: str | None = None) -> list[dict[str, Any]]:
-    """One record per stored (stage result, table row) pair, with its metrics, newest result per (commit, folder).
+    """One record per stored (stage result, table row) pair, with its metrics, newest result per (commit, dirty,
+    folder).
     Stages in no table get ``table_id`` None."""
     with connect(runs_root, create=False) as con:
         con.row_factory = sqlite3.Row
@@ -245,7 +248,7 @@ def records(runs_root: str | Path, scale: str | None = None) -> list[dict[str, A
     latest: dict[tuple, dict[str, Any]] = {}
     for r in rows:  # ordered by finish time: a later re-run of the same stage at the same commit replaces it
         r["metrics"] = mets.get(r["id"], {})
-        latest[(r["commit_sha"], r["folder"], r["table_id"], r["row_label"], r["overrides"])] = r
+        latest[(r["commit_sha"], r["dirty"], r["folder"], r["table_id"], r["row_label"], r["overrides"])] = r
     return list(latest.values())
 
 
