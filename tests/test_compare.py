@@ -207,11 +207,15 @@ def test_bench_gate_and_stages() -> None:
     base = {"accuracy": {"mae/linear/linear_top1": [10.0, 11.0, 12.0], "lomar/knn/knn_top1_k20": [10.0, 11.0, 12.0]},
             "ratios": {"lomar/mae": [1.30, 1.32, 1.28], "extrema x5/x1": [2.0, 2.1, 1.9]}}
     cur = {"accuracy": {"mae/linear/linear_top1": [10.5, 11.5, 11.0]},  # lomar/knn missing
-           "ratios": {"lomar/mae": [1.80, 1.82, 1.78], "extrema x5/x1": [1.5, 1.55, 1.45]}}
+           "ratios": {"lomar/mae": [1.80, 1.82, 1.78], "extrema x5/x1": [1.2, 1.25, 1.15]}}
     lines = {ln["key"]: ln["verdict"] for ln in bench.gate(base, cur)}
     assert lines == {"mae/linear/linear_top1": "within noise", "lomar/knn/knn_top1_k20": "missing in this run",
                      "lomar/mae": "regressed", "extrema x5/x1": "improved"}  # a larger step-time ratio is slower
     assert "regressed (tol" in bench.format_gate(bench.gate(base, cur))
+    # 20% slower: beyond the repeats' spread, inside the between-run band of CPU timing (RATIO_BAND)
+    slower = {"ratios": {"lomar/mae": [1.56, 1.58, 1.54]}}
+    assert [ln["verdict"] for ln in bench.gate({"ratios": {"lomar/mae": base["ratios"]["lomar/mae"]}}, slower)] == [
+        "within noise"]
     rows = bench.stages(1)
     assert sorted(rows) == sorted(bench.METHODS)
     for m, row in rows.items():
