@@ -116,7 +116,8 @@ def mae_lr(step: int, steps_per_epoch: int, blr: float, batch: int, warmup_epoch
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / (epochs - warmup_epochs)))
 
 
-def test_lr_schedule_matches_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _recording_task(monkeypatch: pytest.MonkeyPatch) -> Recorder:
+    """A Recorder whose ``opt`` is the optimizer the engine builds (to read its lr at every step)."""
     task = Recorder()
     real = train_mod.build_optimizer
 
@@ -125,6 +126,11 @@ def test_lr_schedule_matches_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         return task.opt
 
     monkeypatch.setattr(train_mod, "build_optimizer", spy)
+    return task
+
+
+def test_lr_schedule_matches_mae(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    task = _recording_task(monkeypatch)
     cfg = _cfg(**{"optim.epochs": 5, "optim.warmup_epochs": 2, "optim.blr": 0.00015, "optim.min_lr": 1e-6,
                   "optim.batch_size": 8, "train.batch_per_device": 4})
     ds = TensorDataset(torch.randn(32, 4), torch.randn(32))
@@ -159,14 +165,7 @@ def simmim_lr(step: int, base: float, warm: int, warm_lr: float, milestones: lis
 
 
 def test_multistep_schedule_matches_simmim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    task = Recorder()
-    real = train_mod.build_optimizer
-
-    def spy(groups: Any, optim: Any, lr: float, **kw: Any) -> torch.optim.Optimizer:
-        task.opt = real(groups, optim, lr, **kw)
-        return task.opt
-
-    monkeypatch.setattr(train_mod, "build_optimizer", spy)
+    task = _recording_task(monkeypatch)
     cfg = _cfg(**{"optim.epochs": 8, "optim.warmup_epochs": 1, "optim.blr": 0.0001, "optim.batch_size": 8,
                   "train.batch_per_device": 4, "optim.schedule": "multistep", "optim.milestones": "[7]",
                   "optim.warmup_lr": 2e-6})
