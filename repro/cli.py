@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from repro.config import CONTROL, ConfigError, list_recipes, short, to_yaml
+from repro.kinds import ENCODER, cli_kinds, eval_kinds, get_kind
 
 EPILOG = """examples:
   repro recipes                                   list every recipe
@@ -62,6 +63,11 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
                         "`repro cancel`)")
 
 
+def chain_kinds() -> tuple[str, ...]:
+    """Evaluations `repro chain --evals` can pick: the kinds with a subcommand that evaluate an encoder."""
+    return tuple(k for k in cli_kinds() if get_kind(k).takes_input)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="repro", description=__doc__, epilog=EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,23 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("recipes", help="list the recipes, per stage kind",
                        description="List the recipes (named paper configurations), per stage kind.")
-    p.add_argument("--kind", choices=("pretrain", "finetune", "linear", "knn"))
+    p.add_argument("--kind", choices=tuple(dict.fromkeys(get_kind(k).recipes for k in cli_kinds())))
 
     p = sub.add_parser("show", help="print a recipe resolved at a scale (audit it against the paper)",
                        description="Print the fully resolved configuration of a recipe at a scale.")
     _common(p)
 
-    p = sub.add_parser("pretrain", help="run one pretraining stage",
-                       description="Pretrain with a method recipe; writes encoder.pth (timm-loadable) and result.json.")
-    _common(p)
-    _run_opts(p)
-
-    for kind, what in (("finetune", "end-to-end fine-tuning"), ("linear", "linear probing"), ("knn", "kNN")):
-        p = sub.add_parser(kind, help=f"evaluate an encoder by {what}",
-                           description=f"Evaluate an encoder (--init PATH to an encoder.pth, or random) by {what}.")
+    for name in cli_kinds():  # one subcommand per stage kind that has one (repro.kinds)
+        kind = get_kind(name)
+        p = sub.add_parser(name, help=kind.cli_help, description=kind.cli_description or kind.cli_help)
         _common(p)
         _run_opts(p)
-        p.add_argument("--init", required=True, help="encoder state dict written by `repro pretrain`, or `random`")
+        if kind.takes_input:
+            p.add_argument("--init", required=True, help="encoder state dict written by `repro pretrain`"
+                           + (", or `random`" if kind.input != ENCODER else ""))
 
     p = sub.add_parser("chain", help="pretrain -> {fine-tune, linear, kNN} as a DAG of stages",
                        description="Pretrain a method, then run the evaluations its recipe names (evals:), each in its "
@@ -94,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     _run_opts(p)
     p.add_argument("--baseline", choices=("none", "random"), default="none",
                    help="random: also evaluate a randomly initialised encoder with the same budget")
-    p.add_argument("--evals", help="comma-separated subset of finetune,linear,knn")
+    p.add_argument("--evals", help=f"comma-separated subset of {','.join(chain_kinds())}")
 
     tables_help = ("table ids (e.g. lomar/t2 localmim/t4a), paper names (lomar, localmim, extrema) or `all`; "
                    "`repro tables` lists them")
@@ -211,8 +214,11 @@ def _stages_for(args: argparse.Namespace) -> list:
     if args.cmd == "chain":
         evals = args.evals.split(",") if args.evals else None
         return chain(args.recipe, args.scale, args.overrides, baseline=args.baseline == "random", evals=evals)
-    cfg = resolve(args.recipe, args.scale, args.overrides, kind=args.cmd)
-    if args.cmd != "pretrain":
+    kind = get_kind(args.cmd)
+    cfg = resolve(args.recipe, args.scale, args.overrides, kind=kind.recipes)
+    if kind.takes_input:
+        if args.init == "random" and kind.input == ENCODER:
+            raise ConfigError(f"--init random: a {args.cmd} stage needs a pretrained encoder (an encoder.pth)")
         if args.init != "random" and not Path(args.init).is_file():
             raise ConfigError(f"--init {args.init} does not exist; pass an encoder.pth written by `repro pretrain`")
         cfg["init"] = str(Path(args.init).absolute()) if args.init != "random" else "random"
@@ -254,7 +260,7 @@ def _tables_cmd(args: argparse.Namespace) -> int:
 
         write_manifests(plans, root, args.scale, overrides)
     t0 = time.time()
-    status = make_executor(args).run(stages, root, force=args.force)
+    status = make_executor(args, tables={p.spec.id: p.stages for p in plans}).run(stages, root, force=args.force)
     if args.dry_run:
         return 0
     print(f"stages under {root}:\n{summary(stages, status, root)}")
@@ -377,12 +383,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{kind}: {line}")
             return 1 if found else 0
         if args.cmd == "tables":
+            from repro.pipeline.plan import row_status
             from repro.spec import select
 
             for spec in select(args.ids):
                 kinds = {"trainable": 0, "reported": 0, "pending": 0}
                 for r in spec.rows:
-                    kinds["reported" if r.reported or not r.trainable else "pending" if r.pending else "trainable"] += 1
+                    kinds[row_status(spec, r)[0]] += 1
                 print(f"{spec.id:18s} {spec.kind:6s} {spec.caption}  [{kinds['trainable']} trainable, "
                       f"{kinds['reported']} reported-only, {kinds['pending']} pending]")
             return 0
@@ -456,14 +463,11 @@ def _check_args(args: argparse.Namespace) -> None:
     for item in getattr(args, "data", None) or []:
         check_path(item.partition("=")[2] or item, "--data")
     if getattr(args, "evals", None) is not None:
-        from repro.pipeline.plan import EVAL_KINDS
-
-        bad = [e for e in args.evals.split(",") if e not in ("finetune", "linear", "knn")]
+        bad = [e for e in args.evals.split(",") if e not in chain_kinds()]
         if bad:
             raise ConfigError(f"--evals {short(args.evals)}: unknown evaluation(s) {', '.join(map(short, bad))}; "
-                              f"valid: finetune, linear, knn (of {', '.join(EVAL_KINDS)})")
-    if getattr(args, "runs_dir", None) is not None or args.cmd in ("pretrain", "finetune", "linear", "knn", "chain",
-                                                                   "run"):
+                              f"valid: {', '.join(chain_kinds())} (of {', '.join(eval_kinds())})")
+    if getattr(args, "runs_dir", None) is not None or args.cmd in (*cli_kinds(), "chain", "run"):
         check_run_root(runs_root(getattr(args, "runs_dir", None)))
     if args.cmd == "report":
         check_run_root(Path(args.out).absolute().parent, "report output folder")

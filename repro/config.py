@@ -22,13 +22,11 @@ from typing import Any
 
 import yaml
 
-KINDS = ("pretrain", "finetune", "linear", "knn", "analysis")
+from repro.errors import ConfigError  # defined there (shared with repro.kinds); repro.config.ConfigError is the same
+from repro.kinds import recipe_kinds  # the recipe folders of the registered stage kinds
+
 SCALES = ("paper", "tiny")
 META_KEYS = ("extends", "description", "tiny_overrides", "tiny_reason", "evals", "source")
-
-
-class ConfigError(ValueError):
-    """Bad recipe, key or value; the message is one line that names the fix."""
 
 
 def recipes_root() -> Path:
@@ -36,9 +34,9 @@ def recipes_root() -> Path:
 
 
 def list_recipes(kind: str | None = None) -> dict[str, list[str]]:
-    """Recipe names per kind (files starting with ``_`` are bases, not runnable recipes)."""
+    """Recipe names per recipe kind (files starting with ``_`` are bases, not runnable recipes)."""
     out: dict[str, list[str]] = {}
-    for k in KINDS if kind is None else (kind,):
+    for k in recipe_kinds() if kind is None else (kind,):
         d = recipes_root() / k
         out[k] = sorted(p.stem for p in d.glob("*.yaml") if not p.stem.startswith("_")) if d.is_dir() else []
     return out
@@ -51,10 +49,11 @@ def find_recipe(name: str, kind: str | None = None) -> tuple[str, Path]:
                           "characters; see `repro recipes`)")
     if "/" in name:
         kind, name = name.split("/", 1)
-    kinds = (kind,) if kind else KINDS
+    valid_kinds = recipe_kinds()
+    kinds = (kind,) if kind else valid_kinds
     for k in kinds:
-        if k not in KINDS:
-            raise ConfigError(f"unknown recipe kind '{k}'; valid kinds: {', '.join(KINDS)}")
+        if k not in valid_kinds:
+            raise ConfigError(f"unknown recipe kind '{k}'; valid kinds: {', '.join(valid_kinds)}")
         p = recipes_root() / k / f"{name}.yaml"
         if p.is_file():
             return k, p

@@ -28,9 +28,9 @@ def schema(kind: str) -> dict[str, Any]:
 
 
 def _method_section(method: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-    from repro.methods import get_method
+    from repro.methods.registry import get_spec
 
-    cls = get_method(method.get("name", "mae"))
+    cls = get_spec(method.get("name", "mae"))
     check_keys(method, cls.defaults, "method.")
     return cls, deep_merge(cls.defaults, method)
 
@@ -79,8 +79,7 @@ def resolve(name: str, scale: str = "paper", overrides: Iterable[str] | Mapping[
 
 def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     """Value checks that keys/types cannot express."""
-    from repro.models.swin import SWIN_ARCHS, is_swin
-    from repro.models.vit import ARCHS
+    from repro.models.archs import ARCHS, SWIN_ARCHS, check_geometry, is_swin, swin_dims
 
     check_values(cfg, skip=OPEN_KEYS)
     if method_cls is not None:
@@ -93,8 +92,6 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     if arch not in ARCHS and arch not in SWIN_ARCHS:
         raise ConfigError(f"bad value for 'model.arch': {arch!r}; valid: {', '.join([*ARCHS, *SWIN_ARCHS])}")
     if is_swin(arch):
-        from repro.models.swin import check_geometry, swin_dims
-
         d = swin_dims(cfg["model"])
         check_geometry(cfg["data"]["img_size"], cfg["model"]["patch_size"], d["depths"], d["window_size"])
     img, p = cfg["data"]["img_size"], cfg["model"]["patch_size"]

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from repro.config import ConfigError, deep_merge
-from repro.models.swin import SWIN_ARCHS, is_swin
-from repro.models.vit import ARCHS
+from repro.models.archs import ARCHS, SWIN_ARCHS, is_swin
 
 TINY_ARCH = {"vit_small": "vit_nano", "vit_base": "vit_micro", "vit_large": "vit_mini", "vit_huge": "vit_mini",
              "swin_tiny": "swin_nano", "swin_small": "swin_nano", "swin_base": "swin_micro", "swin_large": "swin_mini"}
@@ -94,7 +93,8 @@ class TinyRule:
 
 
 def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict[str, Any]:
-    """Return ``cfg`` at ``scale`` (a new dict); ``method_cls`` shrinks the method's own size knobs."""
+    """Return ``cfg`` at ``scale`` (a new dict); ``method_cls`` (the method's spec, ``repro.methods.registry``)
+    shrinks the method's own size knobs."""
     if scale == "paper":
         return cfg
     if scale != "tiny":

@@ -223,7 +223,7 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def no_submit(*a: object, **k: object) -> None:
         raise AssertionError("nothing may be submitted")
 
-    monkeypatch.setattr("submitit.SlurmExecutor", no_submit)
+    monkeypatch.setattr("repro.pipeline.slurm_sched.sbatch", no_submit)
     return tmp_path
 
 
@@ -308,11 +308,11 @@ def test_every_paper_table_dry_runs_on_every_profile(table: str, sandbox: Path,
 
 
 def test_dry_run_is_exactly_the_submitted_script(sandbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Submit through submitit with stand-in srun/sbatch (sbatch keeps the script): the same text as the dry run."""
+    """Submit with a stand-in sbatch (it keeps the script): the same text as the dry run."""
     from repro.pipeline import slurm
     from repro.pipeline.plan import chain
 
-    monkeypatch.undo()  # the real submitit.SlurmExecutor
+    monkeypatch.undo()  # the real sbatch call
     monkeypatch.chdir(sandbox)
     bin_dir = sandbox / "bin"
     bin_dir.mkdir()

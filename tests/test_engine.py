@@ -4,7 +4,9 @@ checks, and safe checkpoint files."""
 from __future__ import annotations
 
 import math
+import os
 import pickle
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -270,3 +272,52 @@ def test_atomic_torch_save_and_weights_only_load(tmp_path: Path) -> None:
     assert isinstance(torch.load(q, weights_only=False)["obj"], Arbitrary)
     with pytest.raises(CheckpointError, match=str(q)):
         load_checkpoint(q)
+
+
+def test_version_1_checkpoint_resumes_and_unknown_version_is_refused(tmp_path: Path) -> None:
+    """A checkpoint without the hooks' own states (format 1) resumes exactly; a format this engine does not know
+    is refused with one line naming the file."""
+    cfg = _cfg(**{"train.grad_norms": True})
+    model_a, _ = _train(cfg, tmp_path / "a")
+    _train(_cfg(**{"train.grad_norms": True, "train.max_steps": 3}), tmp_path / "b")
+    last = tmp_path / "b" / "checkpoints" / "last.pth"
+    ck = load_checkpoint(last)
+    assert ck["version"] == train_mod.CKPT_VERSION == 2 and {"grad_norms", "log", "rng", "accounting"} <= set(ck)
+    v1 = {k: v for k, v in ck.items() if k not in ("grad_norms", "log")}
+    v1["version"] = 1
+    v1["rng"] = [{k: v for k, v in r.items() if k != "sampler"} for r in ck["rng"]]
+    atomic_torch_save(v1, last)
+    model_b, acct = _train(cfg, tmp_path / "b")
+    assert acct["completed"]
+    _assert_same_state(model_a, model_b)
+
+    atomic_torch_save({**v1, "version": 99}, last)
+    with pytest.raises(CheckpointError, match="format 99") as e:
+        _train(cfg, tmp_path / "b")
+    assert str(last) in str(e.value) and "\n" not in str(e.value)
+
+
+class SignallingMAE(MAE):
+    """MAE that sends its own process SIGUSR2 (a Slurm requeue) during micro-batch ``at``."""
+
+    at = 8
+
+    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == self.at:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return super().forward(batch, generator)
+
+
+def test_preemption_at_an_epoch_end_keeps_its_grad_norms(tmp_path: Path) -> None:
+    """Stopped after the last step of epoch 1, before the epoch was closed: the gradient norms measured at that step
+    are in the checkpoint (the GradNorms hook's state), so the resumed history equals an uninterrupted one."""
+    cfg = _cfg(**{"train.grad_norms": True})
+    _, straight = _train(cfg, tmp_path / "a")
+    torch.manual_seed(123)
+    with pytest.raises(train_mod.Preempted):
+        fit(SignallingMAE(cfg), _data(), cfg, tmp_path / "b", env=CPU, desc="test")
+    ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pth")
+    assert (ck["step"], ck["micro"], ck["epoch"]) == (4, 8, 0) and ck["grad_norms"]["pending"]
+    _, resumed = _train(cfg, tmp_path / "b")
+    assert resumed["history"] == straight["history"] and "grad_norms" in resumed["history"][0]

@@ -105,11 +105,11 @@ def test_overfits_a_fixed_batch() -> None:
 
 @pytest.mark.slow
 def test_tiny_chain_pretrain_then_evaluations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.engine.pretrain import run_pretrain
     from repro.evals.finetune import run_finetune
     from repro.evals.knn import run_knn
     from repro.io import load_checkpoint
     from repro.pipeline.plan import eval_overrides
+    from repro.pretrain import run_pretrain
 
     monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
     pre = resolve("greenmim_swin_base", "tiny", {**SMALL, "optim.epochs": 1, "optim.batch_size": 16,

@@ -14,16 +14,10 @@ import torch
 
 from repro.config import ConfigError
 from repro.evals.features import load_encoder
-from repro.methods.lomar import (
-    IRPEAttention,
-    LoMaR,
-    irpe_buckets_per_axis,
-    irpe_piecewise,
-    irpe_product_bucket,
-    window_assignment,
-)
+from repro.methods.lomar import LoMaR, window_assignment
+from repro.models.irpe import IRPEAttention, irpe_buckets_per_axis, irpe_piecewise, irpe_product_bucket
 from repro.models.mim import patchify
-from repro.models.vit import create_vit, grid_coords, set_token_coords
+from repro.models.vit import create_vit, grid_coords
 from repro.resolve import resolve
 from repro.scales import TinyRule
 
@@ -242,17 +236,14 @@ def test_irpe_attention_uses_positions_and_cls_has_its_own_bucket() -> None:
     att = irpe_layer()
     x = torch.randn(2, 1 + 16, 32)
     coords = grid_coords(4, 4)[None].expand(2, -1, -1)
-    att.coords = coords
-    out = att(x)
+    out = att(x, coords=coords)
     perm = torch.randperm(16, generator=gen(3))
-    att.coords = coords[:, perm]
-    assert not torch.allclose(att(x), out, atol=1e-4)  # position matters
-    att.coords = coords + 5  # relative: a translated window gives the same output
-    torch.testing.assert_close(att(x), out)
+    assert not torch.allclose(att(x, coords=coords[:, perm]), out, atol=1e-4)  # position matters
+    # relative: a translated window gives the same output
+    torch.testing.assert_close(att(x, coords=coords + 5), out)
     # Bias terms: contextual q . r_bucket; the cls row and column use one extra bucket, whatever the coordinates.
     q = torch.randn(2, 2, 17, 16)
-    att.coords = coords[:, perm]
-    bias = att.position_term(q, 17)
+    bias = att.position_term(q, 17, coords[:, perm])
     r_cls = att.rpe_k[-1]
     torch.testing.assert_close(bias[:, :, :, 0], q @ r_cls)
     torch.testing.assert_close(bias[:, :, 0, 1:], (q[:, :, 0] @ r_cls)[..., None].expand(2, 2, 16))
@@ -262,16 +253,15 @@ def test_irpe_attention_uses_positions_and_cls_has_its_own_bucket() -> None:
     torch.testing.assert_close(bias[:, :, 1 + i, 1 + j], q[:, :, 1 + i] @ att.rpe_k[b])
     with torch.no_grad():
         att.rpe_k[-1].zero_()
-    assert torch.count_nonzero(att.position_term(q, 17)[:, :, 0]) == 0  # zero table row -> zero cls bias
+    # zero table row -> zero cls bias
+    assert torch.count_nonzero(att.position_term(q, 17, coords[:, perm])[:, :, 0]) == 0
     assert not hasattr(att, "rel_table")
 
 
 def test_irpe_without_coords_uses_the_full_grid() -> None:
     att = irpe_layer()
     x = torch.randn(1, 1 + 16, 32)
-    att.coords = grid_coords(4, 4)[None]
-    ref = att(x)
-    att.coords = None
+    ref = att(x, coords=grid_coords(4, 4)[None])
     torch.testing.assert_close(att(x), ref)
 
 
@@ -285,8 +275,7 @@ def test_create_vit_with_irpe_forward_on_full_image() -> None:
     x = images(2)
     logits = vit(x)
     assert logits.shape == (2, 5) and torch.isfinite(logits).all()
-    set_token_coords(vit, None)
-    torch.testing.assert_close(vit.forward_head(vit.forward_features(x)), logits)  # no hook: full grid assumed
+    torch.testing.assert_close(vit.forward_head(vit.forward_features(x)), logits)  # no coords: full grid assumed
     logits.sum().backward()
     assert vit.blocks[0].attn.rpe_k.grad is not None
 

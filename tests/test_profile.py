@@ -27,6 +27,9 @@ def _tiny_vit_cfg() -> dict:
 def test_fused_attention_formula_registered():
     from torch.utils.flop_counter import flop_registry
 
+    from repro.profile.flops import register_attention_formulas
+
+    register_attention_formulas()  # an explicit call (count_step_flops makes it), not an import side effect
     assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu in flop_registry
     assert torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward in flop_registry
 
@@ -167,7 +170,7 @@ def test_flops_benchmark_table_written(tmp_path, monkeypatch):
 
 
 def test_stage_accounting_counts_flops_per_image():
-    from repro.engine.pretrain import step_flops_per_image
+    from repro.pretrain import step_flops_per_image
 
     cfg = resolve("mae", "paper", MICRO + MICRO_DEC + ["data.img_size=32", "model.patch_size=4"], kind="pretrain")
     method = bench.build_method(cfg)

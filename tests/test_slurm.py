@@ -28,7 +28,7 @@ def sandbox(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     def no_submit(*a: object, **k: object) -> None:
         raise AssertionError("nothing may be submitted")
 
-    monkeypatch.setattr("submitit.SlurmExecutor", no_submit)
+    monkeypatch.setattr("repro.pipeline.slurm_sched.sbatch", no_submit)
     return tmp_path
 
 
@@ -121,7 +121,7 @@ def test_dry_run_prints_scripts_and_submits_nothing(sandbox: Path, capsys: pytes
     assert rc == 0, out
     for line in ("#SBATCH --nodes=1", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
                  "#SBATCH --cpus-per-task=10", "#SBATCH --mem=327680M", "#SBATCH --signal=USR2@120",
-                 "#SBATCH --partition=gpu", "#SBATCH --time=4320", "afterok:$JOB_1", "submitit.core._submit",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=4320", "afterok:$JOB_1", "-m repro.pipeline.slurm_job",
                  f"{runs}/slurm/logs/"):
         assert line in out, line
     assert not list(runs.rglob("stage.json")) and not (runs / "slurm" / "submissions.jsonl").exists()

@@ -13,7 +13,6 @@ from repro.models.vit import (
     create_vit,
     encoder_state_dict,
     grid_coords,
-    set_token_coords,
     sincos_2d,
     timm_kwargs,
     timm_name,
@@ -116,10 +115,9 @@ def test_rel_pos_bias_full_image_and_token_subset() -> None:
         cls = (vit.cls_token + vit.pos_embed[:, :1]).expand(2, -1, -1)
 
         def run(tok: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
-            set_token_coords(vit, xy)
             h = torch.cat([cls, tok], dim=1)
             for blk in vit.blocks:
-                h = blk(h)
+                h = blk(h, coords=xy)
             return vit.norm(h)
 
         # Calling the blocks ourselves with every coordinate reproduces timm's own forward.
@@ -148,7 +146,7 @@ def test_rel_pos_bias_full_image_and_token_subset() -> None:
 def test_rel_pos_without_coords_is_refused() -> None:
     vit = create_vit({**MICRO, "rel_pos": "bias"}, 32)
     h = torch.randn(1, 5, 64)
-    with pytest.raises(RuntimeError, match="set_token_coords"):
+    with pytest.raises(RuntimeError, match="without their coords"):
         vit.blocks[0](h)
 
 

@@ -1,11 +1,12 @@
 """The one training engine: pretraining, fine-tuning and linear probing all run through ``fit``.
 
-A *task* is an ``nn.Module`` whose ``forward(batch, generator)`` returns a ``StepOutput``; it may define
-``param_groups(optim_cfg)`` and ``after_step(step, total)``. The engine does the rest: AdamW/LARS/SGD with
-lr = blr x effective batch / 256, per-step warm-up + cosine (timm's scheduler), gradient accumulation that keeps the
-recipe's effective batch on any number of devices, bf16 autocast on GPU, DDP, clipping, exact checkpoint/resume
-(model, optimizer, scheduler, scaler, counters, every RNG including the masking generator), a progress bar, and
-accounting (time per step, images/s, peak memory).
+A *task* (``repro.engine.task.Task``) is an ``nn.Module`` whose ``forward(batch, generator)`` returns a
+``StepOutput``; it may define ``param_groups(optim_cfg)`` and ``after_step(step, total)``. ``Trainer`` owns the loop
+and one optimisation step: AdamW/LARS/SGD with lr = blr x effective batch / 256, per-step warm-up + cosine (timm's
+scheduler), gradient accumulation that keeps the recipe's effective batch on any number of devices, autocast (bf16,
+or fp16 with a gradient scaler), DDP and clipping. Everything around the step is a hook (``repro.engine.hooks``):
+exact checkpoint/resume with every RNG state, preemption, accounting, gradient norms, per-epoch evaluations and
+the training log. ``fit`` builds a Trainer with the default hooks.
 """
 
 from __future__ import annotations
@@ -13,11 +14,8 @@ from __future__ import annotations
 import contextlib
 import math
 import random
-import resource
 import signal
-import sys
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,68 +27,37 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from repro.data.loader import ResumableSampler, SeededDataset
 from repro.engine.dist import DistEnv, all_reduce_mean, setup
-from repro.io import atomic_torch_save, load_checkpoint
+from repro.engine.hooks import (
+    CKPT_VERSION,
+    Accounting,
+    Checkpointer,
+    EpochEval,
+    GradNorms,
+    HookBase,
+    Preempted,
+    Preemption,
+    StopFlag,
+    TrainLog,
+    block_grad_norms,
+    encoder_blocks,
+    peak_memory_mb,
+    rng_state,
+    set_rng_state,
+)
+from repro.engine.task import StepOutput
 from repro.resolve import accumulation
 
-CKPT_VERSION = 1
-
-
-class Preempted(Exception):
-    """Raised after a checkpoint was written because the process was asked to stop; ``signal`` is the signal."""
-
-    def __init__(self, message: str, signal: int | None = None) -> None:
-        super().__init__(message)
-        self.signal = signal
-
-
-class StopFlag:
-    """One per ``fit`` call, its handlers installed for that call only (the previous ones restored after): set by
-    SIGTERM / SIGINT (Ctrl-C) / SIGUSR1 / SIGUSR2 (Slurm preemption, time limit, requeue); the loop then checkpoints
-    and raises ``Preempted``. A second Ctrl-C while the checkpoint is pending interrupts at once."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        for sig in self.SIGNALS:
-            with contextlib.suppress(ValueError, OSError):  # not in the main thread: no handler, no preemption
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._previous.items():
-            with contextlib.suppress(ValueError, OSError, TypeError):
-                signal.signal(sig, old)
-        self._previous.clear()
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.signal is None:  # the first signal says why (USR2 then TERM at a time limit: a requeue)
-            self.signal = signum
+__all__ = ["CKPT_VERSION", "HookBase", "Preempted", "StopFlag", "Trainer", "base_lr", "block_grad_norms",
+           "build_optimizer", "build_scheduler", "encoder_blocks", "fit", "lr_at", "peak_memory_mb", "rng_state",
+           "set_rng_state"]
 
 
 def _ignore_sigint(worker_id: int) -> None:
     """Loader workers share the terminal's process group: a Ctrl-C is the training loop's to handle, not theirs."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _stop_requested(env: DistEnv, stop: StopFlag) -> bool:
-    """Whether any process was signalled. Under DDP every rank must stop at the same step (the checkpoint is a
-    collective), and a signal may reach the ranks at different steps: agree on it with one tiny all-reduce."""
-    flag = stop.signal is not None
-    if env.distributed:
-        t = torch.tensor([float(flag)], device=env.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        flag = bool(t.item())
-    return flag
 
 
 def base_lr(optim: Mapping[str, Any]) -> float:
@@ -178,29 +145,6 @@ def lr_at(optim: Mapping[str, Any], steps_per_epoch: int, step: int) -> float:
     return optim["min_lr"] + (lr - optim["min_lr"]) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def rng_state(gen: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-        "python": random.getstate(),
-        "mask_generator": gen.get_state(),
-    }
-
-
-def set_rng_state(state: Mapping[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    gen.set_state(state["mask_generator"])
-
-
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -211,234 +155,247 @@ def _to(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def encoder_blocks(task: nn.Module) -> list[nn.Module]:
-    """The transformer blocks of ``task.encoder`` in depth order (ViT ``blocks``; Swin ``layers[i].blocks``)."""
-    enc = getattr(task, "encoder", None)
-    if enc is not None and hasattr(enc, "blocks"):
-        return list(enc.blocks)
-    if enc is not None and hasattr(enc, "layers"):
-        return [b for layer in enc.layers for b in layer.blocks]
-    from repro.config import ConfigError
-
-    raise ConfigError(f"train.grad_norms needs a task with encoder blocks; {type(task).__name__} has none "
-                      "(set train.grad_norms=false)")
-
-
-def block_grad_norms(blocks: list[nn.Module], scale: float = 1.0) -> list[float]:
-    """L2 norm of each block's parameter gradient divided by the loss scale (0 for a block without gradients)."""
-    out = []
-    for b in blocks:
-        sq = [p.grad.detach().float().pow(2).sum() for p in b.parameters() if p.grad is not None]
-        out.append(float(torch.stack(sq).sum().sqrt()) / scale if sq else 0.0)
-    return out
-
-
 def default_param_groups(task: nn.Module, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
     """No weight decay on biases and 1-D parameters (norms), as MAE's add_weight_decay."""
     return param_groups_weight_decay(task, optim["weight_decay"])
 
 
+
+
+class Trainer:
+    """The training loop and one optimisation step; everything else is a hook (``repro.engine.hooks``).
+
+    ``train()`` runs ``before_train``, then per epoch ``before_epoch`` and per optimizer step ``before_step``,
+    ``run_step``, ``after_step``, then the epoch's record (``epoch_metrics`` of every hook) and ``after_epoch``,
+    and at the end ``after_train``; ``close`` always. The counters (epoch, step, micro-batch, the epoch's running
+    loss, the history) are the trainer's state; each keyed hook saves its own beside them.
+    """
+
+    def __init__(self, task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], *, env: DistEnv | None = None,
+                 desc: str = "train") -> None:
+        env = env or setup()
+        self.task, self.cfg, self.env, self.desc = task, cfg, env, desc
+        optim, tcfg = cfg["optim"], cfg["train"]
+        self.optim_cfg, self.train_cfg = optim, tcfg
+        self.accum = accumulation(cfg, env.world_size)
+        self.per = optim["batch_size"] // env.world_size // self.accum
+        self.seed = seed = int(cfg.get("seed", 0))
+        torch.manual_seed(seed + env.rank)
+        np.random.seed(seed + env.rank)
+        random.seed(seed + env.rank)
+        self.gen = torch.Generator(device=env.device)  # the masking generator: checkpointed with the other RNGs
+        self.gen.manual_seed(seed * 7919 + env.rank)
+
+        task.to(env.device)
+        if auto_switch(tcfg.get("compile"), env.device):
+            compile_blocks(task)
+        self.model: nn.Module = task
+        if env.distributed:
+            self.model = DistributedDataParallel(
+                task, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
+        groups = task.param_groups(optim) if hasattr(task, "param_groups") else default_param_groups(task, optim)
+        self.optimizer = build_optimizer(groups, optim, base_lr(optim),
+                                         fused=auto_switch(tcfg.get("fused_optim"), env.device))
+
+        self.data = SeededDataset(train_set, seed)
+        self.sampler = ResumableSampler(len(self.data), env.world_size, env.rank, seed)
+        self.micro_per_epoch = (self.sampler.per_rank // self.per) // self.accum * self.accum
+        self.steps_per_epoch = self.micro_per_epoch // self.accum
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(self.data)} training images are too few for an effective batch of "
+                             f"{optim['batch_size']}; lower optim.batch_size")
+        self.scheduler = build_scheduler(self.optimizer, optim, self.steps_per_epoch)
+        self.epochs: int = optim["epochs"]
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.max_steps: int | None = tcfg.get("max_steps")
+        self.log_every = max(1, int(tcfg.get("log_every", 50)))
+        self.precision = resolve_precision(tcfg.get("precision", "auto"), env.device)
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=self.precision == "fp16")
+
+        self.epoch = self.step = self.micro = 0
+        self.history: list[dict[str, Any]] = []
+        # The epoch's running loss is checkpointed: a resumed epoch reports the mean an uninterrupted one would.
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.loss_n = 0
+        self.stopped = False  # train.max_steps reached before the last epoch's end
+        self.hooks: list[HookBase] = []
+        self.step_outputs: list[StepOutput] = []  # this step's micro-batches (loss detached), for the hooks
+        self._batches: Iterator[Any] | None = None
+        # The first non-finite loss (its step and value), kept on the device: read at log steps and before saving.
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=env.device)
+        self._bad_loss = torch.zeros((), dtype=torch.float32, device=env.device)
+
+    # ---- hooks
+    def register_hooks(self, hooks: Sequence[HookBase]) -> None:
+        for h in hooks:
+            h.trainer = self
+            self.hooks.append(h)
+
+    def _call(self, point: str) -> None:
+        for h in self.hooks:
+            getattr(h, point)()
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        return next(h for h in self.hooks if isinstance(h, Checkpointer))
+
+    # ---- state
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.task.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "version": CKPT_VERSION,
+                "epoch": self.epoch, "step": self.step, "micro": self.micro, "history": self.history,
+                "loss_sum": self.loss_sum, "loss_n": self.loss_n}
+
+    def load_state_dict(self, ck: Mapping[str, Any]) -> None:
+        self.task.load_state_dict(ck["model"])
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.scheduler.load_state_dict(ck["scheduler"])
+        self.scaler.load_state_dict(ck["scaler"])
+        self.epoch, self.step, self.micro, self.history = ck["epoch"], ck["step"], ck["micro"], ck["history"]
+        self.loss_sum, self.loss_n = ck.get("loss_sum", 0.0), ck.get("loss_n", 0)
+        self.scheduler.step_update(self.step)
+
+    def check_finite(self) -> None:
+        """Fail the stage, naming the step, if any loss since the start of this process segment was not finite."""
+        bad = int(self._bad_step)
+        if bad >= 0:
+            raise FloatingPointError(f"[{self.desc}] loss is {float(self._bad_loss)} at step {bad} (seen at step "
+                                     f"{self.step}); stopping")
+
+    # ---- the loop
+    def train(self) -> dict[str, Any]:
+        """Train to the end (or to ``train.max_steps``); returns the accounting and the per-epoch history. Raises
+        ``Preempted`` after checkpointing when signalled."""
+        try:
+            self._call("before_train")
+            self.task.train()
+            while self.epoch < self.epochs and not self.stopped:
+                self._run_epoch()
+            self._call("after_train")
+        finally:
+            self._batches = None
+            for h in self.hooks:
+                h.close()
+        return self.summary()
+
+    def _run_epoch(self) -> None:
+        self.data.epoch = self.epoch
+        self.sampler.set_epoch(self.epoch, start=self.micro * self.per)
+        nw = self.train_cfg["num_workers"]
+        # The loader draws its base seed from `generator` when an iterator starts; with the default (the global torch
+        # RNG) a mid-epoch resume would shift the global stream that drop path etc. use.
+        loader = DataLoader(self.data, batch_size=self.per, sampler=self.sampler, num_workers=nw,
+                            pin_memory=self.env.device.type == "cuda", drop_last=True, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch),
+                            worker_init_fn=_ignore_sigint if nw else None)
+        self.loss_sum = torch.as_tensor(self.loss_sum, dtype=torch.float32).to(self.env.device).clone()
+        self._batches = iter(loader)
+        self._call("before_epoch")
+        while self.micro < self.micro_per_epoch:
+            self._call("before_step")
+            self.run_step()
+            # a mid-epoch stop; at an epoch end the epoch is closed first
+            self.stopped = self.max_steps is not None and self.step >= self.max_steps
+            self.stopped = self.stopped and self.micro < self.micro_per_epoch
+            if self.step % self.log_every == 0:
+                self.check_finite()
+            self._call("after_step")
+            if self.stopped:
+                break
+        self._batches = None
+        if not self.stopped:
+            self._end_epoch()
+
+    def run_step(self) -> None:
+        """One optimizer step: ``accum`` micro-batches (forward under autocast, scaled backward; DDP syncs the
+        gradients on the last only), then clipping, the optimizer and scaler update, the scheduler and the task's
+        ``after_step``."""
+        assert self._batches is not None
+        env, task, opt = self.env, self.task, self.optimizer
+        self.step_outputs = []
+        for _ in range(self.accum):
+            batch = _to(next(self._batches), env.device)
+            sync = (self.micro + 1) % self.accum == 0
+            ctx = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
+            with ctx:
+                with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = self.model(batch, self.gen)
+                self.scaler.scale(out.loss / self.accum).backward()
+            loss = out.loss.detach()
+            first_bad = ~torch.isfinite(loss) & (self._bad_step < 0)
+            self._bad_step = torch.where(first_bad, self.step, self._bad_step)
+            self._bad_loss = torch.where(first_bad, loss.float(), self._bad_loss)
+            self.loss_sum += loss
+            self.loss_n += 1
+            self.micro += 1
+            self.step_outputs.append(StepOutput(loss, out.logs))
+        self._call("before_update")
+        if self.optim_cfg.get("clip_grad"):
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(task.parameters(), self.optim_cfg["clip_grad"])
+        self.scaler.step(opt)
+        self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.scheduler.step_update(self.step)
+        if hasattr(task, "after_step"):
+            task.after_step(self.step, self.total_steps)
+
+    def _end_epoch(self) -> None:
+        mean_loss = all_reduce_mean(torch.as_tensor(self.loss_sum) / max(1, self.loss_n)).item()
+        self.epoch += 1
+        self.micro = 0
+        self.loss_sum, self.loss_n = 0.0, 0
+        record = {"epoch": self.epoch, "step": self.step, "loss": mean_loss,
+                  "lr": self.optimizer.param_groups[0]["lr"]}
+        for h in self.hooks:
+            record.update(h.epoch_metrics(self.epoch))
+        self.history.append(record)
+        self._call("after_epoch")
+        if self.max_steps is not None and self.step >= self.max_steps and self.epoch < self.epochs:
+            self.stopped = True
+
+    def summary(self) -> dict[str, Any]:
+        acct = next((h.summary() for h in self.hooks if isinstance(h, Accounting)), {})
+        return {
+            "completed": self.epoch >= self.epochs,
+            "epochs": self.epoch, "steps": self.step, "steps_per_epoch": self.steps_per_epoch,
+            "accumulation": self.accum, "batch_per_device": self.per, "effective_batch": self.optim_cfg["batch_size"],
+            "base_lr": base_lr(self.optim_cfg), **acct, "history": self.history,
+            "device": self.env.device.type, "world_size": self.env.world_size,
+            "precision": self.precision,  # as run by this process: fp32 | bf16 | fp16 (autocast + GradScaler)
+        }
+
+
+def default_hooks(task: nn.Module, cfg: Mapping[str, Any], out_dir: str | Path,
+                  epoch_hook: Callable[[int], Mapping[str, Any]] | None = None,
+                  extra: Sequence[HookBase] = (), stop: StopFlag | None = None) -> list[HookBase]:
+    """The hooks ``fit`` trains with, in the order they run (``stop``: a signal flag installed by the caller)."""
+    tcfg, out_dir = cfg["train"], Path(out_dir)
+    hooks: list[HookBase] = [Checkpointer(out_dir / "checkpoints", tcfg.get("keep_every") or 0), Accounting()]
+    if tcfg.get("grad_norms"):
+        hooks.append(GradNorms(task))
+    if epoch_hook is not None:
+        hooks.append(EpochEval(epoch_hook))
+    hooks += list(extra)
+    hooks += [TrainLog(out_dir, int(tcfg.get("log_every", 50))), Preemption(stop)]
+    return hooks
+
+
 def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: str | Path, *,
-        epoch_hook: Callable[[int], dict[str, float]] | None = None, desc: str = "train",
-        env: DistEnv | None = None) -> dict[str, Any]:
+        epoch_hook: Callable[[int], Mapping[str, Any]] | None = None, desc: str = "train",
+        env: DistEnv | None = None, hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
     """Train ``task`` on ``train_set`` under ``cfg['optim']``/``cfg['train']``, resuming from ``out_dir`` if possible.
 
     Returns the accounting and per-epoch history. Raises ``Preempted`` after checkpointing when signalled.
     The accounting (wall time, device-seconds, images) sums every process segment of the stage: the totals are
     kept in the checkpoint, so a stage killed or requeued and resumed reports what it cost in all.
+    ``epoch_hook(epoch)`` runs after each epoch (task in eval mode) and adds to its record; ``hooks`` are more.
     """
-    with StopFlag() as stop:
-        return _fit(task, train_set, cfg, out_dir, epoch_hook=epoch_hook, desc=desc, env=env, stop=stop)
-
-
-def _fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: str | Path, *,
-         epoch_hook: Callable[[int], dict[str, float]] | None, desc: str, env: DistEnv | None,
-         stop: StopFlag) -> dict[str, Any]:
-    env = env or setup()
-    optim, tcfg = cfg["optim"], cfg["train"]
-    out_dir = Path(out_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    accum = accumulation(cfg, env.world_size)
-    per = optim["batch_size"] // env.world_size // accum
-    seed = int(cfg.get("seed", 0))
-    torch.manual_seed(seed + env.rank)
-    np.random.seed(seed + env.rank)
-    random.seed(seed + env.rank)
-    gen = torch.Generator(device=env.device)
-    gen.manual_seed(seed * 7919 + env.rank)
-
-    task.to(env.device)
-    if auto_switch(tcfg.get("compile"), env.device):
-        compile_blocks(task)
-    model: nn.Module = task
-    if env.distributed:
-        model = DistributedDataParallel(task, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                                        find_unused_parameters=bool(getattr(task, "find_unused_parameters", False)))
-    groups = task.param_groups(optim) if hasattr(task, "param_groups") else default_param_groups(task, optim)
-    opt = build_optimizer(groups, optim, base_lr(optim), fused=auto_switch(tcfg.get("fused_optim"), env.device))
-
-    data = SeededDataset(train_set, seed)
-    sampler = ResumableSampler(len(data), env.world_size, env.rank, seed)
-    micro_per_epoch = (sampler.per_rank // per) // accum * accum
-    steps_per_epoch = micro_per_epoch // accum
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} training images are too few for an effective batch of "
-                         f"{optim['batch_size']}; lower optim.batch_size")
-    sched = build_scheduler(opt, optim, steps_per_epoch)
-    total_steps = optim["epochs"] * steps_per_epoch
-    precision = resolve_precision(tcfg.get("precision", "auto"), env.device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-
-    state = {"epoch": 0, "step": 0, "micro": 0, "history": [], "version": CKPT_VERSION, "loss_sum": 0.0, "loss_n": 0}
-    # Cost of the earlier process segments of this stage (up to their last checkpoint).
-    before = {"wall_s": 0.0, "device_s": 0.0, "images": 0, "segments": 0, "step_time_s": None}
-    last = ckpt_dir / "last.pth"
-    if last.exists():
-        ck = load_checkpoint(last)
-        task.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        scaler.load_state_dict(ck["scaler"])
-        set_rng_state(ck["rng"][min(env.rank, len(ck["rng"]) - 1)], gen)
-        state.update({k: ck[k] for k in ("epoch", "step", "micro", "history")})
-        state.update({k: ck[k] for k in ("loss_sum", "loss_n") if k in ck})
-        before.update(ck.get("accounting") or {})
-        sched.step_update(state["step"])
-        if env.is_main:
-            print(f"[{desc}] resumed from {last} at epoch {state['epoch']} step {state['step']}", flush=True)
-
-    def save(path: Path) -> None:
-        rngs = [rng_state(gen)]
-        if env.distributed:
-            gathered: list[Any] = [None] * env.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
-        if env.is_main:
-            atomic_torch_save({"model": task.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
-                               "accounting": totals(), **state}, path)  # counters, history, the epoch's loss
-
-    def totals() -> dict[str, Any]:
-        """Cost so far, every segment included (this one: since it started)."""
-        seg = time.perf_counter() - t_start
-        med = float(np.median(step_times)) if step_times else before["step_time_s"]
-        return {"wall_s": before["wall_s"] + seg, "device_s": before["device_s"] + seg * env.world_size,
-                "images": before["images"] + images * env.world_size, "segments": before["segments"] + (images > 0),
-                "step_time_s": med}
-
-    step_times: list[float] = []
-    images = 0
-    t_start = time.perf_counter()
-    max_steps = tcfg.get("max_steps")
-    bar = tqdm(total=total_steps, initial=state["step"], desc=desc, unit="step", disable=not env.is_main,
-               dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    stopped = False
-    gn_blocks = encoder_blocks(task) if tcfg.get("grad_norms") else None
-    task.train()
-    while state["epoch"] < optim["epochs"] and not stopped:
-        epoch = state["epoch"]
-        data.epoch = epoch
-        sampler.set_epoch(epoch, start=state["micro"] * per)
-        # The loader draws its base seed from `generator` when an iterator starts; with the default (the global torch
-        # RNG) a mid-epoch resume would shift the global stream that drop path etc. use.
-        loader = DataLoader(data, batch_size=per, sampler=sampler, num_workers=tcfg["num_workers"],
-                            pin_memory=env.device.type == "cuda", drop_last=True,
-                            persistent_workers=False, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch),
-                            worker_init_fn=_ignore_sigint if tcfg["num_workers"] else None)
-        # The epoch's running loss is checkpointed: a resumed epoch reports the mean an uninterrupted one would.
-        loss_sum = torch.as_tensor(state["loss_sum"], dtype=torch.float32).to(env.device).clone()
-        loss_n = state["loss_n"]
-        t_step = time.perf_counter()
-        epoch_gn: list[float] | None = None
-        for batch in loader:
-            if state["micro"] >= micro_per_epoch:
-                break
-            sync = (state["micro"] + 1) % accum == 0
-            batch = _to(batch, env.device)
-            ctx = model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
-            with ctx, torch.autocast(env.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                out = model(batch, gen)
-            loss = out.loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"[{desc}] loss is {loss.item()} at step {state['step']}; stopping")
-            with ctx:
-                scaler.scale(loss / accum).backward()
-            loss_sum += loss.detach()
-            loss_n += 1
-            state["loss_sum"], state["loss_n"] = loss_sum, loss_n
-            state["micro"] += 1
-            images += per
-            if not sync:
-                continue
-            if gn_blocks is not None and state["micro"] == micro_per_epoch:  # the epoch's last step, before clipping
-                epoch_gn = block_grad_norms(gn_blocks, scaler.get_scale() if scaler.is_enabled() else 1.0)
-            if optim.get("clip_grad"):
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(task.parameters(), optim["clip_grad"])
-            scaler.step(opt)
-            scaler.update()
-            opt.zero_grad(set_to_none=True)
-            state["step"] += 1
-            sched.step_update(state["step"])
-            if hasattr(task, "after_step"):
-                task.after_step(state["step"], total_steps)
-            now = time.perf_counter()
-            step_times.append(now - t_step)
-            t_step = now
-            bar.update(1)
-            if state["step"] % max(1, tcfg.get("log_every", 50)) == 0:
-                bar.set_postfix(loss=f"{(loss_sum / max(1, loss_n)).item():.4f}",
-                                lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
-            if max_steps is not None and state["step"] >= max_steps and state["micro"] < micro_per_epoch:
-                stopped = True  # mid-epoch stop; at an epoch end the epoch is closed first (below)
-                break
-            if _stop_requested(env, stop):
-                save(last)
-                bar.close()
-                raise Preempted(f"signal {stop.signal} at step {state['step']}; checkpoint written to {last}",
-                                stop.signal)
-        if stopped:
-            break
-        mean_loss = all_reduce_mean(loss_sum / max(1, loss_n)).item()
-        state["epoch"] += 1
-        state["micro"] = 0
-        state["loss_sum"], state["loss_n"] = 0.0, 0
-        record = {"epoch": state["epoch"], "step": state["step"], "loss": mean_loss, "lr": opt.param_groups[0]["lr"]}
-        if epoch_gn is not None:
-            record["grad_norms"] = epoch_gn
-        if epoch_hook is not None:
-            task.eval()
-            record.update(epoch_hook(state["epoch"]))
-            task.train()
-        state["history"].append(record)
-        save(last)
-        keep = tcfg.get("keep_every") or 0
-        if keep and state["epoch"] % keep == 0:
-            save(ckpt_dir / f"epoch-{state['epoch']:04d}.pth")
-        if max_steps is not None and state["step"] >= max_steps and state["epoch"] < optim["epochs"]:
-            stopped = True
-            break
-    if stopped:
-        save(last)
-    bar.close()
-    tot = totals()
-    med, wall = tot["step_time_s"], tot["wall_s"]  # med: None when no segment timed a step
-    return {
-        "completed": state["epoch"] >= optim["epochs"],
-        "epochs": state["epoch"], "steps": state["step"], "steps_per_epoch": steps_per_epoch,
-        "accumulation": accum, "batch_per_device": per, "effective_batch": optim["batch_size"],
-        "base_lr": base_lr(optim), "wall_s": wall, "device_s": tot["device_s"], "images": tot["images"],
-        "segments": tot["segments"], "segment_wall_s": time.perf_counter() - t_start,
-        "images_per_s": tot["images"] / wall if wall > 0 else None,
-        "step_time_s": med, "epoch_time_s": med * steps_per_epoch if med is not None else None,
-        "peak_memory_mb": peak_memory_mb(env.device), "history": state["history"],
-        "device": env.device.type, "world_size": env.world_size,
-        "precision": precision,  # as run by this process: fp32 | bf16 | fp16 (autocast + GradScaler)
-    }
+    with StopFlag() as stop:  # from the start: a signal during the set-up stops the run after its first step
+        trainer = Trainer(task, train_set, cfg, env=env, desc=desc)
+        trainer.register_hooks(default_hooks(task, cfg, out_dir, epoch_hook, hooks, stop))
+        return trainer.train()

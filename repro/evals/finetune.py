@@ -14,10 +14,10 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from repro.data.datasets import build_split, eval_transform
+from repro.engine.task import StepOutput
 from repro.engine.train import fit
 from repro.evals.features import eval_encoder
 from repro.evals.knn import topk_accuracy
-from repro.methods.base import StepOutput
 
 
 def _posterize_compat() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -14,7 +15,8 @@ from tqdm import tqdm
 def extract(fn: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, batch_size: int, device: torch.device,
             desc: str = "features") -> tuple[torch.Tensor, torch.Tensor]:
     feats, labels = [], []
-    for x, y in tqdm(DataLoader(ds, batch_size=batch_size, shuffle=False), desc=desc, leave=False):
+    quiet = not sys.stderr.isatty()  # a bar on a terminal only: no carriage returns in a stage's log file
+    for x, y in tqdm(DataLoader(ds, batch_size=batch_size, shuffle=False), desc=desc, leave=False, disable=quiet):
         feats.append(fn(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from repro.data.datasets import build_split, crop_flip_transform, eval_transform
+from repro.engine.task import StepOutput
 from repro.engine.train import fit
 from repro.evals.features import eval_encoder, feature_kind, features, instance_head
 from repro.evals.knn import topk_accuracy
-from repro.methods.base import StepOutput
 
 
 class LinearProbe(nn.Module):

@@ -1,24 +1,21 @@
-"""Pretraining methods, one file each, behind ``repro.methods.base.PretrainMethod``.
+"""Pretraining methods: a torch-free spec per method (``repro/methods/specs/``, registered in
+``repro.methods.registry``) and its ``nn.Module`` in ``repro/methods/<name>.py`` (imported when first asked for).
 
-Every module in this package registers its method on import; all of them are imported here.
+Importing this package imports no torch; ``PretrainMethod`` and ``StepOutput`` load ``repro.methods.base`` on access.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from typing import Any
 
-from repro.config import ConfigError
-from repro.methods.base import METHODS, PretrainMethod, StepOutput, register
+from repro.methods.registry import METHODS, MethodSpec, get_method, get_spec, register
 
-__all__ = ["METHODS", "PretrainMethod", "StepOutput", "get_method", "register"]
-
-for _m in pkgutil.iter_modules(__path__):
-    if _m.name not in ("base",) and not _m.name.startswith("_"):
-        importlib.import_module(f"{__name__}.{_m.name}")
+__all__ = ["METHODS", "MethodSpec", "PretrainMethod", "StepOutput", "get_method", "get_spec", "register"]
 
 
-def get_method(name: str) -> type[PretrainMethod]:
-    if name not in METHODS:
-        raise ConfigError(f"unknown method '{name}'; valid methods: {', '.join(sorted(METHODS))}")
-    return METHODS[name]
+def __getattr__(name: str) -> Any:
+    if name in ("PretrainMethod", "StepOutput"):
+        from repro.methods import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -27,29 +27,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models.cait import LayerScaleBlockClassAttn
 from torch import nn
 from torchvision import transforms
 
 from repro.config import ConfigError
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.extrema import AUGS, ExtreMASpec
+from repro.models.instance_head import InstanceHead, load_instance_head
 from repro.models.mim import gather_tokens, mae_init_
 from repro.models.vit import arch_dims, create_vit
 
-CLS_DESIGNS = ("cait", "vit_cls", "avgpool")
-LOSSES = ("byol", "infonce")
-AUGS = ("none", "color", "color_2views", "crop", "crop_2views", "crop_color_1view", "crop_color_2views",
-        "shared_crop_2colors")
-BRANCHES = ("student", "teacher")
 EXTRAS_PREFIX = "instance_head."
-
-_ln6 = partial(nn.LayerNorm, eps=1e-6)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Masks, momentum, losses
@@ -116,45 +108,6 @@ def mlp(in_dim: int, hidden: int, out_dim: int, layers: int) -> nn.Sequential:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Instance head
-
-
-class InstanceHead(nn.Module):
-    """Encoder tokens (B, N, D) -> instance vector (B, D).
-
-    ``cait``: ``depth`` class-attention blocks update a learned cls query from [cls, tokens], then LayerNorm.
-    ``avgpool``: LayerNorm of every token, then the mean. ``vit_cls``: the (already normed) token 0."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, depth: int, design: str,
-                 layer_scale: float = 0.1):
-        super().__init__()
-        self.design = design
-        if design == "cait":
-            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-            self.blocks = nn.ModuleList([
-                LayerScaleBlockClassAttn(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, norm_layer=_ln6,
-                                         init_values=layer_scale) for _ in range(depth)])
-        if design in ("cait", "avgpool"):
-            self.norm = _ln6(dim)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.design == "vit_cls":
-            return tokens[:, 0]
-        if self.design == "avgpool":
-            return self.norm(tokens).mean(dim=1)
-        cls = self.cls_token.expand(tokens.shape[0], -1, -1)
-        for blk in self.blocks:
-            cls = blk(tokens, cls)
-        return self.norm(cls)[:, 0]
-
-
-def _infer_design(state: Mapping[str, torch.Tensor]) -> tuple[str, int]:
-    if "cls_token" in state:
-        return "cait", len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    return ("avgpool", 0) if "norm.weight" in state else ("vit_cls", 0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Augmentation
 
 
@@ -208,30 +161,7 @@ class PairTransform:
 # The method
 
 
-@register
-class ExtreMA(PretrainMethod):
-    name = "extrema"
-    results_version = 2  # 2: issue 10 fidelity fixes
-    defaults = {
-        "name": "extrema",
-        "mask_ratio": 0.8,
-        "num_masks": 5,
-        "disjoint": True,            # masks of one image share no visible token
-        "cls_design": "cait",        # cait | vit_cls (needs model.class_token: true) | avgpool
-        "ca_blocks": 2,              # class-attention blocks (cait)
-        "ca_layer_scale": 0.1,       # their LayerScale init
-        "proj_hidden": 4096,
-        "proj_dim": 256,
-        "pred_hidden": 4096,
-        "ema_base": 0.996,           # teacher momentum at t = 0, cosine to 1
-        "loss": "byol",              # byol | infonce
-        "temperature": 0.2,          # infonce only
-        "aug": "shared_crop_2colors",
-        "export_branch": "student",  # which encoder + instance head export()/extras() give the evaluations
-    }
-    linear_feature = "instance"
-    finetune_pool = "avg"
-
+class ExtreMA(ExtreMASpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
@@ -275,27 +205,6 @@ class ExtreMA(PretrainMethod):
 
     def _pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.t_encoder), (self.head, self.t_head), (self.projector, self.t_projector)]
-
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-        for key, valid in (("cls_design", CLS_DESIGNS), ("loss", LOSSES), ("aug", AUGS),
-                           ("export_branch", BRANCHES)):
-            if params[key] not in valid:
-                raise ConfigError(f"method.{key}={params[key]!r} is unknown; valid: {', '.join(valid)}")
-        if params["num_masks"] < 1 or params["ca_blocks"] < 1:
-            raise ConfigError("method.num_masks and method.ca_blocks must be >= 1")
-        if not 0.0 <= params["ema_base"] <= 1.0:
-            raise ConfigError(f"method.ema_base={params['ema_base']} is outside [0, 1]")
-        if params["temperature"] <= 0:
-            raise ConfigError("method.temperature must be positive")
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        out = dict(params)
-        for k in ("proj_hidden", "proj_dim", "pred_hidden"):
-            out[k] = rule.dim(params[k])
-        return out
 
     def train_transform(self) -> Callable[[Any], Any]:
         d = self.cfg["data"]
@@ -376,11 +285,4 @@ class ExtreMA(PretrainMethod):
     @classmethod
     def instance_head(cls, cfg: Mapping[str, Any], extras: Mapping[str, torch.Tensor]) -> nn.Module | None:
         state = {k[len(EXTRAS_PREFIX):]: v for k, v in extras.items() if k.startswith(EXTRAS_PREFIX)}
-        design, depth = _infer_design(state)
-        dims = arch_dims(cfg["model"])
-        if (design == "vit_cls") != bool(cfg["model"].get("class_token", True)):
-            raise ConfigError(f"the ExtreMA instance head ({design}) does not match model.class_token="
-                              f"{cfg['model'].get('class_token', True)}")
-        head = InstanceHead(dims["embed_dim"], dims["num_heads"], dims["mlp_ratio"], max(depth, 1), design)
-        head.load_state_dict(state, strict=True)
-        return head
+        return load_instance_head(cfg["model"], state)

@@ -20,17 +20,16 @@ puts every latent at its own position (LocalMIM's Swin code, derived from GreenM
 from __future__ import annotations
 
 from collections.abc import Mapping
-from functools import partial
 from typing import Any
 
 import torch
-from timm.models.vision_transformer import Block
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from repro.config import ConfigError
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
-from repro.models.mim import mae_init_, masked_mse, norm_pix, patchify
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.greenmim import GreenMIMSpec
+from repro.models.mim import UnitDecoder, mae_init_, masked_mse, norm_pix, patchify
 from repro.models.swin import (
     create_swin,
     encoder_state_dict,
@@ -39,10 +38,6 @@ from repro.models.swin import (
     mask_unit,
     visible_ids_from_units,
 )
-from repro.models.vit import sincos_2d
-
-PLACEMENTS = ("official", "aligned")
-GROUPINGS = ("auto", "group", "single")
 
 
 def batch_mask(units: int, mask_ratio: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,49 +50,7 @@ def batch_mask(units: int, mask_ratio: float, generator: torch.Generator) -> tup
     return keep, mask
 
 
-class UnitDecoder(nn.Module):
-    """GreenMIM's decoder: embed the visible latents, fill the other units with a mask token, add fixed sin-cos
-    positions, transformer blocks, norm, linear prediction of every unit."""
-
-    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, grid: int, out_dim: int):
-        super().__init__()
-        norm = partial(nn.LayerNorm, eps=1e-6)
-        self.embed = nn.Linear(in_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos", sincos_2d(dim, grid, grid)[None], persistent=False)
-        self.blocks = nn.ModuleList([Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
-        self.norm = norm(dim)
-        self.pred = nn.Linear(dim, out_dim)
-
-    def forward(self, latent: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """``latent`` (B, K, in_dim) go to unit positions ``slots`` (K,); returns (B, units, out_dim)."""
-        x = self.embed(latent)
-        b, units = x.shape[0], self.pos.shape[1]
-        full = self.mask_token.to(x.dtype).expand(b, units, -1).clone()
-        full[:, slots] = x
-        x = full + self.pos
-        for blk in self.blocks:
-            x = blk(x)
-        return self.pred(self.norm(x))
-
-
-@register
-class GreenMIM(PretrainMethod):
-    name = "greenmim"
-    defaults = {
-        "name": "greenmim",
-        "mask_ratio": 0.75,
-        "mask_patch_size": 32,        # px; must be the last stage's cell (patch_size * 2**(stages - 1))
-        "decoder_dim": 512,
-        "decoder_depth": 1,
-        "decoder_heads": 16,
-        "norm_pix_loss": True,
-        "decoder_placement": "official",  # official (latents at noise-order positions, as the code) | aligned
-        "grouping": "auto",  # auto (official: one masked group when N <= 2 ws^2, else knapsack) | group | single
-    }
-    linear_feature = "avg"
-    finetune_pool = "avg"
-
+class GreenMIM(GreenMIMSpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
@@ -120,21 +73,6 @@ class GreenMIM(PretrainMethod):
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.decoder.mask_token, std=0.02)
-
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-        if params["decoder_placement"] not in PLACEMENTS:
-            raise ConfigError(f"method.decoder_placement={params['decoder_placement']!r}; valid: "
-                              f"{', '.join(PLACEMENTS)}")
-        if params["grouping"] not in GROUPINGS:
-            raise ConfigError(f"method.grouping={params['grouping']!r}; valid: {', '.join(GROUPINGS)}")
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        out = rule.decoder(params, "decoder_dim", "decoder_depth", "decoder_heads")
-        out["mask_patch_size"] = rule.patch(params["mask_patch_size"])  # 32 -> 8, the tiny last-stage cell
-        return out
 
     def param_groups(self, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Official: no weight decay on biases, norms, relative position tables and the mask token."""

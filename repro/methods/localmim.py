@@ -31,6 +31,9 @@ per-cell normalised pixels. ``grad_isolation`` detaches the input of the stage a
 ``feature_fusion`` adds to the normalised top feature a linear map of each lower tap's normalised r x r block of
 tokens per top-level cell (ConvMAE's stride-r convolution).
 
+Two classes, ``LocalMIMViT`` and ``LocalMIMSwin``, share ``LocalMIM`` (targets, weighted loss, logs);
+``LocalMIM(cfg)`` builds the one of ``cfg``'s arch.
+
 Sharing: the top tap (block depth-1) uses the encoder's own final norm as its LayerNorm, so the exported encoder
 carries that trained norm (the cls feature the linear probe and kNN read); the official code keeps it as a separate
 ``norm[3]`` and drops it at fine-tuning, where mean pooling + fc_norm is used either way.
@@ -49,12 +52,12 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from repro.config import ConfigError
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
-from repro.methods.greenmim import UnitDecoder
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.localmim import SCALES, LocalMIMSpec
+from repro.models.archs import swin_stage_ends
 from repro.models.hog import HOGLayers
-from repro.models.mim import MaskedDecoder, encode_visible, mae_init_, masked_mse, norm_pix, patchify
+from repro.models.mim import MaskedDecoder, UnitDecoder, encode_visible, mae_init_, masked_mse, norm_pix, patchify
 from repro.models.swin import (
-    SWIN_ARCHS,
     SwinTokens,
     block_visible,
     create_swin,
@@ -65,9 +68,7 @@ from repro.models.swin import (
     visible_ids_from_units,
 )
 from repro.models.swin import encoder_state_dict as swin_state_dict
-from repro.models.vit import ARCHS, create_vit
-
-SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
+from repro.models.vit import create_vit
 
 
 def default_taps(depth: int, n: int = 4) -> list[int]:
@@ -114,11 +115,6 @@ def scale_mask(mask: torch.Tensor, grid: int, scale: float) -> torch.Tensor:
     return m.flatten(1)
 
 
-def swin_stage_ends(depths: list[int] | tuple[int, ...]) -> list[int]:
-    """0-based index of the last block of every Swin stage ([1, 3, 21, 23] for Swin-B's [2, 2, 18, 2])."""
-    return [sum(depths[: i + 1]) - 1 for i in range(len(depths))]
-
-
 def swin_batch_mask(units: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
     """One (units,) mask for the whole batch, 1 = masked, with the official count: ``randperm(L) <= int(L * ratio)``
     masks int(L * ratio) + 1 units (37 of 49 at 0.75); at least one unit stays visible."""
@@ -133,37 +129,63 @@ def _detach_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].detach(), *args[1:])
 
 
-@register
-class LocalMIM(PretrainMethod):
-    name = "localmim"
-    results_version = 2  # 2: Swin weight-decay groups, one hog_bias draw per layer (issue 10)
-    defaults = {
-        "name": "localmim",
-        "mask_ratio": 0.75,
-        "taps": None,             # 0-based block indices; null: default_taps(depth)
-        "scales": [4.0, 2.0, 1.0, 0.5],
-        "target": "hog",          # hog | pixel
-        "hog_bins": 9,
-        "hog_bias": False,
-        "decoder_dim": 256,
-        "decoder_depth": 1,
-        "decoder_heads": 8,
-        "loss_weights": None,     # null: 1 for every scale
-        "norm_pix_loss": True,    # pixel target only
-        "grad_isolation": False,
-        "global_multiscale": False,
-        "feature_fusion": False,
-    }
-    linear_feature = "cls"
-    finetune_pool = "avg"
+class LocalMIM(LocalMIMSpec, PretrainMethod):
+    """What the ViT and Swin variants share: the per-scale targets, the weighted loss and its logs. ``LocalMIM(cfg)``
+    builds the class of ``cfg``'s arch (``LocalMIMViT`` or ``LocalMIMSwin``)."""
+
+    scales: list[float]
+    cells: list[int]  # target cell size in px, per scale
+    weights: list[float]
+    hog: HOGLayers | None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> LocalMIM:
+        if cls is LocalMIM:  # pick the arch's class; its __init__ then runs as usual
+            cfg = args[0] if args else kwargs["cfg"]
+            cls = LocalMIMSwin if is_swin(cfg["model"]["arch"]) else LocalMIMViT
+        return super().__new__(cls)
+
+    def _targets_and_weights(self, pixel_dims: list[int]) -> list[int]:
+        """Build the HOG layers (``target: hog``) and the loss weights; returns each scale's target width
+        (``pixel_dims`` for ``target: pixel``)."""
+        p = self.params
+        if p["target"] == "hog":
+            self.hog = HOGLayers(p["hog_bins"], len(self.scales), bias=p["hog_bias"])
+            out_dims = [3 * p["hog_bins"]] * len(self.scales)
+        else:
+            self.hog = None
+            out_dims = pixel_dims
+        weights = p["loss_weights"]
+        self.weights = [1.0] * len(self.scales) if weights is None else [float(w) for w in weights]
+        return out_dims
+
+    def targets(self, imgs: torch.Tensor) -> list[torch.Tensor]:
+        """Per-scale targets, each (N, (grid*scale)^2, D_scale) in row-major cell order."""
+        if self.hog is not None:
+            return [t.flatten(2).transpose(1, 2) for t in self.hog.multi_cell(imgs, self.cells)]
+        out = []
+        for c in self.cells:
+            t = patchify(imgs, c)
+            out.append(norm_pix(t) if self.params["norm_pix_loss"] else t)
+        return out
+
+    def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        """The masked MSE of every decoder (unweighted), in ``scales`` order."""
+        raise NotImplementedError
+
+    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        parts = self.losses(batch[0], generator)
+        loss = sum(w * part for w, part in zip(self.weights, parts))
+        logs: dict[str, torch.Tensor | float] = {"loss": loss.detach()}
+        for s, part in zip(self.scales, parts):
+            logs[f"loss_x{s:g}"] = part.detach()
+        return StepOutput(loss, logs)
+
+
+class LocalMIMViT(LocalMIM):
+    """LocalMIM on a ViT: MAE's visible-only encoder, taps on its blocks, one MAE decoder per scale."""
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
-        self.swin = is_swin(cfg["model"]["arch"])
-        if self.swin:
-            self.linear_feature = "avg"  # no cls token in a Swin: probe the mean of the last stage's tokens
-            self._init_swin(cfg)
-            return
         p = self.params
         img = cfg["data"]["img_size"]
         self.encoder = create_vit(cfg["model"], img, num_classes=0)
@@ -181,6 +203,7 @@ class LocalMIM(PretrainMethod):
                 raise ConfigError(f"LocalMIM scale {s} does not fit a {self.grid}x{self.grid} grid of "
                                   f"{self.patch}-px patches (target grid and cell size must be whole numbers)")
         self.taps = taps
+        self.cells = [int(self.patch / s) for s in self.scales]
         # Which hidden state feeds each decoder (and its norm); fusion feeds one decoder with the fused taps.
         self.sources = [depth - 1] * len(self.scales) if p["global_multiscale"] else list(taps)
         if fusion:
@@ -191,18 +214,11 @@ class LocalMIM(PretrainMethod):
         self.norms = nn.ModuleDict({
             str(t): self.encoder.norm if t == depth - 1 else nn.LayerNorm(dim, eps=1e-6) for t in tapped})
         self.fuse = nn.ModuleDict({str(t): nn.Linear(dim, dim) for t in taps[:-1]}) if fusion else None
-        if p["target"] == "hog":
-            self.hog = HOGLayers(p["hog_bins"], len(self.scales), bias=p["hog_bias"])
-            out_dims = [3 * p["hog_bins"]] * len(self.scales)
-        else:
-            self.hog = None
-            out_dims = [int(self.patch / s) ** 2 * 3 for s in self.scales]
+        out_dims = self._targets_and_weights([c * c * 3 for c in self.cells])
         dd = p["decoder_dim"]
         self.decoders = nn.ModuleList(
             [MaskedDecoder(dim, dd, p["decoder_depth"], p["decoder_heads"], self.grid, None) for _ in self.scales])
         self.heads = nn.ModuleList([rescale_head(s, dd, o) for s, o in zip(self.scales, out_dims)])
-        weights = p["loss_weights"]
-        self.weights = [1.0] * len(self.scales) if weights is None else [float(w) for w in weights]
         mae_init_(self)
         if p["grad_isolation"]:
             # Detach the input of the block after every tapped block below the top: each segment learns from its own
@@ -211,8 +227,42 @@ class LocalMIM(PretrainMethod):
                 if t + 1 < depth:
                     self.encoder.blocks[t + 1].register_forward_pre_hook(_detach_input)
 
-    def _init_swin(self, cfg: Mapping[str, Any]) -> None:
-        """The Swin variant (see the module docstring); the same knobs, taps restricted to stage ends."""
+    def param_groups(self, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """No weight decay on biases and 1-D parameters (the official ViT run_pretrain.py has no skip list: its mask
+        tokens are decayed)."""
+        return param_groups_weight_decay(self, optim["weight_decay"], no_weight_decay_list=[])
+
+    def _features(self, imgs: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor,
+                                                                                    torch.Tensor]:
+        """Encoder pass; returns the (normalised, or fused) input of every decoder, the mask and ids_restore."""
+        _, mask, ids_restore, hidden = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator)
+        normed = {t: norm(hidden[int(t)]) for t, norm in self.norms.items()}
+        if self.fuse is not None:
+            top = str(self.sources[0])
+            fused = normed[top] + sum(proj(normed[t]) for t, proj in self.fuse.items())
+            return [fused], mask, ids_restore
+        return [normed[str(s)] for s in self.sources], mask, ids_restore
+
+    def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+        feats, mask, ids_restore = self._features(imgs, generator)
+        with torch.no_grad():
+            targets = self.targets(imgs)
+        out = []
+        for x, dec, head, s, tgt in zip(feats, self.decoders, self.heads, self.scales, targets):
+            y = dec(x, ids_restore)  # (N, L, d)
+            y = y.transpose(1, 2).reshape(y.shape[0], -1, self.grid, self.grid)
+            pred = head(y).flatten(2).transpose(1, 2)
+            out.append(masked_mse(pred.float(), tgt.float(), scale_mask(mask, self.grid, s)))
+        return out
+
+
+class LocalMIMSwin(LocalMIM):
+    """LocalMIM on a Swin (see the module docstring): the same knobs, taps restricted to stage ends."""
+
+    linear_feature = "avg"  # no cls token in a Swin: probe the mean of the last stage's tokens
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]
         self.encoder = create_swin(cfg["model"], img, num_classes=0)
@@ -254,19 +304,14 @@ class LocalMIM(PretrainMethod):
             blocks = {t: (self.tap_grid[t] // self.tap_grid[top]) ** 2 for t in taps[:-1]}
             self.fuse = nn.ModuleDict({str(t): nn.Linear(self.tap_dim[t] * k, self.tap_dim[top])
                                        for t, k in blocks.items()})
-        self.cells: list[int] = []
+        self.cells = []
         for t, s in zip(self.sources, self.scales):
             g = self.tap_grid[t] * s
             if g != int(g) or img % int(g):
                 raise ConfigError(f"LocalMIM scale {s} does not fit the {self.tap_grid[t]}x{self.tap_grid[t]} grid of "
                                   f"Swin block {t} at {img} px (target grid and cell size must be whole numbers)")
             self.cells.append(img // int(g))
-        if p["target"] == "hog":
-            self.hog = HOGLayers(p["hog_bins"], len(self.scales), bias=p["hog_bias"])
-            out_dims = [3 * p["hog_bins"]] * len(self.scales)
-        else:
-            self.hog = None
-            out_dims = [c * c * 3 for c in self.cells]
+        out_dims = self._targets_and_weights([c * c * 3 for c in self.cells])
         dd, heads = int(p["decoder_dim"]), int(p["decoder_heads"])
         # Official: the decoder of the first stage's output is half as wide (decoder_embed_dim // 2).
         dims = [dd // 2 if stage_of[t] == 0 else dd for t in self.sources]
@@ -280,13 +325,17 @@ class LocalMIM(PretrainMethod):
             decoders.append(dec)
         self.decoders = nn.ModuleList(decoders)
         self.heads = nn.ModuleList([rescale_head(s, d, o) for s, d, o in zip(self.scales, dims, out_dims)])
-        weights = p["loss_weights"]
-        self.weights = [1.0] * len(self.scales) if weights is None else [float(w) for w in weights]
         mae_init_(self)
         w = self.encoder.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for dec in self.decoders:
             nn.init.normal_(dec.mask_token, std=0.02)
+
+    def param_groups(self, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """No weight decay on biases, 1-D parameters and names containing ``position_bias`` or ``token`` (relative
+        position tables, decoder mask tokens), as the official Swin/run_pretrain.py."""
+        skip = [n for n, _ in self.named_parameters() if "position_bias" in n or "token" in n]
+        return param_groups_weight_decay(self, optim["weight_decay"], no_weight_decay_list=skip)
 
     def _swin_levels(self, imgs: torch.Tensor, ids: torch.Tensor) -> dict[int, SwinTokens]:
         """Visible-only Swin pass (``repro.models.swin`` pieces) returning the tapped levels (before their norms),
@@ -316,7 +365,7 @@ class LocalMIM(PretrainMethod):
         out[ends[-1]] = level
         return out
 
-    def _swin_losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
+    def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         n = imgs.shape[0]
         mask = swin_batch_mask(self.ugrid * self.ugrid, float(self.params["mask_ratio"]), generator).to(imgs.device)
         ids = visible_ids_from_units((mask == 0).reshape(self.ugrid, self.ugrid), self.unit_patches)
@@ -339,110 +388,8 @@ class LocalMIM(PretrainMethod):
             out.append(masked_mse(pred.float(), tgt.float(), m))
         return out
 
-    def param_groups(self, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
-        """No weight decay on biases and 1-D parameters; on a Swin also none on names containing ``position_bias``
-        or ``token`` (relative position tables, decoder mask tokens), as the official Swin/run_pretrain.py. The
-        official ViT run_pretrain.py has no such list (its mask tokens are decayed)."""
-        skip = [n for n, _ in self.named_parameters() if "position_bias" in n or "token" in n] if self.swin else []
-        return param_groups_weight_decay(self, optim["weight_decay"], no_weight_decay_list=skip)
-
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-        scales = params["scales"]
-        if not scales or any(float(s) not in SCALES for s in scales):
-            raise ConfigError(f"method.scales={scales} must be a non-empty list of {', '.join(map(str, SCALES))}")
-        if params["target"] not in ("hog", "pixel"):
-            raise ConfigError(f"method.target={params['target']!r}; valid: hog, pixel")
-        if params["global_multiscale"] and params["feature_fusion"]:
-            raise ConfigError("method.global_multiscale and method.feature_fusion are exclusive; set one to false")
-        taps = params["taps"]
-        if taps is not None:
-            if any(not isinstance(t, int) or isinstance(t, bool) or t < 0 for t in taps):
-                raise ConfigError(f"method.taps={taps} must be non-negative 0-based block indices")
-            if list(taps) != sorted(taps):
-                raise ConfigError(f"method.taps={taps} must be in increasing order (fine scales on lower blocks)")
-        if params["feature_fusion"]:
-            if len(scales) != 1:
-                raise ConfigError(f"method.feature_fusion reconstructs one scale; pass e.g. method.scales=[1] "
-                                  f"(got {scales})")
-            if taps is not None and len(taps) < 2:
-                raise ConfigError("method.feature_fusion needs at least two taps to fuse")
-        elif taps is not None and len(taps) != len(scales):
-            raise ConfigError(f"method.taps={taps} needs one entry per scale in method.scales={scales}")
-        w = params["loss_weights"]
-        if w is not None and (len(w) != len(scales) or any(float(x) < 0 for x in w)):
-            raise ConfigError(f"method.loss_weights={w} needs one non-negative weight per scale ({len(scales)})")
-        if int(params["hog_bins"]) < 1:
-            raise ConfigError(f"method.hog_bins={params['hog_bins']} must be >= 1")
-        d, h = int(params["decoder_dim"]), int(params["decoder_heads"])
-        if h < 1 or d % h or d % 4:
-            raise ConfigError(f"method.decoder_dim={d} must be divisible by 4 and by method.decoder_heads={h}")
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        """Decoder shrunk by the width/depth rule; explicit taps mapped proportionally in depth (1-based layer l of
-        the paper encoder -> ceil(l * tiny_depth / paper_depth)); null taps are recomputed from the tiny depth. Swin:
-        stage ends map to the same stages' ends."""
-        out = rule.decoder(params, "decoder_dim", "decoder_depth", "decoder_heads")
-        if out["taps"] is not None and is_swin(rule.paper_arch):
-            # Swin: the same stages' ends in the tiny Swin (Swin-B [1, 3, 21, 23] -> swin_micro [1, 3, 5, 7]).
-            paper_ends = swin_stage_ends(SWIN_ARCHS[rule.paper_arch][1])
-            tiny_ends = swin_stage_ends(SWIN_ARCHS[rule.tiny_arch][1])
-            out["taps"] = [tiny_ends[paper_ends.index(t)] if t in paper_ends else t for t in out["taps"]]
-        elif out["taps"] is not None:
-            paper_depth = ARCHS[rule.paper_arch][1]
-            tiny_depth = ARCHS[rule.tiny_arch][1]
-            out["taps"] = [max(0, math.ceil((t + 1) * tiny_depth / paper_depth) - 1) for t in out["taps"]]
-        return out
-
-    def _features(self, imgs: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                                                    torch.Tensor]:
-        """Encoder pass; returns the (normalised, or fused) input of every decoder, the mask and ids_restore."""
-        _, mask, ids_restore, hidden = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator)
-        normed = {t: norm(hidden[int(t)]) for t, norm in self.norms.items()}
-        if self.fuse is not None:
-            top = str(self.sources[0])
-            fused = normed[top] + sum(proj(normed[t]) for t, proj in self.fuse.items())
-            return [fused], mask, ids_restore
-        return [normed[str(s)] for s in self.sources], mask, ids_restore
-
-    def targets(self, imgs: torch.Tensor) -> list[torch.Tensor]:
-        """Per-scale targets, each (N, (grid*scale)^2, D_scale) in row-major cell order."""
-        cells = self.cells if self.swin else [int(self.patch / s) for s in self.scales]
-        if self.hog is not None:
-            return [t.flatten(2).transpose(1, 2) for t in self.hog.multi_cell(imgs, cells)]
-        out = []
-        for c in cells:
-            t = patchify(imgs, c)
-            out.append(norm_pix(t) if self.params["norm_pix_loss"] else t)
-        return out
-
-    def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        """The masked MSE of every decoder (unweighted), in ``scales`` order."""
-        if self.swin:
-            return self._swin_losses(imgs, generator)
-        feats, mask, ids_restore = self._features(imgs, generator)
-        with torch.no_grad():
-            targets = self.targets(imgs)
-        out = []
-        for x, dec, head, s, tgt in zip(feats, self.decoders, self.heads, self.scales, targets):
-            y = dec(x, ids_restore)  # (N, L, d)
-            y = y.transpose(1, 2).reshape(y.shape[0], -1, self.grid, self.grid)
-            pred = head(y).flatten(2).transpose(1, 2)
-            out.append(masked_mse(pred.float(), tgt.float(), scale_mask(mask, self.grid, s)))
-        return out
-
-    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
-        parts = self.losses(batch[0], generator)
-        loss = sum(w * part for w, part in zip(self.weights, parts))
-        logs: dict[str, torch.Tensor | float] = {"loss": loss.detach()}
-        for s, part in zip(self.scales, parts):
-            logs[f"loss_x{s:g}"] = part.detach()
-        return StepOutput(loss, logs)
-
     def export(self) -> dict[str, torch.Tensor]:
-        return swin_state_dict(self.encoder) if self.swin else super().export()
+        return swin_state_dict(self.encoder)
 
 
 def _cell_blocks(fine: SwinTokens, top: SwinTokens) -> torch.Tensor:

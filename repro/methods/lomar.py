@@ -6,8 +6,9 @@ Each image is cut into ``num_windows`` random K x K windows of patches (K=7); in
 goes through the encoder, so the encoder batch is N*num_windows sequences of K*K+1 tokens whatever the resolution. A
 linear head predicts the (per-patch normalised) pixels; the MSE is taken on the masked patches only. Positions come
 from iRPE (Wu et al. 2021): contextual "product" relative encoding on the keys, one table shared by the heads, no
-absolute table. The ``encoder_decoder`` arch (paper Fig. 4) runs an MAE encoder on the visible window patches and an
-MAE decoder on the window; ``position: sincos`` (supplementary Table 1) adds the fixed 2-D sin-cos table instead.
+absolute table (``repro.models.irpe``, built from ``model.rel_pos: irpe``). The ``encoder_decoder`` arch (paper
+Fig. 4) runs an MAE encoder on the visible window patches and an MAE decoder on the window; ``position: sincos``
+(supplementary Table 1) adds the fixed 2-D sin-cos table instead.
 
 Which windows an image gets (``window_pairing``): the official forward repeats the image batch window-major but the
 window indices image-major, so its encoder sequence r holds image r % N and window r % W (N the per-GPU batch, W the
@@ -19,7 +20,6 @@ whatever batch this run's devices hold; ``all`` is the paper's reading, every im
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from repro.config import ConfigError
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.lomar import LoMaRSpec
 from repro.models.mim import (
     MaskedDecoder,
     encode_at,
@@ -39,17 +40,7 @@ from repro.models.mim import (
     patchify,
     sample_windows,
 )
-from repro.models.vit import (
-    RelPosAttention,
-    create_vit,
-    grid_coords,
-    register_rel_pos,
-)
-
-# iRPE's bucket ratio: alpha = 1.9, beta = 3.8, gamma = 15.2 (the official LoMaR/iRPE setting).
-IRPE_RATIO = 1.9
-# Paper grid at 224 px / patch 16: the tiny rule scales the window by tiny_grid / PAPER_GRID.
-PAPER_GRID = 14
+from repro.models.vit import create_vit
 
 
 def window_assignment(n: int, num_windows: int, official_batch: int | None,
@@ -72,93 +63,7 @@ def cached_window_assignment(n: int, num_windows: int, official_batch: int | Non
         return window_assignment(n, num_windows, official_batch, device)
 
 
-def irpe_piecewise(offset: torch.Tensor, ratio: float = IRPE_RATIO) -> torch.Tensor:
-    """iRPE's piecewise index g(x) for integer offsets: exact for |x| <= alpha, logarithmic in |x| beyond, magnitude
-    capped at int(beta); alpha, beta, gamma = ratio, 2*ratio, 8*ratio. Odd in x."""
-    alpha, beta, gamma = ratio, 2.0 * ratio, 8.0 * ratio
-    x = offset.double()
-    a = x.abs()
-    far = alpha + torch.log(a.clamp_min(alpha) / alpha) / math.log(gamma / alpha) * (beta - alpha)
-    mag = torch.where(a <= alpha, a.round(), far.round().clamp_max(int(beta)))
-    return (torch.sign(x) * mag).long()
-
-
-def irpe_buckets_per_axis(ratio: float = IRPE_RATIO) -> int:
-    """Values g can take on one axis: 2*int(beta)+1 (7 at ratio 1.9)."""
-    return 2 * int(2.0 * ratio) + 1
-
-
-def irpe_product_bucket(rel: torch.Tensor, ratio: float = IRPE_RATIO) -> torch.Tensor:
-    """"product" method: the bucket of a 2-D offset (..., 2) = (row, col) is g(row) and g(col) combined,
-    in [0, S*S) with S = irpe_buckets_per_axis."""
-    s = irpe_buckets_per_axis(ratio)
-    half = s // 2
-    return (irpe_piecewise(rel[..., 0], ratio) + half) * s + irpe_piecewise(rel[..., 1], ratio) + half
-
-
-class IRPEAttention(RelPosAttention):
-    """Attention with iRPE contextual "product" encoding on keys: ``bias_ij = q_i . r_{bucket(i, j)}`` with one
-    (buckets, head_dim) table shared by the heads, buckets from the 2-D offset ``coord_i - coord_j`` of the tokens'
-    grid coordinates. As iRPE with ``skip=1``, the prefix (cls) token has one bucket of its own for its whole row and
-    column. The table starts at zero (iRPE's default) and q enters unscaled, as in the official LoMaR attention.
-
-    Coordinates come from ``set_token_coords``; without them (e.g. ``forward_features`` on a full image) the tokens
-    are taken to fill a square grid in raster order.
-    """
-
-    def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True, **kw: Any):
-        super().__init__(dim, num_heads, grid, num_prefix=num_prefix, qkv_bias=qkv_bias, **kw)
-        del self.rel_table  # the per-head table of the 'bias' kind; iRPE has its own
-        self.num_buckets = irpe_buckets_per_axis() ** 2  # + 1 for the prefix token below
-        self.rpe_k = nn.Parameter(torch.zeros(self.num_buckets + 1, self.head_dim))
-
-    def bucket_ids(self, n: int, device: torch.device) -> torch.Tensor:
-        """(b, n, n) bucket of every (query, key) pair; b is 1 or the batch."""
-        k = self.num_prefix
-        coords = self.coords
-        if coords is None or coords.shape[1] != n - k:
-            side = math.isqrt(n - k)
-            if side * side != n - k:
-                raise RuntimeError(f"iRPE attention got {n - k} patch tokens without set_token_coords()")
-            coords = grid_coords(side, side, device)[None]
-        rel = coords[:, :, None, :] - coords[:, None, :, :]
-        ids = torch.full((coords.shape[0], n, n), self.num_buckets, dtype=torch.long, device=device)
-        ids[:, k:, k:] = irpe_product_bucket(rel)
-        return ids
-
-    def position_term(self, q: torch.Tensor, n: int) -> torch.Tensor:
-        ids = self.bucket_ids(n, q.device)
-        per_bucket = q @ self.rpe_k.t().to(q.dtype)  # (B, H, N, buckets)
-        b, h = q.shape[:2]
-        return per_bucket.gather(-1, ids[:, None].expand(b, h, n, n))
-
-
-register_rel_pos("irpe", IRPEAttention)
-
-
-@register
-class LoMaR(PretrainMethod):
-    name = "lomar"
-    results_version = 2  # 2: official image-window pairing (issue 10)
-    defaults = {
-        "name": "lomar",
-        "window_size": 7,
-        "num_windows": 4,
-        "mask_ratio": 0.8,
-        "window_placement": "shared",  # shared: same windows for the whole batch (official) | per_image
-        "window_pairing": "official",  # official: image r % N with window r % W (module doc) | all: every window
-        "official_per_gpu_batch": 256,  # N of the official pairing: the official runs' per-GPU batch (README)
-        "norm_pix_loss": True,
-        "arch": "encoder",  # encoder: all window tokens + linear head | encoder_decoder: MAE-style (Fig. 4)
-        "position": "irpe",  # irpe (model.rel_pos irpe, no absolute table) | sincos (absolute, supp. Table 1)
-        "decoder_dim": 512,  # encoder_decoder only
-        "decoder_depth": 8,
-        "decoder_heads": 16,
-    }
-    linear_feature = "cls"
-    finetune_pool = "avg"
-    cost_free = ("window_pairing", "official_per_gpu_batch")  # which image meets which window: same step cost
-
+class LoMaR(LoMaRSpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
@@ -188,34 +93,6 @@ class LoMaR(PretrainMethod):
         mae_init_(self)
         if p["arch"] == "encoder":
             nn.init.normal_(self.mask_token, std=0.02)
-
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-        k, ratio = params["window_size"], params["mask_ratio"]
-        if k < 2 or params["num_windows"] < 1:
-            raise ConfigError(f"method.window_size={k} / num_windows={params['num_windows']}: need window_size >= 2 "
-                              "and num_windows >= 1")
-        if not 1 <= int(k * k * ratio) < k * k:
-            raise ConfigError(f"method.mask_ratio={ratio} masks {int(k * k * ratio)} of {k * k} window patches; "
-                              "pick a ratio that masks at least one and keeps at least one")
-        if int(params["official_per_gpu_batch"]) < 1:
-            raise ConfigError(f"method.official_per_gpu_batch={params['official_per_gpu_batch']}: need >= 1")
-        for key, choices in (("window_placement", ("shared", "per_image")), ("window_pairing", ("official", "all")),
-                             ("arch", ("encoder", "encoder_decoder")),
-                             ("position", ("irpe", "sincos"))):
-            if params[key] not in choices:
-                raise ConfigError(f"method.{key}={params[key]!r}; valid: {', '.join(choices)}")
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        out = rule.decoder(params, "decoder_dim", "decoder_depth", "decoder_heads")
-        # The window covers the same fraction of the grid: tiny grids are 8x8 (32 px / patch 4) where the paper's are
-        # 14x14 (224 px / patch 16), so K -> round(K * 8/14) (7 -> 4, 5 -> 3, 9 -> 5, 11 -> 6, 14 -> 8).
-        tiny_patch = rule.patch(16)
-        tiny_grid = rule.img(PAPER_GRID * 16, tiny_patch) // tiny_patch
-        out["window_size"] = max(2, round(params["window_size"] * tiny_grid / PAPER_GRID))
-        return out
 
     # -- windows and masks -------------------------------------------------------------------------------------------
 

@@ -12,25 +12,13 @@ from typing import Any
 
 import torch
 
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.mae import MAESpec
 from repro.models.mim import MaskedDecoder, encode_visible, mae_init_, masked_mse, norm_pix, patchify
 from repro.models.vit import create_vit
 
 
-@register
-class MAE(PretrainMethod):
-    name = "mae"
-    defaults = {
-        "name": "mae",
-        "mask_ratio": 0.75,
-        "decoder_dim": 512,
-        "decoder_depth": 8,
-        "decoder_heads": 16,
-        "norm_pix_loss": True,
-    }
-    linear_feature = "cls"
-    finetune_pool = "avg"
-
+class MAE(MAESpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
@@ -41,14 +29,6 @@ class MAE(PretrainMethod):
         self.decoder = MaskedDecoder(self.encoder.embed_dim, p["decoder_dim"], p["decoder_depth"], p["decoder_heads"],
                                      grid, self.patch**2 * 3)
         mae_init_(self)
-
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        return rule.decoder(params, "decoder_dim", "decoder_depth", "decoder_heads")
 
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
         imgs = batch[0]

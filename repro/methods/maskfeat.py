@@ -20,26 +20,14 @@ import torch
 from torch import nn
 
 from repro.config import ConfigError
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.maskfeat import MaskFeatSpec
 from repro.models.hog import HOG, cells_to_patches
 from repro.models.mim import blockwise_mask, masked_mse
-from repro.models.vit import create_vit, grid_coords, has_rel_pos, set_token_coords
+from repro.models.vit import create_vit
 
 
-@register
-class MaskFeat(PretrainMethod):
-    name = "maskfeat"
-    defaults = {
-        "name": "maskfeat",
-        "mask_ratio": 0.4,
-        "min_block": 16,        # smallest masking block, in patches (BEiT / MaskFeat: 16 at a 14 x 14 grid)
-        "min_aspect": 0.3,
-        "hog_bins": 9,
-        "cells_per_patch": 2,   # HOG cells per patch side: 16-px patches / 8-px cells
-    }
-    linear_feature = "avg"
-    finetune_pool = "avg"
-
+class MaskFeat(MaskFeatSpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
@@ -59,25 +47,6 @@ class MaskFeat(PretrainMethod):
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
 
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-        if int(params["min_block"]) < 1:
-            raise ConfigError(f"method.min_block={params['min_block']} must be >= 1 patch")
-        if not (0.0 < float(params["min_aspect"]) <= 1.0):
-            raise ConfigError(f"method.min_aspect={params['min_aspect']} must be in (0, 1]")
-        if int(params["hog_bins"]) < 1 or int(params["cells_per_patch"]) < 1:
-            raise ConfigError("method.hog_bins and method.cells_per_patch must be >= 1")
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        """``min_block`` scaled by the grid area, assuming the paper geometry 224 px / patch 16 (14 x 14 -> 8 x 8)."""
-        out = dict(params)
-        tp = rule.patch(16)
-        ratio = (rule.img(224, tp) // tp) ** 2 / (224 // 16) ** 2
-        out["min_block"] = max(1, round(params["min_block"] * ratio))
-        return out
-
     def mask(self, n: int, generator: torch.Generator) -> torch.Tensor:
         length = self.grid * self.grid
         return blockwise_mask(n, self.grid, self.grid, round(self.params["mask_ratio"] * length), generator,
@@ -90,8 +59,6 @@ class MaskFeat(PretrainMethod):
         w = mask.unsqueeze(-1).to(x.dtype)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
-        if has_rel_pos(enc):
-            set_token_coords(enc, grid_coords(self.grid, self.grid, x.device)[None])
         x = enc.norm(enc.blocks(x))
         return self.head(x[:, enc.num_prefix_tokens:])
 

@@ -32,15 +32,14 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from repro.config import ConfigError
-from repro.methods.base import PretrainMethod, StepOutput, check_ratio, register
+from repro.methods.base import PretrainMethod, StepOutput
+from repro.methods.specs.simmim import SimMIMSpec
 from repro.models.swin import create_swin, is_swin
 from repro.models.swin import encoder_state_dict as swin_state_dict
 from repro.models.vit import (
     RelPosAttention,
     create_vit,
-    grid_coords,
     has_rel_pos,
-    set_token_coords,
     share_rel_pos_table,
 )
 
@@ -89,19 +88,7 @@ def simmim_vit_init_(vit: nn.Module) -> None:
         nn.init.trunc_normal_(vit.cls_token, std=0.02, a=-2.0, b=2.0)
 
 
-@register
-class SimMIM(PretrainMethod):
-    name = "simmim"
-    results_version = 2  # 2: issue 10 fidelity fixes
-    defaults = {
-        "name": "simmim",
-        "mask_ratio": 0.6,
-        "mask_patch_size": 32,    # px per mask unit (official MASK_PATCH_SIZE)
-        "shared_rel_pos": True,   # ViT with model.rel_pos=bias: one table for all blocks (official USE_SHARED_RPB)
-    }
-    linear_feature = "avg"  # the cls token receives no loss of its own (it is dropped before the decoder)
-    finetune_pool = "avg"   # official fine-tuning: USE_MEAN_POOLING
-
+class SimMIM(SimMIMSpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
@@ -137,20 +124,6 @@ class SimMIM(PretrainMethod):
         self.decoder = nn.Sequential(nn.Conv2d(out_dim, self.stride**2 * 3, kernel_size=1),
                                      nn.PixelShuffle(self.stride))
 
-    @classmethod
-    def validate(cls, params: Mapping[str, Any]) -> None:
-        check_ratio("mask_ratio", params["mask_ratio"])
-        if int(params["mask_patch_size"]) < 1:
-            raise ConfigError(f"method.mask_patch_size={params['mask_patch_size']} must be a positive number of px")
-
-    @classmethod
-    def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        """The mask unit shrinks with the patch size (the tiny rule's patch 16 -> 4): 32 px -> 8 px, so a unit keeps
-        covering the same number of patches (2 x 2 for a ViT/16)."""
-        out = dict(params)
-        out["mask_patch_size"] = max(1, params["mask_patch_size"] * rule.patch(16) // 16)
-        return out
-
     def param_groups(self, optim: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Official no-decay sets: biases and 1-D tensors, plus ViT: cls token (and any absolute table); Swin: the
         mask token and the relative position tables (the ViT's shared table and mask token ARE decayed)."""
@@ -176,8 +149,6 @@ class SimMIM(PretrainMethod):
         w = mask.flatten(1).unsqueeze(-1).to(x.dtype)
         x = x * (1 - w) + self.mask_token.to(x.dtype) * w
         x = enc.norm_pre(enc.patch_drop(enc._pos_embed(x)))
-        if has_rel_pos(enc):
-            set_token_coords(enc, grid_coords(self.grid, self.grid, x.device)[None])
         x = enc.norm(enc.blocks(x))[:, enc.num_prefix_tokens:]
         return x.transpose(1, 2).reshape(x.shape[0], -1, self.grid, self.grid)
 

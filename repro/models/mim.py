@@ -1,5 +1,6 @@
 """Building blocks shared by the masked-image-modeling methods: patchify, per-sample masking, BEiT's block-wise
-masking, LoMaR's random windows, the MAE-style decoder, masked losses and the MAE weight initialisation."""
+masking, LoMaR's random windows, the MAE-style decoder, GreenMIM's unit decoder, masked losses and the MAE weight
+initialisation."""
 
 from __future__ import annotations
 
@@ -186,7 +187,7 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, mask_ratio: f
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """MAE encoder pass on visible patches + cls. Returns (tokens after final norm, mask, ids_restore, hidden states
     after each block, before the final norm)."""
-    from repro.models.vit import grid_coords, has_rel_pos, set_token_coords
+    from repro.models.vit import grid_coords, has_rel_pos, run_blocks
 
     x = encoder.patch_embed(imgs)
     n, length, _ = x.shape
@@ -194,26 +195,25 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, mask_ratio: f
         x = x + encoder.pos_embed[:, 1:, :]
     ids_keep, ids_restore, mask = random_masking(n, length, mask_ratio, generator)
     x = gather_tokens(x, ids_keep)
+    coords = None
     if has_rel_pos(encoder):
         gh, gw = encoder.patch_embed.grid_size
-        set_token_coords(encoder, grid_coords(gh, gw, x.device)[ids_keep])
+        coords = grid_coords(gh, gw, x.device)[ids_keep]
     cls = encoder.cls_token
     if encoder.pos_embed is not None:
         cls = cls + encoder.pos_embed[:, :1, :]
     x = torch.cat([cls.expand(n, -1, -1), x], dim=1)
     x = encoder.norm_pre(x)
-    hidden = []
-    for blk in encoder.blocks:
-        x = blk(x)
-        hidden.append(x)
+    hidden: list[torch.Tensor] = []
+    x = run_blocks(encoder, x, coords, hidden)
     return encoder.norm(x), mask, ids_restore, hidden
 
 
 def encode_at(encoder: VisionTransformer, x: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
     """Encoder blocks on patch embeddings ``x`` (m, T, D) that sit at grid ``coords`` (1 or m, T, 2) of the image:
-    their absolute positions (if the encoder has a table) and the cls token are added, relative-position layers are
-    told the coordinates. Returns the tokens after the final norm, cls first (LoMaR's and BEiT's windows)."""
-    from repro.models.vit import has_rel_pos, set_token_coords
+    their absolute positions (if the encoder has a table) and the cls token are added, relative-position layers get
+    the coordinates. Returns the tokens after the final norm, cls first (LoMaR's and BEiT's windows)."""
+    from repro.models.vit import run_blocks
 
     cls = encoder.cls_token
     if encoder.pos_embed is not None:
@@ -221,14 +221,7 @@ def encode_at(encoder: VisionTransformer, x: torch.Tensor, coords: torch.Tensor)
         x = x + encoder.pos_embed[0, 1:][flat]
         cls = cls + encoder.pos_embed[:, :1]
     x = encoder.norm_pre(torch.cat([cls.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1))
-    if has_rel_pos(encoder):
-        set_token_coords(encoder, coords)
-    try:
-        for blk in encoder.blocks:
-            x = blk(x)
-    finally:
-        set_token_coords(encoder, None)
-    return encoder.norm(x)
+    return encoder.norm(run_blocks(encoder, x, coords))
 
 
 class MaskedDecoder(nn.Module):
@@ -257,6 +250,32 @@ class MaskedDecoder(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))[:, 1:, :]
+
+
+class UnitDecoder(nn.Module):
+    """GreenMIM's decoder (also LocalMIM's on a Swin): embed the visible latents, fill the other units with a mask
+    token, add fixed sin-cos positions, transformer blocks, norm, linear prediction of every unit."""
+
+    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, grid: int, out_dim: int):
+        super().__init__()
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.embed = nn.Linear(in_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos", sincos_2d(dim, grid, grid)[None], persistent=False)
+        self.blocks = nn.ModuleList([Block(dim, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+        self.norm = norm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+
+    def forward(self, latent: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """``latent`` (B, K, in_dim) go to unit positions ``slots`` (K,); returns (B, units, out_dim)."""
+        x = self.embed(latent)
+        b, units = x.shape[0], self.pos.shape[1]
+        full = self.mask_token.to(x.dtype).expand(b, units, -1).clone()
+        full[:, slots] = x
+        x = full + self.pos
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))
 
 
 _ln = partial(nn.LayerNorm, eps=1e-6)

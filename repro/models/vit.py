@@ -1,9 +1,9 @@
-"""ViT backbones through timm, fixed 2-D sin-cos position tables, and the relative-position hook.
+"""ViT backbones through timm, fixed 2-D sin-cos position tables, and relative-position attention.
 
 Every encoder the suite trains is a ``timm.models.vision_transformer.VisionTransformer`` built by ``create_vit``, so
-its state dict loads into ``timm.create_model(timm_name(...), ...)``. Methods that feed a subset of tokens (MAE's
-visible patches, LoMaR's windows) call the blocks themselves; when ``rel_pos`` is on they first hand the tokens' grid
-coordinates to the attention layers with ``set_token_coords``.
+its state dict loads into ``timm.create_model(timm_name(...), ...)``. With ``model.rel_pos`` the blocks are
+``RelPosBlock``s: methods that feed a subset of tokens (MAE's visible patches, LoMaR's windows) call them with the
+tokens' grid coordinates (``run_blocks``); timm's own forward passes none, which means the full grid.
 """
 
 from __future__ import annotations
@@ -14,38 +14,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.layers import Attention
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-# name: (embed_dim, depth, num_heads, mlp_ratio). The first three are the tiny-scale stand-ins (see repro.scales).
-ARCHS: dict[str, tuple[int, int, int, float]] = {
-    "vit_nano": (48, 4, 2, 4.0),
-    "vit_micro": (64, 4, 2, 4.0),
-    "vit_mini": (96, 6, 3, 4.0),
-    "vit_small": (384, 12, 6, 4.0),
-    "vit_base": (768, 12, 12, 4.0),
-    "vit_large": (1024, 24, 16, 4.0),
-    "vit_huge": (1280, 32, 16, 4.0),
-}
+from repro.models.archs import ARCHS, arch_dims  # noqa: F401  (ARCHS re-exported; the tables live there)
+
 # timm's registered model each arch is built from (its defaults are overridden by the explicit sizes).
 _TIMM_BASE = {
     "vit_nano": "vit_tiny", "vit_micro": "vit_tiny", "vit_mini": "vit_tiny",
     "vit_small": "vit_small", "vit_base": "vit_base", "vit_large": "vit_large", "vit_huge": "vit_huge",
 }
-
-
-def arch_dims(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """Resolved sizes: the arch's table entry with any explicit ``embed_dim/depth/num_heads/mlp_ratio`` on top."""
-    arch = model_cfg["arch"]
-    if arch not in ARCHS:
-        raise ValueError(f"unknown model.arch '{arch}'; valid: {', '.join(ARCHS)}")
-    dim, depth, heads, mlp = ARCHS[arch]
-    return {
-        "embed_dim": model_cfg.get("embed_dim") or dim,
-        "depth": model_cfg.get("depth") or depth,
-        "num_heads": model_cfg.get("num_heads") or heads,
-        "mlp_ratio": model_cfg.get("mlp_ratio") or mlp,
-    }
 
 
 def timm_name(arch: str, patch_size: int) -> str:
@@ -100,12 +78,13 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> to
 
 
 class RelPosAttention(Attention):
-    """timm Attention plus a relative-position term computed from the token coordinates set before the forward.
+    """timm Attention plus a relative-position term computed from the tokens' grid coordinates.
 
     ``kind='bias'``: one learnable bias per head and relative offset (BEiT/SimMIM "shared relative position bias"),
-    indexed at the coordinates actually present, so any subset of the grid works. ``coords`` is ``(B, N_patch, 2)``
-    (row, col); tokens before the patches (cls) get their own learned bias rows. Other kinds (LoMaR's contextual iRPE)
-    subclass this and override ``position_term``.
+    indexed at the coordinates actually present, so any subset of the grid works. ``coords`` (an argument of the
+    forward, passed on by ``RelPosBlock``) is ``(B or 1, N_patch, 2)`` (row, col); without it the patch tokens are
+    the full grid in raster order. Tokens before the patches (cls) get their own learned bias rows. Other kinds
+    (LoMaR's contextual iRPE, ``repro.models.irpe``) subclass this and override ``position_term``.
     """
 
     def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True, **kw: Any):
@@ -115,13 +94,18 @@ class RelPosAttention(Attention):
         span = 2 * grid - 1
         self.rel_table = nn.Parameter(torch.zeros(span * span + 3, num_heads))  # +3: cls->tok, tok->cls, cls->cls
         nn.init.trunc_normal_(self.rel_table, std=0.02)
-        self.coords: torch.Tensor | None = None
 
-    def position_term(self, q: torch.Tensor, n: int) -> torch.Tensor:
+    def default_coords(self, n: int, device: torch.device) -> torch.Tensor:
+        """Coordinates of ``n`` tokens (prefix included) passed without any: the full patch grid, else an error."""
+        if n - self.num_prefix != self.grid * self.grid:
+            raise RuntimeError(f"relative-position attention got {n - self.num_prefix} patch tokens of a "
+                               f"{self.grid}x{self.grid} grid without their coords; pass coords= to the block")
+        return grid_coords(self.grid, self.grid, device)[None]
+
+    def position_term(self, q: torch.Tensor, n: int, coords: torch.Tensor | None = None) -> torch.Tensor:
         """Additive attention bias of shape (B or 1, H, N, N)."""
-        coords = self.coords
         if coords is None:
-            raise RuntimeError("relative-position attention needs set_token_coords() before the forward pass")
+            coords = self.default_coords(n, q.device)
         span = 2 * self.grid - 1
         rel = coords[:, :, None, :] - coords[:, None, :, :] + (self.grid - 1)  # (B, P, P, 2)
         idx = rel[..., 0] * span + rel[..., 1]
@@ -133,16 +117,13 @@ class RelPosAttention(Attention):
         full[:, k:, :k] = span * span + 1
         return self.rel_table[full].permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, coords: torch.Tensor | None = None,
+                **_: Any) -> torch.Tensor:
         b, n, c = x.shape
-        full = n - self.num_prefix == self.grid * self.grid
-        if full and (self.coords is None or self.coords.shape[1] != n - self.num_prefix):
-            # A full-image pass that skipped the model's forward() hook (e.g. forward_features in the evaluations).
-            self.coords = grid_coords(self.grid, self.grid, x.device)[None]
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        bias = self.position_term(q, n).to(q.dtype)
+        bias = self.position_term(q, n, coords).to(q.dtype)
         if attn_mask is not None:
             bias = bias + attn_mask
         drop = self.attn_drop.p if self.training else 0.0
@@ -151,12 +132,33 @@ class RelPosAttention(Attention):
         return self.proj_drop(self.proj(self.norm(x)))
 
 
-REL_POS_KINDS: dict[str, type[RelPosAttention]] = {"bias": RelPosAttention}
+class RelPosBlock(Block):
+    """timm's Block whose forward also takes the tokens' grid coordinates and hands them to its attention, as it
+    hands ``attn_mask``. Built by timm itself (``block_fn``), so parameters and their initialisation are Block's."""
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False,
+                coords: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask, coords=coords)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
-def register_rel_pos(kind: str, cls: type[RelPosAttention]) -> None:
-    """Methods add their relative-position schemes here (LoMaR: contextual iRPE)."""
-    REL_POS_KINDS[kind] = cls
+def rel_pos_kinds() -> dict[str, type[RelPosAttention]]:
+    """``model.rel_pos`` -> its attention class."""
+    from repro.models.irpe import IRPEAttention
+
+    return {"bias": RelPosAttention, "irpe": IRPEAttention}
+
+
+def run_blocks(vit: VisionTransformer, x: torch.Tensor, coords: torch.Tensor | None = None,
+               hidden: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``vit``'s blocks on tokens ``x`` (prefix first) whose patch tokens sit at grid ``coords`` (B or 1, N_patch, 2)
+    (used by relative-position encoders; None: the full grid); each block's output is appended to ``hidden``."""
+    kw = {"coords": coords} if coords is not None and isinstance(vit.blocks[0], RelPosBlock) else {}
+    for blk in vit.blocks:
+        x = blk(x, **kw)
+        if hidden is not None:
+            hidden.append(x)
+    return x
 
 
 def create_vit(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0, global_pool: str | None = None,
@@ -165,6 +167,12 @@ def create_vit(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0
     import timm
 
     kw = timm_kwargs(model_cfg, img_size, num_classes, global_pool)
+    rel = model_cfg.get("rel_pos", "none")
+    kinds = rel_pos_kinds()
+    if rel != "none":
+        if rel not in kinds:
+            raise ValueError(f"unknown model.rel_pos '{rel}'; valid: none, {', '.join(kinds)}")
+        kw["block_fn"] = RelPosBlock
     vit: VisionTransformer = timm.create_model(timm_name(model_cfg["arch"], model_cfg["patch_size"]),
                                                pretrained=False, **kw)
     pos = model_cfg.get("pos_embed", "sincos")
@@ -173,23 +181,13 @@ def create_vit(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0
         with torch.no_grad():
             vit.pos_embed.copy_(sincos_2d(vit.embed_dim, gh, gw, cls_token=vit.cls_token is not None)[None])
         vit.pos_embed.requires_grad_(pos == "learned")
-    rel = model_cfg.get("rel_pos", "none")
     if rel != "none":
-        if rel not in REL_POS_KINDS:
-            import repro.methods  # noqa: F401  (methods register their relative-position schemes)
-        if rel not in REL_POS_KINDS:
-            raise ValueError(f"unknown model.rel_pos '{rel}'; valid: none, {', '.join(REL_POS_KINDS)}"
-                             + ("" if rel != "irpe" else " (irpe is registered by repro.methods.lomar)"))
         grid = vit.patch_embed.grid_size[0]
         for blk in vit.blocks:
             old = blk.attn
-            new = REL_POS_KINDS[rel](vit.embed_dim, vit.blocks[0].attn.num_heads, grid,
-                                     qkv_bias=old.qkv.bias is not None)
+            new = kinds[rel](vit.embed_dim, vit.blocks[0].attn.num_heads, grid, qkv_bias=old.qkv.bias is not None)
             new.load_state_dict(old.state_dict(), strict=False)
             blk.attn = new
-        coords = grid_coords(grid, grid)
-        # A full-image forward through timm's own forward() uses every grid position.
-        vit.register_forward_pre_hook(lambda m, args: set_token_coords(m, coords.to(args[0].device)[None]))
     return vit
 
 
@@ -213,13 +211,6 @@ def grid_coords(h: int, w: int, device: torch.device | None = None) -> torch.Ten
     """(h*w, 2) long tensor of (row, col) in patch-flattening order."""
     ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return torch.stack([ys.reshape(-1), xs.reshape(-1)], dim=1)
-
-
-def set_token_coords(vit: nn.Module, coords: torch.Tensor | None) -> None:
-    """Tell every relative-position attention layer the (B, N_patch, 2) grid coordinates of the coming tokens."""
-    for m in vit.modules():
-        if isinstance(m, RelPosAttention):
-            m.coords = coords
 
 
 def has_rel_pos(vit: nn.Module) -> bool:

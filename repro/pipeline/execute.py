@@ -11,6 +11,9 @@ Stopping: SIGTERM or Ctrl-C to this process is passed on to the running stages (
 a forked stage watches a pipe only this process writes to; torchrun has PR_SET_PDEATHSIG), so killing ``repro``
 never leaves a stage training. Each stage runs under its folder's lock (``StageLock``): a stage
 that another run is training is waited for and then used, not trained twice.
+
+Progress: after each batch of finished stages (and every ``HEARTBEAT_S`` while logs are not streamed) one plain line
+with the stages finished of the total, per table when the tables are given, and an ETA (``Progress``).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import IO, Any, Protocol
 
 from repro.io import atomic_write_json
 from repro.pipeline.stage import FAILED, LOG, RESULT, Stage, lock_holder, reset, topo_order
 from repro.pipeline.worker import BUSY_EXIT, PREEMPTED_EXIT
 
 STOP_WAIT_S = 600.0  # how long an interrupted run waits for its stages to checkpoint before killing them
+HEARTBEAT_S = 60.0  # a progress line at least this often while stages run (when their logs are not streamed)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -63,6 +67,118 @@ def watch_parent(alive: Any) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=wait, name="parent-watch", daemon=True).start()
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` as a person reads it: 45s, 3m05s, 1h02m."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+class Progress:
+    """Run-level progress of a DAG, as plain lines (never a carriage return): stages finished of the total, per table
+    when the tables are known, and an ETA. A stage's expected wall time is the mean of the stages run here with the
+    same kind and recipe, else the same kind, else all. The ETA is the larger of the expected time left of every
+    unfinished stage (less what a running one has done) spread over ``jobs`` parallel slots, and the longest chain of
+    unfinished stages through their inputs. No ETA before a stage has finished."""
+
+    SHOW_TABLES = 3  # unfinished tables named in a line; the others are counted
+
+    def __init__(self, stages: Sequence[Stage], tables: Mapping[str, Iterable[Stage]] | None = None, jobs: int = 1,
+                 out: IO[str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.stages = {s.key: s for s in stages}
+        self.tables = {t: [s.key for s in ss if s.key in self.stages] for t, ss in (tables or {}).items()}
+        self.jobs = max(1, jobs)
+        self.out = out
+        self.clock = clock
+        self.t0 = clock()
+        self.started: dict[str, float] = {}
+        self.status: dict[str, str] = {}
+        self.walls: dict[str, float] = {}  # key -> wall seconds of the stages run to completion here
+        self.reported: set[str] = set()  # tables whose completion was announced
+
+    def start(self, stage: Stage) -> None:
+        """``stage`` started now (its wall time counts from here)."""
+        self.started.setdefault(stage.key, self.clock())
+
+    def finish(self, stage: Stage, status: str) -> None:
+        """``stage`` ended with ``status`` (done, skipped, failed, blocked, stopped); the first report counts."""
+        if stage.key in self.status:
+            return
+        self.status[stage.key] = status
+        if status == "done" and stage.key in self.started:
+            self.walls[stage.key] = self.clock() - self.started[stage.key]
+
+    def expected(self, stage: Stage) -> float | None:
+        """Expected wall seconds of ``stage``: the mean over finished stages like it, or None when none finished."""
+        recipe = stage.cfg.get("recipe")
+        for like in (lambda s: s.kind == stage.kind and s.cfg.get("recipe") == recipe, lambda s: s.kind == stage.kind,
+                     lambda s: True):
+            walls = [w for k, w in self.walls.items() if like(self.stages[k])]
+            if walls:
+                return sum(walls) / len(walls)
+        return None
+
+    def eta(self) -> float | None:
+        """Seconds until every stage has finished, or None when no stage has finished yet."""
+        left = [s for k, s in self.stages.items() if k not in self.status]
+        if not left:
+            return 0.0
+        if not self.walls:
+            return None
+        now = self.clock()
+        rest = {s.key: max(0.0, (self.expected(s) or 0.0) - (now - self.started.get(s.key, now))) for s in left}
+        chain: dict[str, float] = {}
+
+        def until(s: Stage) -> float:  # seconds until ``s`` has finished, its unfinished inputs first
+            if s.key not in rest:
+                return 0.0
+            if s.key not in chain:
+                chain[s.key] = max((until(d) for d in s.deps.values()), default=0.0) + rest[s.key]
+            return chain[s.key]
+
+        return max(sum(rest.values()) / min(self.jobs, len(left)), max(until(s) for s in left))
+
+    def table_lines(self) -> list[str]:
+        """One line for each table whose stages have all finished since the last call."""
+        lines = []
+        for t, keys in self.tables.items():
+            if t in self.reported or any(k not in self.status for k in keys):
+                continue
+            self.reported.add(t)
+            counts = [f"{n} {st}" for st in ("done", "skipped", "failed", "blocked", "stopped")
+                      if (n := sum(self.status[k] == st for k in keys))]
+            lines.append(f"table {t}: finished, {len(keys)} stage(s) ({', '.join(counts) or 'none'})")
+        return lines
+
+    def line(self) -> str:
+        """The progress line: finished / total, the unfinished tables, elapsed time and ETA."""
+        n = len(self.status)
+        counts = ", ".join(f"{c} {st}" for st in ("done", "skipped", "failed", "blocked", "stopped")
+                           if (c := sum(v == st for v in self.status.values())))
+        active = sum(1 for k in self.started if k not in self.status)
+        parts = [f"progress: {n}/{len(self.stages)} stages" + (f" ({counts})" if counts else "")
+                 + (f", {active} active" if active else "")]
+        open_tables = [(t, sum(k in self.status for k in keys), len(keys)) for t, keys in self.tables.items()
+                       if any(k not in self.status for k in keys)]
+        if open_tables:
+            shown = ", ".join(f"{t} {d}/{n}" for t, d, n in open_tables[:self.SHOW_TABLES])
+            more = len(open_tables) - self.SHOW_TABLES
+            parts.append(f"tables {shown}" + (f" +{more} more" if more > 0 else ""))
+        eta = self.eta()
+        parts.append(f"{duration(self.clock() - self.t0)} elapsed"
+                     + ("" if n == len(self.stages) else f", ETA {duration(eta)}" if eta is not None else ", ETA -"))
+        return " | ".join(parts)
+
+    def report(self) -> None:
+        """Print the tables just finished and the progress line."""
+        out = self.out or sys.stderr
+        for line in [*self.table_lines(), self.line()]:
+            print(line, file=out, flush=True)
 
 
 class Executor(Protocol):
@@ -159,10 +275,15 @@ class _Running:
 
 
 class LocalExecutor:
-    def __init__(self, devices: int = 1, stream: bool = True, jobs: int = 1):
+    """Runs the stages here (see the module docstring); prints a progress line (``Progress``) as stages finish,
+    with per-table counts when ``tables`` (table id -> its stages) is given."""
+
+    def __init__(self, devices: int = 1, stream: bool = True, jobs: int = 1,
+                 tables: Mapping[str, Iterable[Stage]] | None = None):
         self.devices = devices
         self.stream = stream
         self.jobs = max(1, jobs)
+        self.tables = tables
 
     def command(self, spec: Path) -> list[str]:
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.devices}",
@@ -246,6 +367,19 @@ class LocalExecutor:
         pending = list(order)
         running = self._running
         waiting: set[str] = set()  # stages another run is training: started (or found done) when it lets go
+        progress = Progress(order, self.tables, self.jobs)
+        last = (0, time.monotonic())  # stages finished at the last progress line, and when it was printed
+
+        def tick() -> None:
+            nonlocal last
+            quiet = self.stream and self.jobs == 1  # the running stage's log is on the screen
+            if len(status) != last[0] or (running and not quiet and time.monotonic() - last[1] > HEARTBEAT_S):
+                for s in order:
+                    if s.key in status:
+                        progress.finish(s, status[s.key])
+                progress.report()
+                last = (len(status), time.monotonic())
+
         while pending or running:
             for s in list(pending):  # settle what needs no process: blocked or already done
                 deps = [status.get(d.key) for d in s.deps.values()]
@@ -273,8 +407,10 @@ class LocalExecutor:
                 if force and s.key not in waiting:
                     reset(d)  # result, failure record and checkpoints: from scratch
                 print(f"{head[s.key]}: running (log: {d / LOG})", file=sys.stderr, flush=True)
+                progress.start(s)
                 running.append(self._start(s, runs_root))
             if not running and not waiting:
+                tick()
                 if pending:  # nothing runnable and nothing running: cannot happen with a valid DAG
                     raise RuntimeError(f"stages waiting on inputs that will never finish: {[s.name for s in pending]}")
                 break
@@ -292,6 +428,7 @@ class LocalExecutor:
                 s = r.stage
                 if rc == BUSY_EXIT:  # another run took the stage's lock first: wait for it like above
                     print(f"{head[s.key]}: another run is training it; waiting for it", file=sys.stderr, flush=True)
+                    progress.started.pop(s.key, None)
                     pending.insert(0, s)
                     waiting.add(s.key)
                     continue
@@ -308,6 +445,7 @@ class LocalExecutor:
                 if not failed.exists():
                     atomic_write_json(failed, {"error": f"exit code {rc}", "log": str(s.dir(runs_root) / LOG)})
                 print(f"{head[s.key]}: FAILED (exit {rc}); log: {s.dir(runs_root) / LOG}", file=sys.stderr, flush=True)
+            tick()
         return status
 
 

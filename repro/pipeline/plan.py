@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from repro.config import ConfigError, deep_merge, load_recipe
-from repro.methods import get_method
+from repro.kinds import ENCODER, KINDS, eval_kinds, get_kind
+from repro.methods.registry import get_spec
 from repro.pipeline.stage import Stage, topo_order
 from repro.resolve import resolve
 
-# What an evaluation inherits from the pretraining it evaluates.
+# What every evaluation inherits from the pretraining it evaluates (a kind adds StageKind.inherits).
 INHERITED = {
     "data": ("dataset", "path", "img_size", "num_classes", "synthetic_train", "synthetic_val", "synthetic_classes"),
     "model": ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "rel_pos", "layer_scale",
@@ -40,7 +41,8 @@ def input_eval_defaults(pretrain: str, paper_overrides: Mapping[str, Any] | Iter
 
 def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None,
                    row: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """What an evaluation (``kind``, with its ``recipe``) takes over from the pretraining config ``pre``.
+    """What an evaluation (stage kind or recipe kind ``kind``, with its ``recipe``) takes over from the pretraining
+    config ``pre``: ``INHERITED``, and what ``StageKind.inherits`` names from the pretraining's method.
 
     Precedence of an evaluation's configuration, low to high (decided here and nowhere else): its recipe < what it
     inherits from its input (this layer) < the row's paper-level ``eval_overrides`` (``row``, nested; they go
@@ -49,16 +51,17 @@ def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None,
     """
     from repro.config import flatten
 
+    sk = get_kind(kind)
     ov: dict[str, Any] = {sec: {k: pre[sec][k] for k in keys} for sec, keys in INHERITED.items()}
-    if recipe is not None and kind == "finetune" and load_recipe(recipe, kind)[1].get("resolution") == "own":
+    if recipe is not None and load_recipe(recipe, sk.recipes)[1].get("resolution") == "own":
         del ov["data"]["img_size"], ov["model"]["window_size"]  # e.g. SimMIM-Swin: pretrain 192, fine-tune 224
     ov["seed"] = pre["seed"]
     if pre["model"].get("pos_embed") == "none":
         ov["model"]["pos_embed"] = "none"  # no absolute table to load or to add (SimMIM, LoMaR)
-    method = get_method(pre["method"]["name"])
-    if kind == "finetune":
+    method = get_spec(pre["method"]["name"])
+    if "global_pool" in sk.inherits:
         ov["model"]["global_pool"] = method.finetune_pool
-    elif kind in ("linear", "knn"):
+    if "feature" in sk.inherits:
         # A Swin has no cls token: its methods' cls feature becomes the mean of the last stage's tokens.
         swin = str(pre["model"]["arch"]).startswith("swin_")
         ov["feature"] = "avg" if swin and method.linear_feature == "cls" else method.linear_feature
@@ -75,7 +78,8 @@ def eval_stages(pre: Stage, evals: Mapping[str, str], scale: str, baseline: bool
     out = []
     label = pre.label
     for kind, recipe in evals.items():
-        cfg = resolve(recipe, scale, eval_overrides(pre.cfg, kind, recipe, row), kind=kind, paper_overrides=row or {})
+        cfg = resolve(recipe, scale, eval_overrides(pre.cfg, kind, recipe, row), kind=get_kind(kind).recipes,
+                      paper_overrides=row or {})
         out.append(Stage(kind, cfg, {"init": pre}, label=label))
         if baseline:
             out.append(Stage(kind, cfg, {}, label=f"{label} (random init)"))
@@ -94,12 +98,6 @@ def chain(recipe: str, scale: str = "tiny", overrides: Iterable[str] = (), basel
 
 
 # ---- paper tables -> stages ------------------------------------------------------------------------------------------
-
-EVAL_KINDS = ("finetune", "linear", "knn", "semisup", "analysis")
-# Stage kinds that run another kind's recipe: semi-supervised = fine-tuning on a label fraction.
-RECIPE_KIND = {"semisup": "finetune"}
-RUNNABLE = ("pretrain", *EVAL_KINDS)  # stage kinds the suite can run today
-DEFAULT_EVALS = {"knn": "default", "semisup": "semisup_vit_base", "analysis": "default"}
 
 
 @dataclass
@@ -136,7 +134,23 @@ def needed_kinds(spec: Any) -> list[str]:
     from repro.spec.schema import MEASURES
 
     kinds = {MEASURES[c.measure][0] for c in spec.columns if c.measure}
-    return [k for k in (*RUNNABLE, *sorted(kinds - set(RUNNABLE))) if k in kinds]
+    return [k for k in (*KINDS, *sorted(kinds - set(KINDS))) if k in kinds]
+
+
+def row_status(spec: Any, row: Any) -> tuple[str, str]:
+    """``(status, reason)`` of a spec row without planning it: ``reported`` (its reason, or no recipe),
+    ``pending`` (the row's own reason, or a measure whose stage kind is not registered in ``repro.kinds``) or
+    ``trainable``."""
+    if row.reported:
+        return "reported", row.reported
+    if row.pending:
+        return "pending", row.pending
+    if not row.trainable:
+        return "reported", "no recipe"
+    missing = [k for k in needed_kinds(spec) if k not in KINDS and k != "derived"]
+    if missing:
+        return "pending", f"no {', '.join(f'`{k}`' for k in missing)} stage kind yet"
+    return "trainable", ""
 
 
 def _pretrain_runtime_overrides(spec: Any, cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,16 +190,10 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
     after the scale) apply to every stage whose kind has those keys: a smaller run of the same table. An evaluation's
     precedence (recipe < inherited from the input < the row's ``eval_overrides`` < ``overrides``) is
     ``eval_overrides``'s docstring."""
-    if row.reported:
-        return RowPlan(spec.id, row, "reported", reason=row.reported)
-    if row.pending:
-        return RowPlan(spec.id, row, "pending", reason=row.pending)
-    if not row.trainable:
-        return RowPlan(spec.id, row, "reported", reason="no recipe")
+    status, reason = row_status(spec, row)
+    if status != "trainable":
+        return RowPlan(spec.id, row, status, reason=reason)
     kinds = needed_kinds(spec)
-    missing = [k for k in kinds if k not in RUNNABLE and k != "derived"]
-    if missing:
-        return RowPlan(spec.id, row, "pending", reason=f"needs a {', '.join(missing)} stage, not implemented yet")
     from repro.resolve import nested
 
     plan = RowPlan(spec.id, row, "trainable")
@@ -200,9 +208,10 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
                           paper_overrides=row.overrides or {})
         pre = plan.pretrain = Stage("pretrain", with_data_path(cfg, data_paths), label=row.label)
         evals = {**(cfg.get("evals") or {}), **evals}
-    for kind in (k for k in kinds if k in EVAL_KINDS):
-        rkind = RECIPE_KIND.get(kind, kind)
-        recipe = evals.get(kind) or DEFAULT_EVALS.get(kind) or evals.get(rkind)
+    for kind in (k for k in kinds if k in eval_kinds()):
+        sk = get_kind(kind)
+        rkind = sk.recipes  # semi-supervised runs fine-tuning recipes
+        recipe = evals.get(kind) or sk.default_recipe or evals.get(rkind)
         if recipe is None:
             raise ConfigError(f"{spec.id} row '{row.label}': no {kind} recipe; add evals: {{{kind}: ...}} to the row "
                               "or to its pretraining recipe")
@@ -210,9 +219,12 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
         run_ov = for_kind(overrides or {}, rkind)
         if pre is not None:
             pov = deep_merge(input_eval_defaults(row.pretrain, row.overrides or {}), pov)
-            cfg = resolve(recipe, scale, deep_merge(eval_overrides(pre.cfg, rkind, recipe, pov), run_ov), kind=rkind,
+            cfg = resolve(recipe, scale, deep_merge(eval_overrides(pre.cfg, kind, recipe, pov), run_ov), kind=rkind,
                           paper_overrides=pov)
             plan.evals[kind] = Stage(kind, with_data_path(cfg, data_paths), {"init": pre}, label=row.label)
+        elif sk.input == ENCODER:
+            raise ConfigError(f"{spec.id} row '{row.label}': a {kind} stage needs a pretrained encoder; give the row "
+                              "a pretrain recipe")
         else:
             cfg = resolve(recipe, scale, run_ov, kind=rkind, paper_overrides=pov)
             cfg["init"] = "random"

@@ -22,18 +22,18 @@ VOLATILE = ("train.num_workers", "train.log_every")
 RESULT = "result.json"
 FAILED = "failed.json"
 LOG = "log.txt"
-# Results-version of the code each stage kind runs (engine / evaluation), bumped by any change that alters the numbers
-# a finished stage would give; a pretraining also carries its method's ``results_version`` (``repro.methods``).
-# Versions above 1 enter the stage's identity (``Stage.key``), so `repro run` recomputes exactly the stages whose code
-# changed, and through the keys of their inputs everything downstream; result.json records them (provenance).
-KIND_RESULTS_VERSION: dict[str, int] = {"pretrain": 1, "finetune": 1, "linear": 1, "knn": 1, "analysis": 1}
+# Results-versions: each stage kind's (``StageKind.results_version``) and a pretraining method's (``results_version``
+# of its spec). Versions above 1 enter the stage's identity (``Stage.key``), so `repro run` recomputes exactly the
+# stages whose code changed, and through the keys of their inputs everything downstream; result.json records them.
 
 
 def results_version(kind: str, cfg: Mapping[str, Any]) -> dict[str, int]:
     """The results-versions of the code a stage of ``kind`` (its recipe kind: semi-supervised runs ``finetune``)
     with ``cfg`` runs, e.g. ``{"pretrain": 1, "method.lomar": 2}``."""
     kind = str(cfg.get("kind") or kind)
-    out = {kind: KIND_RESULTS_VERSION.get(kind, 1)}
+    from repro.kinds import KINDS
+
+    out = {kind: KINDS[kind].results_version if kind in KINDS else 1}
     method = cfg.get("method") if kind == "pretrain" else None
     if isinstance(method, Mapping) and method.get("name"):
         from repro.methods import METHODS  # an unknown method fails when its stage runs, not when it is planned

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.io import atomic_write_json
+from repro.kinds import get_kind
 from repro.pipeline.stage import FAILED, LOG, RESULT, StageLock, is_done, lock_holder, remove_stale_tmp
 from repro.record.provenance import provenance
 
@@ -36,27 +37,8 @@ class Outcome:
 
 
 def _runner(kind: str) -> Any:
-    if kind == "pretrain":
-        from repro.engine.pretrain import run_pretrain
-
-        return run_pretrain
-    if kind in ("finetune", "semisup"):  # semi-supervised: fine-tuning on a label fraction
-        from repro.evals.finetune import run_finetune
-
-        return run_finetune
-    if kind == "linear":
-        from repro.evals.linear import run_linear
-
-        return run_linear
-    if kind == "knn":
-        from repro.evals.knn import run_knn
-
-        return run_knn
-    if kind == "analysis":
-        from repro.evals.analysis import run_analysis
-
-        return run_analysis
-    raise ValueError(f"unknown stage kind '{kind}'")
+    """The registered runner of ``kind`` (repro.kinds), imported now."""
+    return get_kind(kind).load_runner()
 
 
 def seed_everything(seed: int) -> None:
@@ -71,15 +53,16 @@ def seed_everything(seed: int) -> None:
 
 
 def prepare(spec: dict[str, Any]) -> dict[str, Any]:
-    """The stage's config with its inputs' paths filled in (``init`` from the pretraining stage's encoder)."""
+    """The stage's config with its inputs' paths filled in (``init`` from the pretraining stage's encoder, and the
+    other files of the input's folder its kind reads: ``StageKind.input_files``)."""
     from repro.engine.pretrain import ENCODER_FILE, META_FILE
 
     cfg = dict(spec["cfg"])
     init_dir = spec.get("inputs", {}).get("init")
     if init_dir:
         cfg["init"] = str(Path(init_dir) / ENCODER_FILE)
-        if spec.get("kind") == "analysis":  # reads the pretraining's history (gradient norms)
-            cfg["init_result"] = str(Path(init_dir) / RESULT)
+        for key, name in get_kind(spec["kind"]).input_files.items():
+            cfg[key] = str(Path(init_dir) / name)
         meta = json.loads((Path(init_dir) / META_FILE).read_text())
         if cfg.get("feature") == "auto":
             cfg["feature"] = meta["linear_feature"]
@@ -92,9 +75,9 @@ def substitutes(kind: str, cfg: dict[str, Any]) -> list[str]:
     """What this stage uses in place of something the paper had (e.g. BEiT's tokenizer), for the reports."""
     if kind != "pretrain":
         return []
-    from repro.methods import get_method
+    from repro.methods.registry import get_spec
 
-    return get_method(cfg["method"]["name"]).substitutes(cfg["method"])
+    return get_spec(cfg["method"]["name"]).substitutes(cfg["method"])
 
 
 def run(spec_path: str | Path) -> dict[str, Any]:

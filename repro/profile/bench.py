@@ -286,9 +286,9 @@ def cost_key(cfg: Mapping[str, Any]) -> str:
     import hashlib
     import json
 
-    from repro.methods import get_method
+    from repro.methods.registry import get_spec
 
-    free = get_method(cfg["method"]["name"]).cost_free
+    free = get_spec(cfg["method"]["name"]).cost_free
     method = {k: v for k, v in cfg["method"].items() if k not in free}
     key = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]

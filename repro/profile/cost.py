@@ -2,7 +2,8 @@
 
 Printed beside the measured step time, it tells whether a gap between two methods is compute (FLOPs differ) or
 overhead (FLOPs equal, time differs: memory traffic, kernel launches, Python). The conventions are those of
-``repro.profile.flops`` (FlopCounterMode), so the model can be checked against the counter exactly:
+``repro.profile.flops`` (FlopCounterMode), so the model can be checked against the counter exactly. The shared
+formulas are here; each method's parts come from ``flops()`` of its spec (``repro/methods/specs/``):
 
 - a multiply-add is 2 FLOPs; only matrix products and convolutions count (norms, softmax, GELU are left out);
 - a trained linear layer costs 2·n·in·out forward and twice that backward (input and weight gradients); a layer
@@ -19,9 +20,10 @@ MAE's encoder with one small decoder per tap (+ its rescaling convolutions); Ext
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from repro.models.vit import arch_dims
+from repro.models.archs import arch_dims
 
 ATTN_BWD = 2.5  # backward / forward FLOPs of fused attention (scores recomputed)
 
@@ -63,103 +65,55 @@ def class_attention_flops(n: float, dim: float, mlp_ratio: float = 4.0, trained:
     return f
 
 
-def _conv_head_flops(scale: float, grid: int, dim: int, out: int) -> float:
-    """LocalMIM's rescaling head (deconvolutions / pooling, then a 1x1 conv), forward + backward."""
-    g2 = grid * grid
-    if scale == 4.0:
-        return (linear_flops(g2, dim, dim // 2 * 4) + linear_flops(4 * g2, dim // 2, dim // 4 * 4)
-                + linear_flops(16 * g2, dim // 4, out))
-    if scale == 2.0:
-        return linear_flops(g2, dim, dim // 2 * 4) + linear_flops(4 * g2, dim // 2, out)
-    if scale == 1.0:
-        return linear_flops(g2, dim, out)
-    return linear_flops(g2 / 4, dim, out)
+@dataclass(frozen=True)
+class ViTGeometry:
+    """The sizes of a resolved ViT pretraining config that the cost formulas read."""
+
+    dim: int
+    depth: int
+    mlp: float
+    patch: int
+    grid: int  # patches per side
+    length: int  # patches per image
+    pix: int  # values per patch (3 p^2)
+    cls: int  # 1 with a cls token in the sequence
+    rel: int  # iRPE contextual buckets per head (0 without)
+
+
+def vit_geometry(cfg: Mapping[str, Any]) -> ViTGeometry | None:
+    """The ViT sizes of ``cfg``; None for an encoder that is not a ViT (Swin: no analytic model yet)."""
+    model = cfg["model"]
+    try:
+        dims = arch_dims(model)
+    except ValueError:
+        return None
+    p = model["patch_size"]
+    grid = cfg["data"]["img_size"] // p
+    return ViTGeometry(dim=dims["embed_dim"], depth=dims["depth"], mlp=dims["mlp_ratio"], patch=p, grid=grid,
+                       length=grid * grid, pix=3 * p * p, cls=1 if model.get("class_token", True) else 0,
+                       rel=50 if model.get("rel_pos") == "irpe" else 0)  # 7 x 7 product buckets + 1 for the cls
+
+
+def visible_encoder_flops(g: ViTGeometry, mask_ratio: float) -> tuple[dict[str, float], dict[str, str], int]:
+    """MAE's encoder: the patch embedding of every patch, then the blocks on ``int(L (1 - r))`` visible patches
+    (+ cls). Returns the parts, the token counts and the encoder's sequence length."""
+    n = int(g.length * (1 - mask_ratio)) + g.cls
+    parts = {"patch_embed": linear_flops(g.length, g.pix, g.dim, input_grad=False),
+             "encoder": g.depth * block_flops(n, g.dim, g.mlp, rel_buckets=g.rel)}
+    return parts, {"encoder": f"{n}"}, n
 
 
 def analytic_flops(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """Per-image forward + backward FLOPs of one training step of the method of a resolved pretraining config,
-    split into parts, with the token counts; None for a method the model does not cover."""
-    method, model = cfg["method"], cfg["model"]
-    if method["name"] not in ("mae", "localmim", "lomar", "extrema", "maskfeat"):
+    split into parts, with the token counts; None for a method the model does not cover. Each method's spec gives
+    its parts (``MethodSpec.flops``)."""
+    from repro.methods.registry import METHODS
+
+    spec = METHODS.get(cfg["method"]["name"])
+    out = spec.flops(cfg) if spec is not None else None
+    if out is None:
         return None
-    try:
-        dims = arch_dims(model)
-    except ValueError:  # not a ViT (Swin): no analytic model yet
-        return None
-    d, depth, mlp = dims["embed_dim"], dims["depth"], dims["mlp_ratio"]
-    p = model["patch_size"]
-    img = cfg["data"]["img_size"]
-    grid = img // p
-    length = grid * grid
-    pix = 3 * p * p
-    name = method["name"]
-    cls = 1 if model.get("class_token", True) else 0
-    rel = 50 if model.get("rel_pos") == "irpe" else 0  # 7 x 7 product buckets + 1 for the cls row/column
-    parts: dict[str, float] = {}
-    tokens: dict[str, str] = {}
-    if name in ("mae", "localmim"):
-        keep = int(length * (1 - method["mask_ratio"]))
-        n = keep + cls
-        parts["patch_embed"] = linear_flops(length, pix, d, input_grad=False)
-        parts["encoder"] = depth * block_flops(n, d, mlp, rel_buckets=rel)
-        tokens["encoder"] = f"{n}"
-        dd, ddepth = method["decoder_dim"], method["decoder_depth"]
-        if name == "mae":
-            parts["decoder"] = (linear_flops(n, d, dd) + ddepth * block_flops(length + 1, dd, 4.0)
-                                + linear_flops(length + 1, dd, pix))
-            tokens["decoder"] = f"{length + 1}"
-        else:
-            scales = list(method["scales"])
-            out = 3 * method["hog_bins"] if method["target"] == "hog" else None
-            dec = 0.0
-            for s in scales:
-                o = out if out is not None else pix // int(s * s) if s >= 1 else pix * 4
-                dec += linear_flops(n, d, dd) + ddepth * block_flops(length + 1, dd, 4.0)
-                dec += _conv_head_flops(float(s), grid, dd, o)
-            parts["decoders"] = dec
-            tokens["decoder"] = f"{len(scales)} x {length + 1}"
-    elif name == "lomar":
-        k, w = method["window_size"], method["num_windows"]
-        t = k * k
-        parts["patch_embed"] = linear_flops(w * t, pix, d, input_grad=False)
-        if method.get("arch", "encoder") == "encoder":
-            parts["encoder"] = depth * block_flops(t + 1, d, mlp, seqs=w, rel_buckets=rel)
-            parts["head"] = linear_flops(w * t, d, pix)
-            tokens["encoder"] = f"{w} x {t + 1}"
-        else:
-            keep = t - int(t * method["mask_ratio"])
-            dd = method["decoder_dim"]
-            parts["encoder"] = depth * block_flops(keep + 1, d, mlp, seqs=w, rel_buckets=rel)
-            parts["decoder"] = w * (linear_flops(keep + 1, d, dd) + method["decoder_depth"] * block_flops(t + 1, dd)
-                                    + linear_flops(t + 1, dd, pix))
-            tokens["encoder"] = f"{w} x {keep + 1}"
-            tokens["decoder"] = f"{w} x {t + 1}"
-    elif name == "extrema":
-        keep = int(length * (1 - method["mask_ratio"]))
-        m = method["num_masks"]
-        n = keep + cls
-        parts["patch_embed"] = linear_flops(length, pix, d, input_grad=False)
-        parts["student"] = depth * block_flops(n, d, mlp, seqs=m)
-        head = 0.0
-        teacher_head = 0.0
-        if method["cls_design"] == "cait":
-            head = method["ca_blocks"] * class_attention_flops(n, d, mlp)
-            teacher_head = method["ca_blocks"] * class_attention_flops(length + cls, d, mlp, trained=False)
-        ph, pd, qh = method["proj_hidden"], method["proj_dim"], method["pred_hidden"]
-        proj = linear_flops(1, d, ph) + linear_flops(1, ph, ph) + linear_flops(1, ph, pd)
-        pred = linear_flops(1, pd, qh) + linear_flops(1, qh, pd)
-        parts["student_heads"] = m * (head + proj + pred)
-        parts["teacher"] = (linear_flops(length, pix, d, trained=False)
-                            + depth * block_flops(length + cls, d, mlp, trained=False) + teacher_head
-                            + linear_flops(1, d, ph, False) + linear_flops(1, ph, ph, False)
-                            + linear_flops(1, ph, pd, False))
-        tokens["encoder"] = f"{m} x {n} (student) + {length + cls} (teacher, forward only)"
-    elif name == "maskfeat":
-        parts["patch_embed"] = linear_flops(length, pix, d, input_grad=False)
-        parts["encoder"] = depth * block_flops(length + cls, d, mlp, rel_buckets=rel)
-        tokens["encoder"] = f"{length + cls}"
-    else:
-        return None
+    parts, tokens = out["parts"], out["tokens"]
     return {"total": sum(parts.values()), "parts": parts, "tokens": tokens}
 
 

@@ -2,9 +2,10 @@
 
 FlopCounterMode counts matrix products and convolutions (a multiply-add = 2 FLOPs) but, in torch 2.14, has no
 formula for the CPU fused-attention kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (nor its backward):
-on the CPU every SDPA call would count as zero and a ViT-B/16 forward comes out 4% low (ENVIRONMENT.md). This module
-registers the same formulas torch uses for the CUDA flash kernel (forward: QK^T + AV; backward: the scores are
-recomputed, five products), so attention is counted identically on the CPU and on a GPU. fvcore-style counts (one
+on the CPU every SDPA call would count as zero and a ViT-B/16 forward comes out 4% low (ENVIRONMENT.md).
+``register_attention_formulas`` (called by ``count_step_flops`` before it counts, not at import) registers the same
+formulas torch uses for the CUDA flash kernel (forward: QK^T + AV; backward: the scores are recomputed, five
+products), so attention is counted identically on the CPU and on a GPU. fvcore-style counts (one
 multiply-add = 1 FLOP, attention skipped) are NOT what is reported here.
 """
 
@@ -19,7 +20,7 @@ from torch.utils import flop_counter as fc
 _aten = torch.ops.aten
 
 
-def _register_missing() -> list[str]:
+def register_attention_formulas() -> list[str]:
     """Register the fused-attention formulas FlopCounterMode lacks; returns the names registered (idempotent)."""
     done = []
     fwd_ops = [getattr(_aten, n, None) for n in ("_scaled_dot_product_flash_attention_for_cpu",
@@ -43,15 +44,13 @@ def _register_missing() -> list[str]:
     return done
 
 
-_register_missing()
-
-
 def count_step_flops(task: torch.nn.Module, batch: Any, generator: torch.Generator) -> dict[str, int]:
     """FLOPs of ``task(batch, generator).loss`` forward and backward (no optimizer step: it is element-wise).
 
     Returns ``{"forward": ..., "backward": ..., "total": ...}`` for the whole batch. Gradients are left on the
     parameters; callers that go on training must zero them.
     """
+    register_attention_formulas()
     with fc.FlopCounterMode(display=False) as fwd_mode:
         out = task(batch, generator)
     with fc.FlopCounterMode(display=False) as bwd_mode:

@@ -193,8 +193,9 @@ def ingest(runs_root: str | Path) -> IngestReport:
                 man = json.loads(m.read_text())
                 ov = json.dumps([o for o in man.get("overrides", []) if not str(o).startswith("seed=")])
                 for i, entry in enumerate(man.get("rows", [])):
-                    for kind, d in (entry.get("stages") or {}).items():
-                        maps.append((_rel(root, d), man["table"], entry["label"], i, kind, ov))
+                    for kind, ds in (entry.get("stages") or {}).items():
+                        for d in [ds] if isinstance(ds, str) else ds:  # one folder per seed (old form: one string)
+                            maps.append((_rel(root, d), man["table"], entry["label"], i, kind, ov))
         con.execute("BEGIN IMMEDIATE")
         try:
             cols = list(rows[0]) if rows else []

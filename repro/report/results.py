@@ -34,10 +34,26 @@ def collect(runs_root: Path) -> list[dict[str, Any]]:
     return out
 
 
-def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per (scale, pretraining or random init, evaluation recipe set): the evaluation metrics side by side."""
+def table_folders(runs_root: Path) -> set[str]:
+    """Stage folders (``rel_folder``) that a table manifest lists: those render in their tables."""
+    from repro.report.tables import rel_folder, stage_lists
+
+    out: set[str] = set()
+    for p in sorted(Path(runs_root).glob("*/tables/*/*.json")):
+        try:
+            m = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        for entry in m.get("rows", []) if isinstance(m, dict) else []:
+            out.update(rel_folder(d) for ds in stage_lists(entry).values() for d in ds)
+    return out
+
+
+def chain_groups(results: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+    """(scale, pretraining or random init, encoder, data) -> per evaluation metric the values over seeds, and the
+    device-hours: one entry per chain, whatever its number of seeds."""
     by_dir = {r["_dir"]: r for r in results}
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    rows: dict[tuple[str, str, str, str], dict[str, Any]] = {}
     for r in results:
         if r["kind"] not in METRIC_COLUMNS:
             continue
@@ -45,61 +61,86 @@ def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
         pre = by_dir.get(init_dir) if init_dir else None
         cfg = r["config"]
         if pre is not None:
-            m = pre["config"]["method"]
-            who = f"{m['name']} ({pre['config']['optim']['epochs']} ep)"
-            pre_h = pre["accounting"]["device_hours"]
+            who = f"{pre['config']['method']['name']} ({pre['config']['optim']['epochs']} ep)"
         else:
-            who, pre_h = "random init", 0.0
+            who = "random init"
         arch = f"{cfg['model']['arch']}/{cfg['model']['patch_size']} @{cfg['data']['img_size']}"
         key = (r["scale"], who, arch, cfg["data"]["dataset"])
-        row = rows.setdefault(key, {"scale": r["scale"], "pretraining": who, "encoder": arch,
-                                    "data": cfg["data"]["dataset"], "pretrain device-h": pre_h,
-                                    "eval device-h": 0.0, "commit": (r["provenance"].get("commit") or "?")[:8]})
+        row = rows.setdefault(key, {"values": {}, "pre": {}, "eval_h": 0.0, "commits": set()})
         for metric, col in METRIC_COLUMNS[r["kind"]]:
-            if metric in r["metrics"]:
-                row[col] = r["metrics"][metric]
-        row["eval device-h"] += r["accounting"]["device_hours"]
-    df = pd.DataFrame(list(rows.values()))
-    if not df.empty:
-        df = df.sort_values(["scale", "data", "encoder", "pretraining"], ignore_index=True)
-    return df
+            if isinstance(r["metrics"].get(metric), (int, float)):
+                row["values"].setdefault(col, []).append(float(r["metrics"][metric]))
+        if pre is not None:
+            row["pre"][pre["_dir"]] = pre["accounting"]["device_hours"]
+        row["eval_h"] += r["accounting"]["device_hours"]
+        row["commits"].add((r["provenance"].get("commit") or "?")[:8])
+    return dict(sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][3], kv[0][2], kv[0][1])))
+
+
+def chain_table(results: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per (scale, pretraining or random init, encoder, data): the evaluation metrics side by side, each as
+    mean ± std over seeds (n)."""
+    from repro.report.tables import mean_cell
+
+    records = []
+    for (scale, who, arch, data), g in chain_groups(results).items():
+        rec: dict[str, Any] = {"scale": scale, "pretraining": who, "encoder": arch, "data": data,
+                               "pretrain device-h": f"{sum(g['pre'].values()):.4f}",
+                               "eval device-h": f"{g['eval_h']:.4f}", "commit": ", ".join(sorted(g["commits"]))}
+        for _, cols in METRIC_COLUMNS.items():
+            for _, col in cols:
+                if col in g["values"]:
+                    rec[col] = mean_cell(g["values"][col], 2)
+        records.append(rec)
+    return pd.DataFrame.from_records(records).fillna("")
 
 
 def _md(df: pd.DataFrame) -> str:
     if df.empty:
-        return "_no finished stages yet_\n"
+        return "_no chain outside the paper tables has finished (`repro chain RECIPE --baseline random`)_\n"
     cols = list(df.columns)
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for _, row in df.iterrows():
-        cells = []
-        for c in cols:
-            v = row[c]
-            if isinstance(v, float):
-                cells.append("" if pd.isna(v) else (f"{v:.2f}" if "top-1" in c else f"{v:.4f}"))
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for _, row in df.iterrows()]
     return "\n".join(lines) + "\n"
 
 
-def pretraining_effect(df: pd.DataFrame) -> list[str]:
-    """Plain statements comparing each pretrained encoder with random init under the same evaluation budget."""
+def chain_signal(results: list[dict[str, Any]]) -> list[str]:
+    """Each pretrained encoder against random init under the same evaluation (same encoder, data and recipes), per
+    metric: both means over seeds and the difference in seed std with its noise verdict."""
+    from repro.report.claims import _in_std
+    from repro.report.tables import compare_values, mean_cell
+
+    groups = chain_groups(results)
     out = []
-    if df.empty:
-        return out
-    for (scale, data, enc), g in df.groupby(["scale", "data", "encoder"]):
-        base = g[g["pretraining"] == "random init"]
-        if base.empty:
+    for (scale, who, arch, data), g in groups.items():
+        base = groups.get((scale, "random init", arch, data))
+        if who == "random init" or base is None:
             continue
-        for _, row in g[g["pretraining"] != "random init"].iterrows():
-            parts = []
-            for col in [c for cols in METRIC_COLUMNS.values() for _, c in cols]:
-                if col in row and col in base and not pd.isna(row[col]) and not pd.isna(base[col].iloc[0]):
-                    d = row[col] - base[col].iloc[0]
-                    parts.append(f"{col} {row[col]:.1f} vs {base[col].iloc[0]:.1f} ({d:+.1f})")
-            if parts:
-                out.append(f"- {scale}, {data}, {enc}: {row['pretraining']} vs random init: " + "; ".join(parts))
+        parts = [f"{col} {mean_cell(v, 1)} vs {mean_cell(base['values'][col], 1)}: "
+                 f"{_in_std(compare_values(base['values'][col], v))}"
+                 for col, v in g["values"].items() if col in base["values"]]
+        if parts:
+            out.append(f"- {scale}, {data}, {arch}: {who} vs random init: " + "; ".join(parts))
     return out
+
+
+def signal_section(runs_root: Path, results: list[dict[str, Any]], chains: list[dict[str, Any]]) -> list[str]:
+    """RESULTS.md's "Signal at tiny scale": can the tiny scale measure anything? The bars of claims.yaml (table
+    rows against chance or against each other) and every chain's pretrained vs random-init evaluations."""
+    from repro.report.claims import signal_lines
+    from repro.report.tables import rel_folder
+
+    by_rel = {rel_folder(r["_dir"]): r for r in results}
+    lines = ["## Signal at tiny scale", "",
+             "Whether the tiny scale measures anything: the bars of `repro/spec/claims.yaml` (from the table rows "
+             "named) and each chain's pretrained encoder against random-init features with the same evaluation "
+             "budget. Means over seeds (n); differences in units of the seed std, with the noise verdict "
+             "(resolved: |diff| > 2 x the Welch standard error; within noise: no finding).", ""]
+    lines += signal_lines(runs_root, by_rel, "tiny") or ["- no signal bar is declared"]
+    chain_lines = chain_signal([r for r in chains if r["scale"] == "tiny"])
+    lines += chain_lines or ["- pretrained vs random-init features (linear, kNN, fine-tuning): not run "
+                             "(`repro chain mae --scale tiny --baseline random`)"]
+    return [*lines, ""]
 
 
 def run_history(runs_root: Path) -> list[dict[str, Any]]:
@@ -119,7 +160,10 @@ def record_run(runs_root: Path, entry: dict[str, Any]) -> None:
 
 
 def _tables_section(runs_root: Path, repo_root: Path) -> list[str]:
-    """Render tables/ and plots/ and return RESULTS.md's section embedding every table and plot."""
+    """Render tables/ and plots/ and return RESULTS.md's section embedding every table and plot (the tables'
+    headings one level down, under the table's own)."""
+    import re
+
     from repro.report.tables import render_all
     from repro.spec import load_specs
 
@@ -130,6 +174,7 @@ def _tables_section(runs_root: Path, repo_root: Path) -> list[str]:
         md = repo_root / "tables" / spec.paper / f"{short}.md"
         png = repo_root / "plots" / spec.paper / f"{short}.png"
         body = md.read_text().split("\n", 1)[1].strip() if md in written else ""
+        body = re.sub(r"^## ", "#### ", body, flags=re.M)
         lines += [f"### {spec.id}: {spec.caption}", "", body, "",
                   f"File: [`tables/{spec.paper}/{short}.md`](tables/{spec.paper}/{short}.md)", ""]
         if png in written:
@@ -137,10 +182,28 @@ def _tables_section(runs_root: Path, repo_root: Path) -> list[str]:
     return lines
 
 
+def main_job_lines(runs_root: Path) -> list[str]:
+    """The main job's wall time, as `repro run` measured it (start of the first stage to the end of the last)."""
+    hist = [h for h in run_history(runs_root) if h.get("tables") == ["all"]]
+    if not hist:
+        return ["## The main job", "", "_No `repro run all` is recorded in this runs folder's history._", ""]
+    h = hist[-1]
+    seeds = f", {h['seeds']} seed(s) for the seeded rows" if h.get("seeds") else ""
+    return ["## The main job", "",
+            f"`repro run all --scale {h['scale']}`{seeds}: **{h['wall_s'] / 60:.1f} min wall, measured** by "
+            f"`repro run` on {h['host']} ({h['cpus']} CPUs, {h.get('jobs', '?')} jobs): {h['ran']} stages run, "
+            f"{h['skipped']} already done, {h['failed']} failed (commit {h['commit'][:8]}).", ""]
+
+
 def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) -> Path:
+    from repro.report.claims import claims_section
+    from repro.report.tables import rel_folder
+
     repo_root = Path(repo_root) if repo_root is not None else Path(out).parent
     results = collect(runs_root)
-    df = chain_table(results)
+    in_tables = table_folders(runs_root)
+    chains = [r for r in results if r["kind"] == "pretrain" or rel_folder(r["_dir"]) not in in_tables]
+    df = chain_table(chains)
     commits = sorted({(r["provenance"].get("commit") or "?")[:8] + ("+dirty" if r["provenance"].get("dirty") else "")
                       for r in results})
     devices = sorted({f"{r['accounting'].get('device', '?')} ({r['provenance'].get('device_name', '?')})"
@@ -169,13 +232,10 @@ def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) 
         f"processes){sacct_note}; results dated {dates}",
         "",
     ]
-    hist = [h for h in run_history(runs_root) if h.get("tables") == ["all"]]
-    if hist:
-        h = hist[-1]
-        lines += ["## The main job", "",
-                  f"`repro run all --scale {h['scale']}`: {h['wall_s'] / 60:.1f} min wall on {h['host']} "
-                  f"({h['cpus']} CPUs), {h['ran']} stages run, {h['skipped']} already done, {h['failed']} failed "
-                  f"(commit {h['commit'][:8]}).", ""]
+    lines += main_job_lines(runs_root)
+    lines += signal_section(runs_root, results, chains)
+    by_rel = {rel_folder(r["_dir"]): r for r in results}
+    lines += claims_section(runs_root, by_rel, "tiny")
     lines += _tables_section(runs_root, repo_root)
     try:
         from repro.profile.report import efficiency_section
@@ -183,15 +243,9 @@ def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) 
         efficiency_section = None
     if efficiency_section is not None:
         lines += [efficiency_section(repo_root).rstrip(), ""]
-    lines += [
-        "## Pretrain -> evaluate chains",
-        "",
-        _md(df),
-        "## Does pretraining help? (same evaluation budget, random initialisation as the baseline)",
-        "",
-        *(pretraining_effect(df) or ["_no baseline rows yet: run `repro chain RECIPE --baseline random`_"]),
-        "",
-    ]
+    lines += ["## Pretrain -> evaluate chains", "",
+              "Chains run by `repro chain` (evaluations outside the paper tables); mean ± std over seeds (n).", "",
+              _md(df)]
     notes = Path(__file__).with_name("notes.md")
     if notes.is_file():
         lines += [notes.read_text().rstrip(), ""]

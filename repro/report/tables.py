@@ -1,40 +1,71 @@
-"""Paper tables with our numbers beside the paper's: ``tables/<paper>/<id>.{md,csv,tex}``, the figures and efficiency
-views as ``plots/<paper>/<id>.png``, all from the finished stages under the runs folder (generated; never edit).
+"""Paper tables with our numbers beside the paper's: ``tables/<paper>/<id>.{md,csv,tex}``, the figures and kNN
+curves as ``plots/<paper>/<id>.png`` (generated; never edit).
 
-Each `repro run` writes a manifest per table and scale (``<runs>/<scale>/tables/<paper>/<id>.json``: every row's
-status and stage folders, and the run's overrides); the report reads it, so a row finds exactly the stages the run
-made. A table with no manifest is planned afresh with the default recipes. Rendering is deterministic: same results
-in, byte-identical files out.
+What renders is only what was recorded. Each `repro run` writes, per table and scale, a manifest
+(``<runs>/<scale>/tables/<paper>/<id>.json``: every row's status and, per stage kind, the LIST of its stage folders,
+seed 0 first; the old form with one folder per kind is read too). A table renders from its manifest and the finished
+stages of it still under the runs folder; this module never plans: a table without a manifest renders as "not run"
+(the paper's values only), whatever today's recipes would make.
+
+Partial runs: `repro run lomar/t2` rewrites lomar/t2's manifests only, so `repro report` afterwards renders every
+other table from its own (older) manifest and the stages still present: the committed rendering of a table changes
+only when a run of that table changed its manifest or its stages. Stage folders are found by their last three parts
+(``<scale>/<kind>/<name>``) under the runs folder given to the report, so a moved runs folder renders the same.
+
+Seeds: a row's value is mean +- sample std over its seeds (n); each difference against the row's reference row gets
+the verdict of ``repro.record.compare.verdict`` (the one noise rule of the suite): resolved, within noise, or no
+verdict with one seed on a side. Tiny-scale cost is never wall time (a shared CPU); tables with a cost column show
+the ratio of the tiny models' FLOPs per image instead, and point to ``tables/efficiency`` for paper-scale cost.
+Markdown keeps the few columns a reader needs; the csv holds every measure, seed, stage folder and device-hours.
+Rendering is deterministic: same manifests and results in, byte-identical files out.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from repro.io import atomic_write_bytes, atomic_write_json, atomic_write_text
-from repro.pipeline.plan import TablePlan, plan_tables
+
+if TYPE_CHECKING:  # the run side passes plans in; rendering never plans
+    from repro.pipeline.plan import TablePlan
 
 SCALE_NOTE = {
-    "tiny": "tiny scale: micro models on the embedded procedural data. These numbers check that the code paths run "
-            "and learn; they are NOT comparable with the paper's ImageNet numbers. Compare directions inside the "
-            "table (each row against the reference row), never values against the paper.",
+    "tiny": "tiny scale: micro models on the embedded procedural data. The numbers check that the code paths run "
+            "and learn; they are NOT comparable with the paper's ImageNet numbers. Read directions inside the table "
+            "(each row against its reference row, with the noise verdict), never values against the paper.",
     "paper": "paper scale: the papers' protocol.",
 }
+# Columns whose paper values are costs (time); at tiny they are never measured from wall time.
+COST_MEASURES = ("pretrain.hours", "pretrain.hours_per_epoch", "derived.speedup")
+# Measures that are a top-1 accuracy over the dataset's classes (chance level = 100 / classes).
+ACCURACY_MEASURES = ("finetune.top1", "linear.top1", "knn.top1", "knn.top1_k20", "semisup.top1",
+                     "pretrain.knn_curve")
+FLOPS_TITLE = "tiny-model FLOPs ratio"
+# Descriptive columns that split a table into groups with a reference row each (a varied factor never does).
+GROUP_COLUMNS = ("backbone", "dataset")
+NOT_RUN = "not run"
 
 
 # ---- values ------------------------------------------------------------------------------------------------------
 
 
+def rel_folder(folder: str | Path) -> str:
+    """A stage folder's identity under any runs root: its last three parts, ``<scale>/<kind>/<name>``."""
+    return Path(*Path(folder).parts[-3:]).as_posix()
+
+
 def load_results(runs_root: Path) -> dict[str, dict[str, Any]]:
-    """Finished stages' results by stage folder."""
+    """Finished stages' results by stage folder (``rel_folder``)."""
     from repro.report.results import collect
 
-    return {r["_dir"]: r for r in collect(runs_root)}
+    return {rel_folder(r["_dir"]): r for r in collect(runs_root)}
 
 
 # ---- manifests: what a run made for each row -----------------------------------------------------------------------
@@ -46,9 +77,18 @@ def manifest_path(runs_root: Path, scale: str, table_id: str) -> Path:
 
 
 def manifest(tp: TablePlan, runs_root: Path, scale: str, overrides: Iterable[str] = ()) -> dict[str, Any]:
-    return {"table": tp.spec.id, "scale": scale, "overrides": list(overrides),
-            "rows": [{"label": rp.row.label, "status": rp.status, "reason": rp.reason,
-                      "stages": {s.kind: str(s.dir(runs_root)) for s in rp.stages}} for rp in tp.rows]}
+    """The manifest of one planned table: per row, per stage kind, the stage folders of seed 0 then of each replica
+    (``RowPlan.replicas``, the other seeds; a stage shared by the seeds is listed once)."""
+    rows = []
+    for rp in tp.rows:
+        stages: dict[str, list[str]] = {}
+        for plan in (rp, *getattr(rp, "replicas", [])):
+            for s in plan.stages:
+                folders = stages.setdefault(s.kind, [])
+                if str(s.dir(runs_root)) not in folders:
+                    folders.append(str(s.dir(runs_root)))
+        rows.append({"label": rp.row.label, "status": rp.status, "reason": rp.reason, "stages": stages})
+    return {"table": tp.spec.id, "scale": scale, "overrides": list(overrides), "rows": rows}
 
 
 def write_manifests(plans: Iterable[TablePlan], runs_root: Path, scale: str, overrides: Iterable[str] = ()) -> None:
@@ -56,37 +96,92 @@ def write_manifests(plans: Iterable[TablePlan], runs_root: Path, scale: str, ove
         atomic_write_json(manifest_path(runs_root, scale, tp.spec.id), manifest(tp, runs_root, scale, overrides))
 
 
-def read_manifest(runs_root: Path, scale: str, spec: Any, plan: TablePlan | None) -> dict[str, Any] | None:
-    """The run's manifest for this table, or one made from a fresh default plan (``plan``)."""
-    import json
+def stage_lists(entry: Mapping[str, Any]) -> dict[str, list[str]]:
+    """A manifest row's stage folders per kind, as lists (old manifests hold one folder string per kind)."""
+    out: dict[str, list[str]] = {}
+    for kind, v in (entry.get("stages") or {}).items():
+        out[kind] = [v] if isinstance(v, str) else [str(x) for x in v or []]
+    return out
 
-    p = manifest_path(runs_root, scale, spec.id)
-    if p.is_file():
-        try:
-            m = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            m = None
-        if m and [r["label"] for r in m["rows"]] == [r.label for r in spec.rows]:
-            return m
-    return manifest(plan, runs_root, scale) if plan is not None else None
+
+def read_manifest(runs_root: Path, scale: str, table_id: str) -> dict[str, Any] | None:
+    """The latest run's manifest of this table at this scale, or None (never run, or unreadable)."""
+    p = manifest_path(runs_root, scale, table_id)
+    if not p.is_file():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return m if isinstance(m, dict) and isinstance(m.get("rows"), list) else None
+
+
+def spec_status(row: Any) -> tuple[str, str]:
+    """Status and reason of a spec row that no manifest lists (a row added to the spec since the run)."""
+    if row.reported:
+        return "reported", row.reported
+    if not row.trainable:
+        return "pending", row.pending or "no recipe"
+    return "trainable", ""
 
 
 class RowView:
-    """One row of a table at one scale: the spec row, its status and its finished stage results by kind."""
+    """One row of a table at one scale: the spec row, its recorded status and its finished stage results per kind
+    (one per seed, seed 0 first; stages not present are left out)."""
 
-    def __init__(self, row: Any, entry: Mapping[str, Any], results: Mapping[str, Any]):
+    def __init__(self, row: Any, entry: Mapping[str, Any] | None, results: Mapping[str, Any]):
         self.row = row
-        self.status = entry["status"]
-        self.reason = entry.get("reason", "")
-        self.dirs: dict[str, str] = dict(entry.get("stages", {}))
-        found = {k: results.get(d) for k, d in self.dirs.items()}
-        # A result made by code whose results-version has changed since is not shown (the numbers would mix code
-        # versions); ``stale`` names it, and the table says how to recompute it.
-        self.stale = {k: d for k, d in self.dirs.items() if found[k] is not None and not current_code(found[k])}
-        self.results = {k: None if k in self.stale else r for k, r in found.items()}
+        if entry is None:
+            self.status, self.reason = spec_status(row)
+            if self.status == "trainable":
+                self.status, self.reason = NOT_RUN, "not in the run's manifest"
+        else:
+            self.status, self.reason = entry["status"], entry.get("reason", "")
+        self.dirs = stage_lists(entry or {})
+        found = {k: [r for r in (results.get(rel_folder(d)) for d in ds) if r is not None]
+                 for k, ds in self.dirs.items()}
+        # A result made by code whose results-version has changed since is left out (the numbers would mix code
+        # versions); ``stale`` counts them and the table says how to recompute them.
+        self.stale = sum(1 for rs in found.values() for r in rs if not current_code(r))
+        self.results: dict[str, list[dict[str, Any]]] = {k: [r for r in rs if current_code(r)]
+                                                         for k, rs in found.items()}
+
+    @property
+    def trainable(self) -> bool:
+        return self.status == "trainable"
 
     def result(self, kind: str) -> dict[str, Any] | None:
-        return self.results.get(kind)
+        """Seed 0's result of ``kind`` (the first present)."""
+        rs = self.results.get(kind) or []
+        return rs[0] if rs else None
+
+    def values(self, column: Any) -> list[Any]:
+        """Our values of a measured column, one per seed present (curves stay lists)."""
+        from repro.spec.schema import MEASURES
+
+        kind = MEASURES[column.measure][0]
+        out = [measure(column.measure, r) for r in self.results.get(kind, [])]
+        return [v for v in out if v is not None]
+
+    def flops(self, per_epoch: bool = False) -> float | None:
+        """The tiny model's pretraining FLOPs: FLOPs per image of its step (the engine's count) x images seen (per
+        epoch with ``per_epoch``); None without them."""
+        acct = (self.result("pretrain") or {}).get("accounting", {})
+        per_image, images, epochs = acct.get("flops_per_image"), acct.get("images"), acct.get("epochs")
+        if not all(isinstance(v, (int, float)) and v > 0 for v in (per_image, images, epochs)):
+            return None
+        return float(per_image) * float(images) / (float(epochs) if per_epoch else 1.0)
+
+    def classes(self, kinds: Iterable[str] | None = None) -> set[int]:
+        """The number of classes of the stages' data (of ``kinds`` only, default: every evaluation)."""
+        want = set(kinds) if kinds is not None else None
+        return {int(c) for k, rs in self.results.items() for r in rs
+                if (k in want if want is not None else k != "pretrain")
+                and isinstance(c := r.get("config", {}).get("data", {}).get("num_classes"), int)}
+
+    def seeds(self) -> list[int]:
+        return sorted({int(s) for rs in self.results.values() for r in rs
+                       if isinstance(s := (r.get("config") or {}).get("seed"), int)})
 
 
 def current_code(result: Mapping[str, Any]) -> bool:
@@ -99,8 +194,16 @@ def current_code(result: Mapping[str, Any]) -> bool:
     return changed_code(made) == changed_code(results_version(str(result.get("kind", "")), cfg))
 
 
-def row_views(spec: Any, m: Mapping[str, Any], results: Mapping[str, Any]) -> list[RowView]:
-    return [RowView(row, entry, results) for row, entry in zip(spec.rows, m["rows"])]
+def row_views(spec: Any, m: Mapping[str, Any] | None, results: Mapping[str, Any]) -> list[RowView]:
+    """Spec rows (in spec order) with their manifest entries, matched by label."""
+    entries = {e.get("label"): e for e in (m or {}).get("rows", [])}
+    return [RowView(row, entries.get(row.label), results) for row in spec.rows]
+
+
+def table_views(runs_root: Path, scale: str, spec: Any, results: Mapping[str, Any]) -> list[RowView] | None:
+    """The rows of ``spec`` as recorded at ``scale``; None when no run of it left a manifest there."""
+    m = read_manifest(runs_root, scale, spec.id)
+    return None if m is None else row_views(spec, m, results)
 
 
 def knn_curve(result: Mapping[str, Any]) -> list[tuple[int, float]]:
@@ -109,7 +212,7 @@ def knn_curve(result: Mapping[str, Any]) -> list[tuple[int, float]]:
     return [(int(h["epoch"]), float(h["knn_top1_k20"])) for h in hist if "knn_top1_k20" in h]
 
 
-def measure(measure: str, result: Mapping[str, Any] | None) -> float | None:
+def measure(measure: str, result: Mapping[str, Any] | None) -> Any:
     """Our value of ``measure`` (a ``repro.spec.MEASURES`` key) from a stage's result, None when absent."""
     if result is None:
         return None
@@ -129,123 +232,241 @@ def measure(measure: str, result: Mapping[str, Any] | None) -> float | None:
     return m.get(MEASURES[measure][1])
 
 
-def row_values(spec: Any, rv: RowView) -> dict[str, float | None]:
-    """Column id -> our value for one row (derived columns are filled by ``table_frame``)."""
-    from repro.spec.schema import MEASURES
-
-    out: dict[str, float | None] = {}
-    for c in spec.columns:
-        if not c.measure or c.measure == "derived.speedup":
-            continue
-        out[c.id] = measure(c.measure, rv.result(MEASURES[c.measure][0]))
-    return out
+# ---- seeds and verdicts ----------------------------------------------------------------------------------------------
 
 
-def row_hours(rv: RowView) -> float | None:
-    """Device-hours of every stage the row needs (shared stages count in each row that uses them)."""
-    rs = list(rv.results.values())
-    if not rs or any(r is None for r in rs):
+@dataclass(frozen=True)
+class Diff:
+    """One difference of a row against its reference row (``verdict`` from ``repro.record.compare``)."""
+
+    diff: float
+    tolerance: float | None  # K x Welch standard error; None with one seed on a side
+    word: str  # resolved / within noise / n=1, no verdict
+    pooled_std: float | None  # the two sides' seed std, pooled (for "difference in seed stds")
+
+    @property
+    def resolved(self) -> bool:
+        return self.word == RESOLVED
+
+
+RESOLVED, WITHIN, NO_VERDICT = "resolved", "within noise", "n=1, no verdict"
+
+
+def numbers(vals: Sequence[Any]) -> list[float]:
+    return [float(v) for v in vals if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def compare_values(base: Sequence[Any], head: Sequence[Any]) -> Diff | None:
+    """head - base over seeds with its noise verdict; None when a side has no number."""
+    from repro.record.compare import NO_SPREAD, verdict
+
+    b, h = numbers(base), numbers(head)
+    if not b or not h:
         return None
-    return sum(r["accounting"]["device_hours"] for r in rs if r is not None)
+    v = verdict(b, h)
+    if v.verdict == NO_SPREAD:
+        return Diff(v.diff, None, NO_VERDICT, None)
+    pooled = math.sqrt((v.base.std ** 2 + v.head.std ** 2) / 2)
+    return Diff(v.diff, v.tolerance, WITHIN if v.verdict == "within noise" else RESOLVED, pooled)
 
 
-def _paper_cell(cell: Any) -> str:
-    if cell is None or (cell.value is None and not cell.flag):
-        return ""
-    if cell.value is None:
-        return "? (flagged)"
-    v = cell.value
-    text = f"{v:g}" if isinstance(v, float) else str(v)
-    return ("~" if cell.approx else "") + text + (" (?)" if cell.flag else "")
-
-
-def _num(v: float | list[float] | None, digits: int = 2) -> str:
-    if isinstance(v, list):  # a per-layer curve: its ends here, the whole curve in the plot
-        return f"{len(v)} layers: {_num(v[0], digits)} .. {_num(v[-1], digits)} (plot)" if v else ""
+def fmt(v: float | None, digits: int) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     if abs(v) >= 1000:
         return f"{v:,.0f}"
-    if v != 0 and abs(v) < 0.01:
-        return f"{v:.2e}"
     return f"{v:.{digits}f}"
 
 
-def _diff(a: Any, b: Any) -> float | None:
-    """a - b when both are numbers (not curves, not blanks)."""
-    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
-    return float(a) - float(b) if ok else None
+def digits_for(col: Any) -> int:
+    """One number format per column: accuracies (%) with 1 decimal, other measures with 3."""
+    return 1 if (col.unit == "%" or col.measure in ACCURACY_MEASURES or "top1" in (col.measure or "")
+                 or col.measure.startswith(("segmentation", "detection"))) else 3
+
+
+def mean_cell(vals: Sequence[Any], digits: int) -> str:
+    """``mean ± std (n=N)``; one seed: ``value (n=1)``; a per-layer curve: its ends (the whole curve in the plot)."""
+    curves = [v for v in vals if isinstance(v, list)]
+    if curves:
+        c = curves[0]
+        return f"{len(c)} layers: {fmt(c[0], 3)} .. {fmt(c[-1], 3)} (plot)" if c else ""
+    from repro.record.compare import summarize
+
+    xs = numbers(vals)
+    if not xs:
+        return ""
+    s = summarize(xs)
+    if s.n == 1:
+        return f"{fmt(s.mean, digits)} (n=1)"
+    return f"{fmt(s.mean, digits)} ± {fmt(s.std, digits)} (n={s.n})"
+
+
+def diff_cell(d: Diff | None, digits: int) -> str:
+    if d is None:
+        return ""
+    text = f"{d.diff:+.{digits}f}"
+    if d.word == NO_VERDICT:
+        return f"{text} (n=1, no verdict)"
+    tol = f"±{d.tolerance:.{digits}f}" if d.tolerance is not None else ""
+    return f"**{text}** (resolved, {tol})" if d.resolved else f"{text} (within noise, {tol})"
+
+
+# ---- one table at one scale -----------------------------------------------------------------------------------------
 
 
 def references(spec: Any, views: list[RowView]) -> dict[str, str | None]:
-    """Row label -> the row it is compared with at tiny scale: the spec's ``reference_row`` if it names one, else
-    the first trainable row with the same descriptive text (the same backbone in a table of ViT-B and Swin-B rows)."""
+    """Row label -> the row it is compared with: the spec's ``reference_row`` if it names one, else the first
+    trainable row of its group (the same backbone or dataset: ``GROUP_COLUMNS``; the whole table without them)."""
     if spec.reference_row:
         return {rv.row.label: spec.reference_row for rv in views}
-    text = [c.id for c in spec.columns if c.type == "text" and not c.measure]
+    text = [c.id for c in spec.columns if c.type == "text" and not c.measure and c.id in GROUP_COLUMNS]
     first: dict[tuple[Any, ...], str] = {}
     out: dict[str, str | None] = {}
     for rv in views:
         group = tuple(rv.row.value(c) for c in text)
-        if rv.status == "trainable":
+        if rv.row.trainable:
             first.setdefault(group, rv.row.label)
         out[rv.row.label] = first.get(group)
     return out
 
 
-def reference_label(spec: Any, views: list[RowView]) -> str | None:
-    """The table's main reference row (the first group's), for headings."""
-    refs = [r for r in references(spec, views).values() if r]
-    return refs[0] if refs else None
+def result_columns(spec: Any) -> list[Any]:
+    """The measured columns that are results (not cost)."""
+    return [c for c in spec.columns if c.measure and c.measure not in COST_MEASURES]
 
 
-def table_frame(spec: Any, views: list[RowView], scale: str) -> pd.DataFrame:
-    """One row per spec row: descriptive columns as printed, and per measured column the paper's value, ours and the
-    difference (at paper scale: ours - paper; at tiny: this row - its reference row, ours beside the paper's, since
-    only directions carry over)."""
-    ours = {rv.row.label: row_values(spec, rv) for rv in views}
+def cost_columns(spec: Any) -> list[Any]:
+    return [c for c in spec.columns if c.measure in COST_MEASURES]
+
+
+def _paper_cell(cell: Any, digits: int | None = None) -> str:
+    """The paper's value as printed ("~" approximate, "(?)" flagged); ``digits``: in the column's number format."""
+    if cell is None or (cell.value is None and not cell.flag):
+        return ""
+    if cell.value is None:
+        return "? (flagged)"
+    v = cell.value
+    if digits is not None and isinstance(v, (int, float)) and not isinstance(v, bool):
+        text = f"{v:.{digits}f}"
+    else:
+        text = f"{v:g}" if isinstance(v, float) else str(v)
+    return ("~" if cell.approx else "") + text + (" (?)" if cell.flag else "")
+
+
+def _status_cell(rv: RowView) -> str | None:
+    """What a row without numbers shows in the "ours" columns (None: it has numbers)."""
+    if rv.status == "reported":
+        return "reported only"
+    if rv.status == "pending":
+        return "pending"
+    if rv.status != "trainable":
+        return rv.status
+    return None
+
+
+def chance(views: Iterable[RowView], columns: Iterable[Any]) -> dict[int, float]:
+    """Classes -> chance top-1 (%) of the accuracy ``columns``' stages present."""
+    from repro.spec.schema import MEASURES
+
+    kinds = {MEASURES[c.measure][0] for c in columns if c.measure in ACCURACY_MEASURES}
+    return {n: 100.0 / n for n in sorted({c for rv in views for c in rv.classes(kinds)}) if n > 0}
+
+
+@dataclass
+class Frame:
+    """A table at one scale: the readable markdown frame and the full-detail csv frame."""
+
+    md: pd.DataFrame
+    csv: pd.DataFrame
+    chance: dict[int, float]
+    flops: bool  # the markdown shows the tiny-model FLOPs ratio
+    reference: str | None
+
+
+def table_frame(spec: Any, views: list[RowView], scale: str) -> Frame:
+    """Markdown: row, then per result column the paper's value, ours (mean ± std, n) and the difference against the
+    row's reference row with its verdict (at paper scale: ours - paper), then cost. CSV: every number."""
     refs = references(spec, views)
-    for c in spec.columns:  # derived speed-ups: reference row's / this row's value of the referenced column (time)
-        if c.measure != "derived.speedup":
-            continue
-        base_label = spec.reference_row
-        for rv in views:
-            if spec.reference_row is None and rv.row.value(c.id) == 1:
-                base_label = rv.row.label  # the paper's own 1.0x row heads its group (e.g. BEiT per resolution)
-            base = ours.get(base_label, {}).get(c.reference or "") if base_label else None
-            v = ours[rv.row.label].get(c.reference or "")
-            ours[rv.row.label][c.id] = base / v if isinstance(base, float) and isinstance(v, float) and v else None
+    by_label = {rv.row.label: rv for rv in views}
+    results = result_columns(spec)
+    costs = cost_columns(spec)
+    multi = len(results) > 1
+    tiny = scale != "paper"
+    flops = tiny and bool(costs) and any(rv.flops() for rv in views)
+    md_records, csv_records = [], []
+    for rv in views:
+        row, label = rv.row, rv.row.label
+        ref = refs.get(label)
+        ref_rv = by_label.get(ref) if ref else None
+        status = _status_cell(rv)
+        md: dict[str, Any] = {"row": label}
+        csv: dict[str, Any] = {"scale": scale, "row": label, "status": rv.status,
+                               "reference row": ref if tiny and ref != label else ""}
+        for c in spec.columns:
+            if not c.measure:
+                csv[c.id] = _paper_cell(row.cells.get(c.id))
+        for c in results:
+            t = f" {c.title}" if multi else ""
+            digits = digits_for(c)
+            vals = rv.values(c)
+            md[f"paper{t}"] = _paper_cell(row.cells.get(c.id), digits)
+            md[f"ours{t}"] = status or mean_cell(vals, digits) or NOT_RUN
+            d: Diff | None = None
+            if status is None and tiny and ref_rv is not None and ref != label:
+                d = compare_values(ref_rv.values(c), vals)
+            elif status is None and not tiny:
+                p = row.value(c.id)
+                d = compare_values([p], vals) if isinstance(p, (int, float)) else None
+            vs = "vs paper" if not tiny else "vs ref"
+            md[f"{vs}{t}"] = ("reference" if tiny and ref == label and status is None and vals else
+                              diff_cell(d, digits))
+            xs = numbers(vals)
+            csv[f"{c.id} paper"] = _paper_cell(row.cells.get(c.id))
+            csv[f"{c.id} mean"] = fmt(sum(xs) / len(xs), 4) if xs else ""
+            csv[f"{c.id} std"] = fmt(pd.Series(xs).std(), 4) if len(xs) > 1 else ""
+            csv[f"{c.id} n"] = len(xs) if xs else ""
+            csv[f"{c.id} values"] = ";".join(f"{x:.4f}" for x in xs) or (
+                json.dumps([v for v in vals if isinstance(v, list)]) if vals else "")
+            csv[f"{c.id} diff"] = f"{d.diff:.4f}" if d else ""
+            csv[f"{c.id} tolerance"] = f"{d.tolerance:.4f}" if d and d.tolerance is not None else ""
+            csv[f"{c.id} verdict"] = d.word if d else ""
+        for c in costs:
+            md[f"{c.title}, paper"] = _paper_cell(row.cells.get(c.id))
+            csv[f"{c.id} paper"] = _paper_cell(row.cells.get(c.id))
+            if not tiny and c.measure != "derived.speedup":
+                md[f"{c.title}, ours"] = status or mean_cell(rv.values(c), 3) or NOT_RUN
+        if flops:
+            per_epoch = not any(c.measure == "pretrain.hours" for c in costs)
+            base = ref_rv.flops(per_epoch) if ref_rv is not None else None
+            mine = rv.flops(per_epoch)
+            md[FLOPS_TITLE] = fmt(mine / base, 2) if mine and base and status is None else ""
+        acct = (rv.result("pretrain") or {}).get("accounting", {})
+        csv["flops per image"] = fmt(acct.get("flops_per_image"), 0) if acct.get("flops_per_image") else ""
+        csv["pretrain flops"] = f"{rv.flops():.4g}" if rv.flops() else ""
+        csv["seeds"] = ";".join(str(s) for s in rv.seeds())
+        csv["stages"] = ";".join(f"{k}:{Path(d).name}" for k, ds in sorted(rv.dirs.items()) for d in ds)
+        hours = [r["accounting"].get("device_hours", 0.0) for rs in rv.results.values() for r in rs]
+        csv["device-h"] = fmt(sum(hours), 5) if hours else ""
+        subs = sorted({s for rs in rv.results.values() for r in rs for s in r.get("substitutes", [])})
+        csv["note"] = "; ".join([*([rv.reason] if rv.reason else []), *(f"SUBSTITUTE: {s}" for s in subs),
+                                 *([row.note] if row.note else [])])
+        md_records.append(md)
+        csv_records.append(csv)
+    first_ref = next((r for r in refs.values() if r), None)
+    return Frame(pd.DataFrame.from_records(md_records).fillna(""), pd.DataFrame.from_records(csv_records).fillna(""),
+                 chance(views, results), flops, first_ref)
+
+
+def paper_frame(spec: Any) -> pd.DataFrame:
+    """A table nobody ran: the paper's values of its measured columns, and each row's status."""
     records = []
-    for rp in views:
-        row = rp.row
-        ref = refs.get(row.label)
+    for row in spec.rows:
         rec: dict[str, Any] = {"row": row.label}
         for c in spec.columns:
-            rec[f"{c.title}" if not c.measure else f"{c.title} (paper)"] = _paper_cell(row.cells.get(c.id))
-            if not c.measure:
-                continue
-            v = ours[row.label].get(c.id)
-            if rp.status != "trainable":
-                rec[f"{c.title} (ours)"] = rp.status
-            else:
-                rec[f"{c.title} (ours)"] = _num(v) if v is not None else "not run"
-            if scale == "paper":
-                rec[f"{c.title} (ours - paper)"] = _num(_diff(v, row.value(c.id)))
-            elif ref is None or rp.status != "trainable":
-                rec[f"{c.title} - ref (paper)"] = rec[f"{c.title} - ref (ours)"] = ""
-            elif ref == row.label:
-                rec[f"{c.title} - ref (paper)"] = rec[f"{c.title} - ref (ours)"] = "ref"
-            else:
-                rec[f"{c.title} - ref (paper)"] = _num(_diff(row.value(c.id), spec.row(ref).value(c.id)))
-                rec[f"{c.title} - ref (ours)"] = _num(_diff(v, ours.get(ref, {}).get(c.id)))
-        if scale != "paper":
-            rec["reference row"] = ref if rp.status == "trainable" and ref != row.label else ""
-        rec["scale"] = scale if rp.status == "trainable" else ""
-        h = row_hours(rp) if rp.status == "trainable" else None
-        rec["device-h (ours)"] = _num(h, 4) if h is not None else ""
-        subs = sorted({s for r in rp.results.values() if r for s in r.get("substitutes", [])})
-        rec["note"] = rp.reason if rp.status != "trainable" else "; ".join(
-            [*(f"SUBSTITUTE: {s}" for s in subs), *([row.note] if row.note else [])])
+            if c.measure:
+                rec[c.title] = _paper_cell(row.cells.get(c.id))
+        status, _ = spec_status(row)
+        rec["ours"] = {"reported": "reported only", "pending": "pending"}.get(status, NOT_RUN)
         records.append(rec)
     return pd.DataFrame.from_records(records).fillna("")
 
@@ -267,7 +488,7 @@ def _latex(df: pd.DataFrame, caption: str, label: str) -> str:
                "{": "\\{", "}": "\\}", "~": "\\textasciitilde{}", "^": "\\textasciicircum{}"}
 
     def tex(s: Any) -> str:
-        return "".join(special.get(ch, ch) for ch in str(s))
+        return "".join(special.get(ch, ch) for ch in str(s).replace("**", "").replace("±", "+-"))
 
     cols = list(df.columns)
     lines = ["\\begin{table}[t]", "\\centering", f"\\caption{{{tex(caption)}}}", f"\\label{{tab:{label}}}",
@@ -278,28 +499,55 @@ def _latex(df: pd.DataFrame, caption: str, label: str) -> str:
     return "\n".join(lines)
 
 
-def table_markdown(spec: Any, frames: Mapping[str, pd.DataFrame], refs: Mapping[str, str | None],
-                   overrides: Mapping[str, list[str]], stale: Mapping[str, int] | None = None) -> str:
+def legend(spec: Any, frame: Frame, scale: str, cost_link: str | None) -> list[str]:
+    """The lines under a scale's heading that say how to read its columns."""
+    out = [f"> {SCALE_NOTE.get(scale, scale)}", ""]
+    if scale != "paper":
+        out.append("- ours: mean ± std over seeds (n); `vs ref`: this row minus its reference row"
+                   + (f" (**{frame.reference}** unless the csv names another)" if frame.reference else "")
+                   + ", with the seed-noise verdict (resolved: |diff| > 2 x the Welch standard error of the two "
+                     "seed spreads; within noise: not a finding; n=1: no spread to judge by).")
+    else:
+        out.append("- ours: mean ± std over seeds (n); `vs paper`: ours minus the paper's value.")
+    if frame.chance and any(c.measure in ACCURACY_MEASURES for c in result_columns(spec)):
+        out.append("- chance level: " + ", ".join(f"{v:.1f}% ({n} classes)" for n, v in frame.chance.items()) + ".")
+    if cost_columns(spec) and scale != "paper":
+        where = f"[`{cost_link}`]({Path(cost_link).name})" if cost_link else "[`tables/efficiency`](../efficiency)"
+        out.append("- cost: the paper's columns only; no time is measured from tiny runs on a shared CPU. "
+                   + (f"`{FLOPS_TITLE}`: this row's tiny pretraining FLOPs (the engine's count per image x images "
+                      "seen; per epoch where the paper's cost is per epoch) over its reference row's. "
+                      if frame.flops else "")
+                   + f"Paper-scale cost, measured by `repro profile`: {where}.")
+    out.append("- every measure, seed, stage folder and device-hours: the csv beside this file.")
+    return [*out, ""]
+
+
+def table_markdown(spec: Any, frames: Mapping[str, Frame], overrides: Mapping[str, list[str]],
+                   stale: Mapping[str, int] | None = None, cost_link: str | None = None) -> str:
     lines = [f"# {spec.id}: {spec.caption}", "", f"Paper values from {spec.source}. Generated by `repro report`; "
              "do not edit.", ""]
     for scale, n in (stale or {}).items():
         if n:
             lines += [f"**{n} {scale}-scale result(s) of this table were made by older code (a results-version has "
                       f"changed since) and are left out**: `repro run {spec.id} --scale {scale}` recomputes them.", ""]
-    for scale, df in frames.items():
-        lines += [f"## Ours at {scale} scale", "", f"> {SCALE_NOTE.get(scale, scale)}", ""]
+    for scale, frame in frames.items():
+        lines += [f"## {scale} scale", ""]
+        lines += legend(spec, frame, scale, cost_link)
         if overrides.get(scale):
             lines += [f"Run with overrides: `{' '.join(overrides[scale])}`.", ""]
-        if refs.get(scale) and scale != "paper":
-            lines += ["`- ref` columns: this row minus its reference row (`reference row`; the first row of its group, "
-                      f"e.g. **{refs[scale]}**), the paper's difference beside ours.", ""]
-        lines += [to_markdown(df), ""]
+        lines += [to_markdown(frame.md), ""]
     if not frames:
-        lines += ["_No stage of this table has finished yet: `repro run " + spec.id + "`._", ""]
+        lines += [f"_Not run: no run of this table has finished a stage (`repro run {spec.id}`). The paper's values:_",
+                  "", to_markdown(paper_frame(spec)), ""]
+    row_notes = [(r.label, r.note) for r in spec.rows if r.note]
+    reasons = {rv_label: why for f in frames.values()
+               for rv_label, why in zip(f.csv["row"], f.csv["note"]) if why}
     flagged = [(r.label, cid, c.flag) for r in spec.rows for cid, c in r.cells.items() if c.flag]
-    if flagged or spec.notes:
+    if spec.notes or flagged or row_notes or reasons:
         lines += ["Notes:", ""]
         lines += [f"- {n}" for n in spec.notes]
+        shown = reasons or dict(row_notes)
+        lines += [f"- {label}: {why}" for label, why in shown.items()]
         lines += [f"- {label} / {cid}: flagged: {why}" for label, cid, why in flagged]
         lines.append("")
     return "\n".join(lines)
@@ -308,85 +556,134 @@ def table_markdown(spec: Any, frames: Mapping[str, pd.DataFrame], refs: Mapping[
 # ---- plots ---------------------------------------------------------------------------------------------------------
 
 
-def _xy(spec: Any, views: list[RowView], which: str) -> dict[str, list[tuple[float, float]]]:
-    """Series -> sorted (x, y) points, from the paper's values (every spec row) or from ours (``views``)."""
+Point = tuple[float, float, float]  # x, mean, std over seeds
+
+
+def _mean_std(vals: Sequence[float]) -> tuple[float, float]:
+    from repro.record.compare import summarize
+
+    s = summarize(vals)
+    return s.mean, s.std
+
+
+def _paper_points(spec: Any) -> dict[str, list[Point]]:
     plot = spec.plot or {}
-    xcol, ycol = plot.get("x", "x"), plot["y"]
-    out: dict[str, list[tuple[float, float]]] = {}
-    for item in (views if which == "ours" else spec.rows):
-        row = item.row if which == "ours" else item
-        vals = row_values(spec, item) if which == "ours" else {}
-
-        def val(col: str, row: Any = row, vals: dict[str, Any] = vals) -> float | None:
-            if col == "x":
-                return row.x
-            column = spec.column(col)
-            if which == "ours" and column.measure:
-                return vals.get(col)
-            v = row.value(col)
-            return float(v) if isinstance(v, (int, float)) else None
-
-        y = val(ycol)
-        if isinstance(y, list):  # a per-layer curve (analysis measures): x = layer (1-based)
-            out.setdefault(row.series or row.label, []).extend((i + 1.0, float(v)) for i, v in enumerate(y))
-            continue
-        x = val(xcol)
-        if x is None or y is None:
-            continue
-        out.setdefault(row.series or spec.id, []).append((float(x), float(y)))
+    out: dict[str, list[Point]] = {}
+    for row in spec.rows:
+        x = row.x if plot.get("x", "x") == "x" else row.value(plot["x"])
+        y = row.value(plot["y"])
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+            out.setdefault(row.series or spec.id, []).append((float(x), float(y), 0.0))
     return {k: sorted(v) for k, v in sorted(out.items())}
 
 
-def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path | None:
-    """Figures: the paper's points (left) and ours at ``scale`` (right), one line per series; kNN-curve tables: our
-    kNN-vs-epoch curves. Returns the path, or None when there is nothing to draw."""
-    import io
+def flops_axis(spec: Any, scale: str) -> bool:
+    """Whether the plot's x axis is a cost (time) column: at tiny it becomes the tiny models' pretraining FLOPs."""
+    x = (spec.plot or {}).get("x", "x")
+    return scale != "paper" and x != "x" and spec.column(x).measure in COST_MEASURES
 
+
+def _our_points(spec: Any, views: list[RowView], scale: str) -> dict[str, list[Point]]:
+    plot = spec.plot or {}
+    xcol, ycol = plot.get("x", "x"), spec.column(plot["y"])
+    by_flops = flops_axis(spec, scale)
+    out: dict[str, list[Point]] = {}
+    for rv in views:
+        vals = rv.values(ycol) if ycol.measure else []
+        curves = [v for v in vals if isinstance(v, list) and v]
+        if curves:  # a per-layer curve (analysis measures): x = layer (1-based), mean over seeds per layer
+            for i in range(min(len(c) for c in curves)):
+                m, s = _mean_std([float(c[i]) for c in curves])
+                out.setdefault(rv.row.series or rv.row.label, []).append((i + 1.0, m, s))
+            continue
+        xs = numbers(vals)
+        if by_flops:
+            x = rv.flops()
+        elif xcol == "x":
+            x = rv.row.x
+        else:
+            col = spec.column(xcol)
+            xv = numbers(rv.values(col)) if col.measure else [rv.row.value(xcol)]
+            x = sum(numbers(xv)) / len(numbers(xv)) if numbers(xv) else None
+        if x is None or not xs:
+            continue
+        m, s = _mean_std(xs)
+        out.setdefault(rv.row.series or spec.id, []).append((float(x), m, s))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def _curves(views: list[RowView]) -> dict[str, list[Point]]:
+    """Row -> (epoch, mean, std) of the kNN curves recorded during pretraining, over seeds."""
+    out: dict[str, list[Point]] = {}
+    for rv in views:
+        by_epoch: dict[int, list[float]] = {}
+        for r in rv.results.get("pretrain", []):
+            for e, v in knn_curve(r):
+                by_epoch.setdefault(e, []).append(v)
+        if by_epoch:
+            out[rv.row.label] = [(float(e), *_mean_std(vs)) for e, vs in sorted(by_epoch.items())]
+    return out
+
+
+def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path | None:
+    """Figures: the paper's points and ours at ``scale`` (error bars: std over seeds; the chance level on accuracy
+    axes at tiny), a panel only where there is something to draw; kNN-curve tables: our kNN-vs-epoch curves.
+    Returns the path, or None (and no file) when nothing can be drawn."""
+    import io
+    import textwrap
+
+    curves = any(c.measure == "pretrain.knn_curve" for c in spec.columns)
+    if spec.plot is None and not curves:
+        return None
+    plot = spec.plot or {}
+    panels: list[tuple[str, dict[str, list[Point]]]] = []
+    if spec.plot is not None and (paper := _paper_points(spec)):
+        panels.append(("paper", paper))
+    ours = _curves(views) if curves else _our_points(spec, views, scale)
+    if ours:
+        panels.append(("ours", ours))
+    if not panels:
+        path.unlink(missing_ok=True)
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = any(c.measure == "pretrain.knn_curve" for c in spec.columns)
-    if spec.plot is None and not curves:
-        return None
     plt.rcParams.update({"svg.hashsalt": "repro", "font.size": 9})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    plot = spec.plot or {}
-    xlabel = plot.get("xlabel") or ("epoch" if curves else plot.get("x", "x"))
-    ylabel = plot.get("ylabel") or (spec.column(plot["y"]).title if plot.get("y") else "kNN top-1 (%)")
-    drawn = 0
-    if spec.plot is not None:
-        for ax, which in zip(axes, ("paper", "ours")):
-            for series, pts in _xy(spec, views, which).items():
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=4, label=series,
-                        linestyle="--" if which == "paper" else "-")
-                drawn += which == "ours"
-    if curves:
-        ax = axes[1]
-        for rp in views:
-            r = rp.result("pretrain")
-            pts = knn_curve(r) if r else []
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=rp.row.label)
-                drawn += 1
-    axes[0].set_title("paper")
-    axes[1].set_title(f"ours, {scale} scale" + (" (not comparable with the paper)" if scale == "tiny" else ""))
-    fig.text(0.01, 0.01, f"paper values: {spec.source}", fontsize=7, color="gray")
-    for ax in axes:
-        ax.set_xlabel(xlabel)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 0.5, 3.8), squeeze=False)
+    ycol = spec.column(plot["y"]) if plot.get("y") else None
+    xlabel = plot.get("xlabel") or plot.get("x", "x")
+    ylabel = plot.get("ylabel") or (ycol.title if ycol else "kNN top-1 (%)")
+    accuracy = curves or (ycol is not None and ycol.measure in ACCURACY_MEASURES)
+    levels = chance(views, [c for c in spec.columns if c.measure in ACCURACY_MEASURES and (
+        c.measure == "pretrain.knn_curve" if curves else c is ycol)])
+    for ax, (which, series) in zip(axes[0], panels):
+        for name, pts in series.items():
+            xs, ms, ss = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+            if which == "ours":
+                ax.errorbar(xs, ms, yerr=ss, marker="o", ms=4, capsize=3, label=name)
+            else:
+                ax.plot(xs, ms, marker="o", ms=4, linestyle="--", label=name)
+        if which == "ours" and accuracy and scale != "paper":
+            for n, v in levels.items():
+                ax.axhline(v, color="gray", linestyle=":", linewidth=1, label=f"chance ({v:.0f}%, {n} classes)")
+        title = "paper" if which == "paper" else f"ours, {scale} scale" + (
+            " (mean ± std over seeds; not comparable with the paper)" if scale != "paper" else "")
+        ax.set_title(title, fontsize=9)
+        if which == "ours" and curves:
+            ax.set_xlabel("epoch")
+        elif which == "ours" and flops_axis(spec, scale):
+            ax.set_xlabel("tiny-model pretraining FLOPs (no wall time at tiny)")
+        else:
+            ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        if plot.get("logx"):
+        if plot.get("logx") and not (curves and which == "ours"):
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7, loc="best")
-        else:
-            ax.text(0.5, 0.5, "the paper gives these values only as a plot:\nsee its figure" if ax is axes[0]
-                    else "not run yet", ha="center", va="center", transform=ax.transAxes, color="gray")
-    import textwrap
-
-    fig.suptitle(textwrap.fill(f"{spec.id}: {spec.caption}", 110), fontsize=10)
+        ax.legend(fontsize=7, loc="best")
+    fig.text(0.01, 0.01, f"paper values: {spec.source}", fontsize=7, color="gray")
+    fig.suptitle(textwrap.fill(f"{spec.id}: {spec.caption}", 55 * len(panels)), fontsize=10)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
@@ -397,49 +694,57 @@ def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path
 
 # ---- everything ----------------------------------------------------------------------------------------------------
 
+SCALES = ("paper", "tiny")
 
-def scales_present(results: Mapping[str, Any]) -> list[str]:
-    return [s for s in ("paper", "tiny") if any(r.get("scale") == s for r in results.values())]
+
+def cost_table(repo_root: Path, spec: Any) -> str | None:
+    """The committed `repro profile` cost table of this table, if any (``tables/<paper>/<id>-cost.md``)."""
+    paper, short = spec.id.split("/", 1)
+    rel = f"tables/{paper}/{short}-cost.md"
+    return rel if (repo_root / rel).is_file() else None
+
+
+def render_table(spec: Any, runs_root: Path, repo_root: Path, results: Mapping[str, Any]) -> list[Path]:
+    """Write one table's md (always), csv and tex (when a scale has results) and plot; returns the written paths."""
+    frames: dict[str, Frame] = {}
+    overrides: dict[str, list[str]] = {}
+    views_at: dict[str, list[RowView]] = {}
+    stale: dict[str, int] = {}
+    for scale in SCALES:
+        m = read_manifest(runs_root, scale, spec.id)
+        if m is None:
+            continue
+        views = row_views(spec, m, results)
+        stale[scale] = sum(rv.stale for rv in views)
+        if not any(rs for rv in views for rs in rv.results.values()):
+            continue
+        views_at[scale] = views
+        frames[scale] = table_frame(spec, views, scale)
+        overrides[scale] = list(m.get("overrides") or [])
+    paper, short = spec.id.split("/", 1)
+    base = repo_root / "tables" / paper / short
+    md = table_markdown(spec, frames, overrides, stale, cost_table(repo_root, spec))
+    written = [atomic_write_text(base.with_suffix(".md"), md)]
+    if frames:
+        full = pd.concat([f.csv for f in frames.values()], ignore_index=True)
+        readable = pd.concat([f.md for f in frames.values()], ignore_index=True).fillna("")
+        written.append(atomic_write_text(base.with_suffix(".csv"), full.to_csv(index=False)))
+        written.append(atomic_write_text(base.with_suffix(".tex"),
+                                         _latex(readable, f"{spec.id}: {spec.caption}", spec.id.replace("/", ":"))))
+    scale = "paper" if "paper" in views_at else next(iter(views_at), "tiny")
+    png = render_plot(spec, views_at.get(scale, []), scale, repo_root / "plots" / paper / f"{short}.png")
+    if png is not None:
+        written.append(png)
+    return written
 
 
 def render_all(runs_root: Path, repo_root: Path, ids: Iterable[str] = ("all",)) -> list[Path]:
-    """Write every table (md, csv, tex) and plot; returns the written paths."""
+    """Write every table (md, csv, tex) and plot from the recorded manifests and results; returns the written
+    paths."""
     from repro.spec import select
 
     results = load_results(runs_root)
-    scales = scales_present(results)
     written: list[Path] = []
-    fresh: dict[str, dict[str, TablePlan]] = {}
     for spec in select(list(ids)):
-        frames: dict[str, pd.DataFrame] = {}
-        refs: dict[str, str | None] = {}
-        overrides: dict[str, list[str]] = {}
-        views_at: dict[str, list[RowView]] = {}
-        stale: dict[str, int] = {}
-        for scale in scales:
-            m = read_manifest(runs_root, scale, spec, None)
-            if m is None:  # no run wrote this table: plan it with the default recipes to find its stages
-                if scale not in fresh:
-                    fresh[scale] = {tp.spec.id: tp for tp in plan_tables(list(ids), scale)}
-                m = manifest(fresh[scale][spec.id], runs_root, scale)
-            views = row_views(spec, m, results)
-            stale[scale] = sum(len(rv.stale) for rv in views)
-            if not any(r is not None for rv in views for r in rv.results.values()):
-                continue
-            views_at[scale] = views
-            frames[scale] = table_frame(spec, views, scale)
-            refs[scale] = reference_label(spec, views)
-            overrides[scale] = list(m.get("overrides") or [])
-        paper, short = spec.id.split("/", 1)
-        base = repo_root / "tables" / paper / short
-        written.append(atomic_write_text(base.with_suffix(".md"), table_markdown(spec, frames, refs, overrides, stale)))
-        if frames:
-            full = pd.concat(list(frames.values()), ignore_index=True)
-            written.append(atomic_write_text(base.with_suffix(".csv"), full.to_csv(index=False)))
-            written.append(atomic_write_text(base.with_suffix(".tex"),
-                                             _latex(full, f"{spec.id}: {spec.caption}", spec.id.replace("/", ":"))))
-        scale = "paper" if "paper" in views_at else next(iter(views_at), "tiny")
-        png = render_plot(spec, views_at.get(scale, []), scale, repo_root / "plots" / paper / f"{short}.png")
-        if png is not None:
-            written.append(png)
+        written += render_table(spec, Path(runs_root), Path(repo_root), results)
     return written

@@ -3,7 +3,9 @@
 One YAML file per paper (``repro/spec/<paper>.yaml``) holds every table and figure of that paper: the printed
 numbers exactly (``approx`` marks values printed with "~", ``null`` a printed blank or a value that exists only in a
 plot, ``flags`` a value the source garbles), and for each row the recipe that reproduces it (a pretraining recipe +
-paper-level dotted ``overrides`` + the evaluation recipes) or why it cannot be run (``reported`` / ``pending``).
+paper-level dotted ``overrides`` + the evaluation recipes) or why it cannot be run (``reported``). A row whose
+measures need a stage kind that ``repro.kinds`` does not register (segmentation, detection) is planned as pending
+with a derived reason; ``pending`` holds only a reason the planner cannot know.
 
 File layout::
 
@@ -25,35 +27,55 @@ Any unknown key, a value for a column the table lacks, a measure outside ``MEASU
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from repro.config import ConfigError
+from repro.kinds import KINDS
 
-# What a column measures -> (stage kind producing it, metric key in that stage's result.json "metrics").
-MEASURES: dict[str, tuple[str, str]] = {
-    "finetune.top1": ("finetune", "top1"),
-    "linear.top1": ("linear", "linear_top1"),
-    "knn.top1": ("knn", "knn_top1_k200"),  # k = 200 unless a table says otherwise
-    "knn.top1_k20": ("knn", "knn_top1_k20"),
-    "pretrain.hours": ("pretrain", "device_hours"),  # total pretraining time
-    "pretrain.hours_per_epoch": ("pretrain", "device_hours_per_epoch"),
-    "pretrain.knn_curve": ("pretrain", "knn_curve"),  # kNN vs epoch (figures)
-    "pretrain.loss_curve": ("pretrain", "loss_curve"),
-    "semisup.top1": ("semisup", "top1"),  # fine-tune on a label fraction
-    "segmentation.miou": ("segmentation", "miou"),
-    "detection.ap_box": ("detection", "ap_box"),
-    "detection.ap_mask": ("detection", "ap_mask"),
-    "detection.ap50_box": ("detection", "ap50_box"),
-    "detection.ap75_box": ("detection", "ap75_box"),
-    "detection.ap50_mask": ("detection", "ap50_mask"),
-    "detection.ap75_mask": ("detection", "ap75_mask"),
-    "analysis.nmi": ("analysis", "nmi"),
-    "analysis.kl": ("analysis", "kl"),
-    "analysis.grad_norm": ("analysis", "grad_norm"),
+# Measures of the papers' tables that no registered kind declares: the transfer measures, by the stage kind that is
+# to produce them (`segment`, `detect`: while it is not registered, a row that needs it is planned as pending), and
+# the report's derived columns. A registered kind's own StageKind.measures go over these.
+OTHER_MEASURES: dict[str, tuple[str, str]] = {
+    "segmentation.miou": ("segment", "miou"),
+    "detection.ap_box": ("detect", "ap_box"),
+    "detection.ap_mask": ("detect", "ap_mask"),
+    "detection.ap50_box": ("detect", "ap50_box"),
+    "detection.ap75_box": ("detect", "ap75_box"),
+    "detection.ap50_mask": ("detect", "ap50_mask"),
+    "detection.ap75_mask": ("detect", "ap75_mask"),
     "derived.speedup": ("derived", "speedup"),  # computed by the report from a reference row
 }
-STAGE_KINDS = tuple(dict.fromkeys(kind for kind, _ in MEASURES.values()))
+
+
+class _Measures(Mapping[str, tuple[str, str]]):
+    """What a column measures (``<kind>.<measure>``) -> (stage kind producing it, metric key in that stage's
+    result.json), read from the stage-kind registry (``repro.kinds``) each time, then ``OTHER_MEASURES``."""
+
+    def _all(self) -> dict[str, tuple[str, str]]:
+        own = {m: (k.name, key) for k in KINDS.values() for m, key in k.measure_names().items()}
+        return {**own, **{m: v for m, v in OTHER_MEASURES.items() if m not in own}}
+
+    def __getitem__(self, measure: str) -> tuple[str, str]:
+        return self._all()[measure]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+
+MEASURES: Mapping[str, tuple[str, str]] = _Measures()
+NOT_EVALUATIONS = ("pretrain", "derived")  # measure kinds a row's evals / eval_overrides cannot name
+
+
+def eval_kind_names() -> list[str]:
+    """Stage kinds a row's ``evals`` / ``eval_overrides`` may name: every measured kind but these."""
+    return list(dict.fromkeys(k for k, _ in MEASURES.values() if k not in NOT_EVALUATIONS))
+
+
 PAPERS = ("lomar", "localmim", "extrema")
 TABLE_KINDS = ("table", "figure")
 COLUMN_TYPES = ("number", "text")
@@ -93,7 +115,8 @@ class Row:
     eval_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)  # per kind, paper-level dotted overrides
     init: str | None = None  # "random": no pretraining (scratch / supervised from scratch); pretrain is then None
     reported: str | None = None  # reported-only: why
-    pending: str | None = None  # trainable in principle but needs a stage kind the suite lacks yet: which
+    # pending for a reason the planner cannot know (a measure whose stage kind is not registered is pending anyway)
+    pending: str | None = None
     x: float | None = None  # figures: the x value of this point
     series: str | None = None  # figures: the curve this point belongs to
     note: str | None = None
@@ -219,14 +242,14 @@ def _row(raw: Any, columns: dict[str, Column], where: str) -> Row:
         if not isinstance(evals, dict) or not all(isinstance(v, str) for v in evals.values()):
             raise ConfigError(f"{where}: 'evals' must map a stage kind to a recipe name")
         for kind in evals:
-            if kind not in STAGE_KINDS or kind in ("pretrain", "derived"):
+            if kind not in eval_kind_names():
                 raise ConfigError(f"{where}: evals names unknown stage kind '{kind}'; valid: "
-                                  f"{', '.join(k for k in STAGE_KINDS if k not in ('pretrain', 'derived'))}")
+                                  f"{', '.join(eval_kind_names())}")
     eval_ov = raw.get("eval_overrides") or {}
     if not isinstance(eval_ov, dict):
         raise ConfigError(f"{where}: 'eval_overrides' must map a stage kind to dotted overrides")
     for kind in eval_ov:
-        if kind not in STAGE_KINDS or kind in ("pretrain", "derived"):
+        if kind not in eval_kind_names():
             raise ConfigError(f"{where}: eval_overrides names unknown stage kind '{kind}'")
     init = raw.get("init")
     pretrain = _str(raw, "pretrain", where)

@@ -1,0 +1,1 @@
+"""One torch-free ``MethodSpec`` per method (``repro.methods.registry`` imports every module here)."""

@@ -1,0 +1,172 @@
+"""The report renders only what was recorded: seeds aggregated with the suite's one noise verdict, old and new
+manifest forms, a partial run leaving the other tables intact, no planning at render time, valid claims."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from repro.config import ConfigError
+from repro.report import claims as claims_mod
+from repro.report.claims import Comparison, outcome
+from repro.report.tables import manifest, manifest_path, render_all
+
+TABLE = "extrema/t2"  # reference row (first trainable, no text column): "75% x1"; measures ft (finetune), lin
+
+
+def _result(runs: Path, name: str, top1: float, seed: int, kind: str = "finetune") -> str:
+    d = runs / "tiny" / kind / name
+    d.mkdir(parents=True)
+    metric = "top1" if kind == "finetune" else "linear_top1"
+    r = {"status": "done", "kind": kind, "scale": "tiny", "key": name, "inputs": {}, "substitutes": [],
+         "config": {"seed": seed, "kind": kind, "data": {"num_classes": 10, "dataset": "synthetic"}},
+         "metrics": {metric: top1}, "accounting": {"device_hours": 0.001},
+         "provenance": {"results_version": {kind: 1}, "commit": "0" * 40}}
+    (d / "result.json").write_text(json.dumps(r))
+    return str(d)
+
+
+def _manifest(runs: Path, table: str, rows: dict[str, Any], scale: str = "tiny") -> None:
+    p = manifest_path(runs, scale, table)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"label": label, "status": "trainable", "reason": "", "stages": {"finetune": dirs}}
+               for label, dirs in rows.items()]
+    p.write_text(json.dumps({"table": table, "scale": scale, "overrides": [], "rows": entries}))
+
+
+def _seeded(runs: Path, prefix: str, values: list[float]) -> list[str]:
+    return [_result(runs, f"{prefix}-s{i}", v, i) for i, v in enumerate(values)]
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    runs = tmp_path / "runs"
+    _manifest(runs, TABLE, {
+        "75% x1": _seeded(runs, "ref", [10.0, 11.0, 12.0]),  # mean 11, std 1
+        "75% x2": _seeded(runs, "far", [20.0, 21.0, 22.0]),  # +10 > 2 * sqrt(1/3 + 1/3) = 1.63: resolved
+        "75% x4": _seeded(runs, "near", [11.5, 12.5, 10.5]),  # +0.5: within noise
+        "80% x1": _result(runs, "one", 30.0, 0),  # the old manifest form: one folder, not a list
+    })
+    return runs
+
+
+def _md_rows(path: Path) -> dict[str, list[str]]:
+    rows = {}
+    for line in path.read_text().splitlines():
+        if line.startswith("| ") and not line.startswith("| row"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_seeds_are_aggregated_with_the_noise_verdict(runs: Path, tmp_path: Path) -> None:
+    render_all(runs, tmp_path / "repo", [TABLE])
+    md = tmp_path / "repo" / "tables" / "extrema" / "t2.md"
+    rows = _md_rows(md)
+    # row | paper ft. | ours ft. | vs ref ft. | paper lin. | ours lin. | vs ref lin.
+    assert rows["75% x1"][2:4] == ["11.0 ± 1.0 (n=3)", "reference"]
+    assert rows["75% x2"][2:4] == ["21.0 ± 1.0 (n=3)", "**+10.0** (resolved, ±1.6)"]
+    assert rows["75% x4"][3] == "+0.5 (within noise, ±1.6)"
+    assert rows["80% x1"][2:4] == ["30.0 (n=1)", "+19.0 (n=1, no verdict)"]
+    assert rows["75% x1"][5] == "not run" and rows["90% x1"][2] == "not run"  # no linear stage; not in the manifest
+    text = md.read_text()
+    assert "chance level: 10.0% (10 classes)" in text and "Speed-up" not in text
+    csv = (md.with_suffix(".csv")).read_text().splitlines()
+    header = csv[0].split(",")
+    far = dict(zip(header, next(line for line in csv if line.startswith("tiny,75% x2,")).split(",")))
+    assert far["ft values"] == "20.0000;21.0000;22.0000" and far["seeds"] == "0;1;2" and far["ft verdict"] == "resolved"
+    assert far["stages"] == "finetune:far-s0;finetune:far-s1;finetune:far-s2"
+
+
+def test_a_partial_run_leaves_the_other_tables_intact(runs: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import repro.pipeline.plan as plan
+
+    def refuse(*a: Any, **k: Any) -> None:
+        raise AssertionError("the report planned a table")
+
+    monkeypatch.setattr(plan, "plan_tables", refuse)
+    other = "extrema/t1"
+    _manifest(runs, other, {"50%": _result(runs, "t1-a", 40.0, 0), "70%": _result(runs, "t1-b", 41.0, 0)})
+    first = {p.relative_to(tmp_path / "a"): p.read_bytes() for p in render_all(runs, tmp_path / "a", [TABLE, other])}
+    # `repro run extrema/t1` again: a new manifest for t1 only, its old stages gone; t2's stages and manifest stay
+    for name in ("t1-a", "t1-b"):
+        for f in (runs / "tiny" / "finetune" / name).iterdir():
+            f.unlink()
+        (runs / "tiny" / "finetune" / name).rmdir()
+    _manifest(runs, other, {"50%": _result(runs, "t1-c", 50.0, 0)})
+    second = {p.relative_to(tmp_path / "b"): p.read_bytes() for p in render_all(runs, tmp_path / "b", [TABLE, other])}
+    t2 = [k for k in first if k.parts[-2:] in (("extrema", "t2.md"), ("extrema", "t2.csv"), ("extrema", "t2.tex"))]
+    assert len(t2) == 3 and all(first[k] == second[k] for k in t2)
+    t1 = Path("tables/extrema/t1.md")
+    assert first[t1] != second[t1] and "50.0 (n=1)" in second[t1].decode() and "40.0" not in second[t1].decode()
+    # a table no run wrote a manifest for: "not run" with the paper's values, never planned afresh
+    render_all(runs, tmp_path / "c", ["extrema/t5"])
+    t5 = (tmp_path / "c" / "tables" / "extrema" / "t5.md").read_text()
+    assert "_Not run:" in t5 and "| row | ft. | lin. | ours |" in t5 and not (tmp_path / "c" / "plots").exists()
+
+
+def test_rendering_imports_no_planner(runs: Path, tmp_path: Path) -> None:
+    code = ("import sys; from pathlib import Path; from repro.report.tables import render_all; "
+            f"render_all(Path({str(runs)!r}), Path({str(tmp_path / 'r')!r}), ['{TABLE}', 'extrema/t5']); "
+            "bad = [m for m in ('repro.pipeline.plan', 'repro.resolve') if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_manifest_lists_every_seed_seed_zero_first(tmp_path: Path) -> None:
+    def stage(kind: str, name: str) -> SimpleNamespace:
+        return SimpleNamespace(kind=kind, dir=lambda root, n=name, k=kind: Path(root) / "tiny" / k / n)
+
+    pre = stage("pretrain", "p0")
+    seed0 = SimpleNamespace(row=SimpleNamespace(label="r"), status="trainable", reason="",
+                            stages=[pre, stage("finetune", "f0")],
+                            replicas=[SimpleNamespace(stages=[pre, stage("finetune", f"f{i}")]) for i in (1, 2)])
+    old = SimpleNamespace(row=SimpleNamespace(label="o"), status="trainable", reason="", stages=[stage("knn", "k")])
+    m = manifest(SimpleNamespace(spec=SimpleNamespace(id="x/y"), rows=[seed0, old]), tmp_path, "tiny")
+    assert m["rows"][0]["stages"] == {"pretrain": [str(tmp_path / "tiny/pretrain/p0")],
+                                      "finetune": [str(tmp_path / f"tiny/finetune/f{i}") for i in range(3)]}
+    assert m["rows"][1]["stages"] == {"knn": [str(tmp_path / "tiny/knn/k")]}  # no replicas attribute: one seed
+
+
+def test_claims_reference_existing_tables_rows_and_measures() -> None:
+    from repro.spec import get_spec
+
+    claims, signal = claims_mod.load()
+    assert {c.paper for c in claims} == {"lomar", "localmim", "extrema"} and signal
+    for c in (*claims, *signal):
+        spec = get_spec(c.table)
+        assert spec.column(c.measure).measure and all(spec.row(r) for r in c.rows)
+    good = {"id": "x", "paper": "lomar", "text": "t", "table": "lomar/t2", "rows": ["MAE", "LoMaR"],
+            "measure": "top1", "paper_direction": "higher"}
+    claims_mod.parse({"claims": [good]})
+    for bad, msg in (({"rows": ["MAE", "Nope"]}, "has no row 'Nope'"), ({"table": "lomar/zz"}, "unknown table"),
+                     ({"measure": "epochs"}, "not a measured column"), ({"paper_direction": "up"}, "paper_direction"),
+                     ({"paper": "extrema"}, "is lomar's")):
+        with pytest.raises(ConfigError, match=msg) as e:
+            claims_mod.parse({"claims": [{**good, **bad}]})
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("direction", "words", "want"), [
+    ("higher", ["higher", "higher"], "agrees"), ("higher", ["higher", "lower"], "disagrees"),
+    ("higher", ["within noise"], "tiny cannot resolve"), ("higher", ["no verdict"], "tiny cannot resolve"),
+    ("not lower", ["within noise"], "tiny cannot resolve"), ("similar", ["higher"], "disagrees"),
+    ("lower", ["not run"], "not run"), ("lower", ["lower"], "agrees")])
+def test_claim_outcome(direction: str, words: list[str], want: str) -> None:
+    assert outcome(direction, [Comparison("a", "b", "", w, "") for w in words]) == want
+
+
+def test_the_store_maps_every_seed_of_a_list_manifest(runs: Path) -> None:
+    from repro.record.store import ingest, records
+
+    ingest(runs)
+    rows = {r["folder"]: r["row_label"] for r in records(runs) if r.get("table_id") == TABLE}
+    assert rows["tiny/finetune/far-s2"] == "75% x2" and rows["tiny/finetune/one"] == "80% x1" and len(rows) == 10
