@@ -6,10 +6,12 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 .PHONY: install reproduce test lint clean-cache
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_transfer.sh
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade "pip>=23"
 	$(BIN)/pip install -q -e ".[dev]"
+	# mmcv (built once, then cached), mmseg, mmdet, detectron2 for the transfer stages: ~16 min the first time
+	scripts/install_transfer.sh $(VENV)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
     p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
     p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="run every trainable row with N seeds (seed, seed+1, ...; the report shows mean +- std and a "
+                        "noise verdict per difference); default: 3 for the rows a claim rests on at tiny scale "
+                        "(repro/spec/claims.yaml), 1 elsewhere and at paper scale")
     p.add_argument("--device", metavar="NAME",
                    help="with --scale paper: project from the stored profiles of this device (part of a profile "
                         "set's name, e.g. H200, CPU, 'H200 | bf16 autocast | eager'); default: the set that covers "
@@ -134,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
     p.set_defaults(overrides=[])
     _run_opts(p)
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="run every trainable row with N seeds (seed, seed+1, ...; the report shows mean +- std and a "
+                        "noise verdict per difference); default: 3 for the rows a claim rests on at tiny scale "
+                        "(repro/spec/claims.yaml), 1 elsewhere and at paper scale")
     p.add_argument("--no-report", action="store_true", help="do not render tables/, plots/ and RESULTS.md afterwards")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="root of a real dataset for paper-scale stages, e.g. --data imagenet1k=/datasets/imagenet "
@@ -237,7 +245,8 @@ def _tables_cmd(args: argparse.Namespace) -> int:
     overrides = [*(t for t in args.tables if "=" in t), *getattr(args, "overrides", [])]
     if not ids:
         raise ConfigError("name at least one table (e.g. lomar/t2), a paper (lomar) or all; see `repro tables`")
-    plans = plan_tables(ids, args.scale, overrides, parse_data_paths(getattr(args, "data", [])))
+    plans = plan_tables(ids, args.scale, overrides, parse_data_paths(getattr(args, "data", [])),
+                        seeds=getattr(args, "seeds", None))
     stages = all_stages(plans)
     if args.cmd == "plan":
         projected, sets = None, []
@@ -264,6 +273,7 @@ def _tables_cmd(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     print(f"stages under {root}:\n{summary(stages, status, root)}")
+    from repro.pipeline.plan import CLAIM_SEEDS
     from repro.record.provenance import provenance
     from repro.report.results import record_run, write_results_md
 
@@ -272,7 +282,9 @@ def _tables_cmd(args: argparse.Namespace) -> int:
                       "ran": sum(v in ("done", "failed") for v in status.values()),
                       "skipped": sum(v == "skipped" for v in status.values()),
                       "failed": sum(v in ("failed", "blocked") for v in status.values()),
-                      "commit": prov.get("commit") or "?", "host": prov.get("host", "?"), "cpus": os.cpu_count()})
+                      "commit": prov.get("commit") or "?", "host": prov.get("host", "?"), "cpus": os.cpu_count(),
+                      "seeds": args.seeds if args.seeds is not None else f"{CLAIM_SEEDS} on claim rows at tiny, else 1",
+                      "stages": len(stages)})
     from repro.record.store import ingest_quietly
 
     print(ingest_quietly(root))

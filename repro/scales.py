@@ -2,10 +2,20 @@
 
 ``paper``: the recipe exactly as the paper / official code has it.
 ``tiny``: the same code paths made small by ONE rule applied to every recipe, so relative comparisons inside a table
-keep their meaning: ViT-S/B/L -> nano/micro/mini, patch 16 -> 4 (8 -> 2), resolution / 7 (224 -> 32), pretraining
-epochs / 100 (evaluation epochs / 50; both rounded up, so every table's ~340 stages run in about an hour on a
-2-core CPU), effective batch / 32 (at most 256) with the paper's absolute lr, decoders
-shrunk by the encoder's width and depth ratios, ImageNet-like datasets -> the embedded procedural dataset.
+keep their meaning: ViT-S/B/L -> nano/micro/mini, patch 16 -> 4 (8 -> 2), resolution / 7 (224 -> 32), effective
+batch / 32 (at least 8, at most 256) with the paper's absolute lr (Adam at 1.5e-3 - 3e-3 learns at batch 32; the
+lr was measured insensitive between 2e-3 and 4e-3), decoders shrunk by the encoder's width and depth ratios,
+ImageNet-like datasets -> the embedded procedural dataset (v2: light backgrounds, dark objects) at 5,000 training /
+1,000 validation images (1,000 keeps one seed's top-1 noise near 1.5 points).
+Budget in training images, hence optimisation steps, not epochs of the tiny set (a stage must take enough steps to
+learn whatever its data size): images = paper epochs x IMAGES_PER_EPOCH[kind] (pretraining 64: 800 ep -> 51,200
+images = 400 steps at batch 128; fine-tuning 128: 100 ep at batch 32 -> 400 steps, scratch 300 ep at 128 -> 300;
+linear 256: 90 ep at 256 -> 90 steps), steps = ceil(images / batch), epochs = ceil(steps / (train images // batch)),
+so rows that vary the paper's epochs keep their ratios (a label fraction's epoch is that fraction of the images);
+warm-up and milestones keep their fraction of the schedule.
+Regularisation scaled to the budget by REG_FACTOR (0.25), never removed (the same code paths run): Mixup/CutMix
+alphas, label smoothing, random-erasing probability, drop path and the RandAugment magnitude x 0.25, and the random
+resized crop's lower area bound moved 75% of the way to 1 (0.08 -> 0.77, 0.2 -> 0.8).
 Swin (archs ``swin_*``): Swin-T/S -> swin_nano, Swin-B -> swin_micro, Swin-L -> swin_mini, patch 4 -> 1 (the same
 / 4), resolution / 7 rounded to a multiple of patch x 2**(stages - 1) (224 -> 32, 192 -> 24) so the three merges fit,
 window scaled with the patch grid (7 at 56 -> 4 at 32, 14 -> 8, 6 at 48 -> 3 at 24), so every stage keeps its number of
@@ -26,8 +36,9 @@ from repro.models.archs import ARCHS, SWIN_ARCHS, is_swin
 TINY_ARCH = {"vit_small": "vit_nano", "vit_base": "vit_micro", "vit_large": "vit_mini", "vit_huge": "vit_mini",
              "swin_tiny": "swin_nano", "swin_small": "swin_nano", "swin_base": "swin_micro", "swin_large": "swin_mini"}
 TINY_PATCH = {16: 4, 14: 4, 8: 2}
-EPOCH_FACTOR = 100  # pretraining epochs / 100 (ceil): 100 -> 1, 300 -> 3, 800 -> 8, 1600 -> 16
-EVAL_EPOCH_FACTOR = 50  # fine-tuning / linear epochs / 50 (ceil): 100 -> 2, 90 -> 2, 50 -> 1
+IMAGES_PER_EPOCH = {"pretrain": 64, "finetune": 128, "linear": 256}  # tiny training images per paper epoch
+TINY_TRAIN, TINY_VAL = 5000, 1000  # embedded training / validation images at tiny
+REG_FACTOR = 0.25  # regularisation strengths x this at tiny
 BATCH_FACTOR = 32
 RES_FACTOR = 7
 REAL_DATASETS = ("imagenet1k", "imagenet22k", "inat2018", "inat2019")
@@ -54,12 +65,28 @@ class TinyRule:
         self.depth = tdepth / pdepth
 
     @staticmethod
-    def epochs(e: float, factor: int = EPOCH_FACTOR) -> int:
-        return max(1, math.ceil(e / factor))
+    def steps(paper_epochs: float, kind: str, batch: int, fraction: float = 1.0) -> int:
+        """Optimizer steps for ``paper_epochs`` (an epoch of a label fraction is that fraction of the images)."""
+        per = IMAGES_PER_EPOCH.get(kind, IMAGES_PER_EPOCH["finetune"]) * min(1.0, fraction)
+        return max(1, math.ceil(paper_epochs * per / batch))
 
     @staticmethod
-    def warmup(w: float, factor: int = EPOCH_FACTOR) -> float:
-        return w / factor
+    def epochs(steps: int, steps_per_epoch: int) -> int:
+        return max(1, math.ceil(steps / max(1, steps_per_epoch)))
+
+    @staticmethod
+    def reg(value: float) -> float:
+        return value * REG_FACTOR
+
+    @staticmethod
+    def crop_low(low: float) -> float:
+        return 1.0 - (1.0 - low) * REG_FACTOR
+
+    @staticmethod
+    def rand_aug(spec: str) -> str:
+        """timm's ``rand-m9-...``: magnitude x REG_FACTOR (rounded, at least 1); other fields unchanged."""
+        return "-".join(f"m{max(1, round(int(f[1:]) * REG_FACTOR))}" if f[:1] == "m" and f[1:].isdigit() else f
+                        for f in spec.split("-"))
 
     @staticmethod
     def batch(b: int) -> int:
@@ -92,6 +119,21 @@ class TinyRule:
         return out
 
 
+def _scale_regularisation(cfg: dict[str, Any], rule: TinyRule) -> None:
+    """Regularisation strengths x REG_FACTOR in place (never to zero from non-zero: the same code paths run)."""
+    m, d, a = cfg["model"], cfg["data"], cfg.get("aug")
+    if m.get("drop_path"):
+        m["drop_path"] = rule.reg(m["drop_path"])
+    if d.get("crop_scale"):
+        d["crop_scale"] = [round(rule.crop_low(d["crop_scale"][0]), 4), d["crop_scale"][1]]
+    if a:
+        for k in ("mixup", "cutmix", "smoothing", "reprob"):
+            if a.get(k):
+                a[k] = rule.reg(a[k])
+        if a.get("rand_aug"):
+            a["rand_aug"] = rule.rand_aug(a["rand_aug"])
+
+
 def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict[str, Any]:
     """Return ``cfg`` at ``scale`` (a new dict); ``method_cls`` (the method's spec, ``repro.methods.registry``)
     shrinks the method's own size knobs."""
@@ -122,20 +164,29 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
         d["num_classes"] = d["synthetic_classes"]
     elif d["dataset"] == "digits":
         d["num_classes"] = 10
+    if d["dataset"] == "synthetic":
+        d["synthetic_train"], d["synthetic_val"] = TINY_TRAIN, TINY_VAL
+    _scale_regularisation(out, rule)
     if o is not None:
-        factor = EPOCH_FACTOR if out.get("kind", "pretrain") == "pretrain" else EVAL_EPOCH_FACTOR
-        o["epochs"] = rule.epochs(o["epochs"], factor)
-        o["warmup_epochs"] = rule.warmup(o["warmup_epochs"], factor)
-        if o.get("milestones"):  # multistep: at the same epoch as the warm-up is (700 of 800 -> 7 of 8)
-            o["milestones"] = [rule.warmup(m, factor) for m in o["milestones"]]
         paper_batch = o["batch_size"]
         o["batch_size"] = rule.batch(paper_batch)
         frac = float(d.get("train_fraction", 1.0))
+        n_train = d["synthetic_train"] if d["dataset"] == "synthetic" else TINY_TRAIN  # digits: ~that size
         if frac < 1.0 and d["dataset"] == "synthetic":
-            # A label fraction (semi-supervised rows) of the small embedded set: at least 4 steps per epoch.
-            o["batch_size"] = max(8, min(o["batch_size"], int(d["synthetic_train"] * frac) // 4 // 8 * 8))
+            # A label fraction (semi-supervised rows) of the embedded set: at least 4 steps per epoch.
+            o["batch_size"] = max(8, min(o["batch_size"], int(n_train * frac) // 4 // 8 * 8))
+        # The paper's epochs -> a number of steps -> whole epochs of the tiny training set; warm-up and milestones
+        # keep their fraction of the schedule.
+        paper_epochs = o["epochs"]
+        per_epoch = max(1, int(n_train * frac) // o["batch_size"])
+        steps = rule.steps(paper_epochs, out.get("kind", "pretrain"), o["batch_size"], frac)
+        o["epochs"] = rule.epochs(steps, per_epoch)
+        ratio = o["epochs"] / paper_epochs
+        o["warmup_epochs"] = o["warmup_epochs"] * ratio
+        if o.get("milestones"):  # multistep: at the same fraction of the schedule (700 of 800 -> 7/8)
+            o["milestones"] = [m * ratio for m in o["milestones"]]
         # Keep the paper's absolute lr: with blr x batch / 256 alone, a 32x smaller batch would also take a 32x
-        # smaller Adam step, and a tiny run of a few thousand steps would not leave its initialisation.
+        # smaller Adam step, and a tiny run of a few hundred steps would not leave its initialisation.
         if o.get("lr") is None:
             o["blr"] = o["blr"] * paper_batch / o["batch_size"]
         t["batch_per_device"] = min(o["batch_size"], 256)

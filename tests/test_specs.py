@@ -33,7 +33,8 @@ def cell(table: str, label: str, column: str):
 
 
 def test_every_tables_md_id_has_a_spec_in_order():
-    assert list(load_specs()) == EXPECTED_IDS
+    # the papers' tables in TABLES.md order, then the suite's own signal table (repro/spec/suite.yaml)
+    assert list(load_specs()) == [*EXPECTED_IDS, "suite/signal"]
 
 
 # (table, row label, column, value as printed in the paper) -- typed from a reading of the papers, 2-4 per table.
@@ -162,7 +163,8 @@ def test_reference_rows_and_speedups():
 
 def test_select_and_get_spec():
     assert [s.id for s in select(["lomar"])] == EXPECTED_IDS[:11]
-    assert len(select(["all"])) == len(EXPECTED_IDS)
+    assert len(select(["all"])) == len(EXPECTED_IDS) + 1  # + suite/signal
+    assert [s.id for s in select(["suite"])] == ["suite/signal"]
     assert [s.id for s in select(["extrema/t2", "lomar/t1", "extrema/t2"])] == ["extrema/t2", "lomar/t1"]
     with pytest.raises(ConfigError, match="valid ids: lomar/t1"):
         get_spec("lomar/t99")
@@ -315,4 +317,4 @@ def test_ablation_overrides_change_the_recipe():
                 paper_overrides=get_spec("extrema/t2").row("90% x8").overrides)
     assert (e["method"]["mask_ratio"], e["method"]["num_masks"]) == (0.9, 8)
     t = resolve("lomar", "tiny", kind="pretrain", paper_overrides=get_spec("lomar/t2").row("LoMaR").overrides)
-    assert t["optim"]["epochs"] == 3  # 300 paper epochs / 100
+    assert t["optim"]["epochs"] == 4  # 300 paper epochs x 64 images = 150 steps at batch 128 = 4 epochs of 5,000

@@ -1,10 +1,12 @@
 """Deterministic procedural "shapes" dataset in ImageFolder layout, with per-object boxes and masks.
 
-Each image shows one labelled shape (its class) plus 0-2 smaller distractor shapes of other classes, drawn *under*
-the labelled one so it is never occluded. Colour carries no class information: background colour and texture
-(gradient, stripes, blobs or smooth noise), object colour (contrasting with the background), position, scale
-(35-75% of the image), rotation and aspect jitter are all random and independent of the label, so only shape
-identifies the class. Shapes are rasterised with numpy on a supersampled grid and box-filtered down (anti-aliasing).
+Each image shows one labelled shape (its class) plus 0-2 smaller distractor shapes of other classes (probabilities
+``DISTRACTOR_P``), drawn *under* the labelled one so it is never occluded. Colour carries no class information:
+background colour and texture (gradient, stripes, blobs or smooth noise), object colour, position, scale
+(``MAIN_SCALE``: 50-85% of the image), rotation and aspect jitter are all random and independent of the label, so only
+shape identifies the class. Version 2 fixes the contrast's polarity (light backgrounds, dark objects, any hue): with
+v1's random polarity a 32-px ViT learnt ~4x slower (measured: 11% vs 38% top-1 after 15k images, same geometry).
+Shapes are rasterised with numpy on a supersampled grid and box-filtered down (anti-aliasing).
 
 Layout of ``ensure_synthetic(...)``'s directory::
 
@@ -39,7 +41,7 @@ from tqdm import tqdm
 
 from repro.data._cache import atomic_dir, cache_root
 
-SYNTH_VERSION: int = 1
+SYNTH_VERSION: int = 2
 
 # Sorted alphabetically so torchvision's ImageFolder (which sorts folder names) assigns index == category.
 CLASSES: tuple[str, ...] = (
@@ -59,6 +61,12 @@ CLASSES: tuple[str, ...] = (
 assert list(CLASSES) == sorted(CLASSES)
 
 SPLITS = ("train", "val")
+# Scene difficulty: the labelled object's size as a fraction of the image, and how many distractors (0, 1, 2).
+MAIN_SCALE: tuple[float, float] = (0.5, 0.85)
+DISTRACTOR_P: tuple[float, float, float] = (0.6, 0.3, 0.1)
+# Colour ranges per RGB channel: backgrounds light, objects dark (any hue), so contrast has one polarity.
+BG_RANGE: tuple[float, float] = (150.0, 255.0)
+FG_RANGE: tuple[float, float] | None = (0.0, 100.0)  # None: v1's random colour contrasting with the background
 _Shape = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
@@ -216,8 +224,8 @@ def _coverage(rng: np.random.Generator, img_size: int, shape: _Shape, scale: flo
 
 def _background(rng: np.random.Generator, n: int) -> np.ndarray:
     """Random base colour modulated by a random texture; HxWx3 float32 in [0, 255]."""
-    c1 = rng.uniform(0, 255, size=3)
-    c2 = np.clip(c1 + rng.normal(0, 45, size=3), 0, 255)
+    c1 = rng.uniform(*BG_RANGE, size=3)
+    c2 = np.clip(c1 + rng.normal(0, 45, size=3), *BG_RANGE)
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) / n
     kind = rng.integers(4)
     if kind == 0:  # linear gradient
@@ -257,6 +265,13 @@ def _contrasting_colour(rng: np.random.Generator, avoid: list[np.ndarray]) -> np
     return cand[ok[0] if ok.size else int(np.argmax(score))]
 
 
+def _object_colour(rng: np.random.Generator, avoid: list[np.ndarray]) -> np.ndarray:
+    """An object's colour: any hue in ``FG_RANGE`` (darker than every background), or v1's contrasting colour."""
+    if FG_RANGE is None:
+        return _contrasting_colour(rng, avoid)
+    return rng.uniform(*FG_RANGE, size=3)
+
+
 def render_scene(
     rng: np.random.Generator, img_size: int, label: int, *, num_classes: int | None = None
 ) -> tuple[np.ndarray, list[dict]]:
@@ -273,20 +288,20 @@ def render_scene(
     bg = _background(rng, img_size)
     bg_mean = bg.reshape(-1, 3).mean(0)
 
-    main_scale = rng.uniform(0.35, 0.75)
+    main_scale = rng.uniform(*MAIN_SCALE)
     main_cov = _coverage(rng, img_size, _SHAPES[CLASSES[label]], main_scale, ss)
-    main_col = _contrasting_colour(rng, [bg_mean])
+    main_col = _object_colour(rng, [bg_mean])
 
     # Distractors: other classes, at most ~60% of the main object's size, barely touching it.
     layers: list[tuple[int, np.ndarray, np.ndarray]] = []
     others = [k for k in range(nc) if k != label]
-    for _ in range(rng.choice(3, p=[0.4, 0.35, 0.25]) if others else 0):
+    for _ in range(rng.choice(3, p=list(DISTRACTOR_P)) if others else 0):
         cat = int(rng.choice(others))
         for _try in range(6):
             cov = _coverage(rng, img_size, _SHAPES[CLASSES[cat]], rng.uniform(0.12, min(0.28, 0.6 * main_scale)), ss)
             area = float(cov.sum())
             if area > 2 and float((cov * main_cov).sum()) < 0.15 * area:
-                layers.append((cat, cov, _contrasting_colour(rng, [bg_mean, main_col])))
+                layers.append((cat, cov, _object_colour(rng, [bg_mean, main_col])))
                 break
 
     img = bg

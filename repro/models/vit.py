@@ -185,7 +185,8 @@ def create_vit(model_cfg: Mapping[str, Any], img_size: int, num_classes: int = 0
         grid = vit.patch_embed.grid_size[0]
         for blk in vit.blocks:
             old = blk.attn
-            new = kinds[rel](vit.embed_dim, vit.blocks[0].attn.num_heads, grid, qkv_bias=old.qkv.bias is not None)
+            new = kinds[rel](vit.embed_dim, vit.blocks[0].attn.num_heads, grid, num_prefix=vit.num_prefix_tokens,
+                             qkv_bias=old.qkv.bias is not None)
             new.load_state_dict(old.state_dict(), strict=False)
             blk.attn = new
     return vit
@@ -220,3 +221,11 @@ def has_rel_pos(vit: nn.Module) -> bool:
 def encoder_state_dict(vit: VisionTransformer) -> dict[str, torch.Tensor]:
     """Plain tensor state dict of the encoder, without any classifier head."""
     return {k: v.detach().cpu().clone() for k, v in vit.state_dict().items() if not k.startswith(("head.", "fc_norm."))}
+
+
+def with_zero_pos_embed(state: dict[str, torch.Tensor], vit: VisionTransformer, grid: int) -> dict[str, torch.Tensor]:
+    """``state`` plus an all-zero ``pos_embed`` when ``vit`` has no absolute table (BEiT, LoMaR): evaluation ViTs built
+    with a fixed table then get exactly the position-free encoder; ViTs built with ``pos_embed=none`` ignore it."""
+    if vit.pos_embed is None:
+        state["pos_embed"] = torch.zeros(1, grid * grid + vit.num_prefix_tokens, vit.embed_dim)
+    return state

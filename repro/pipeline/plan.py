@@ -110,10 +110,18 @@ class RowPlan:
     pretrain: Stage | None = None
     evals: dict[str, Stage] = field(default_factory=dict)
     reason: str = ""
+    # The same row again with seeds seed+1 .. seed+n-1 (every stage of the row re-run: pretraining included), for
+    # mean +- std over seeds (``plan_tables(seeds=...)``).
+    replicas: list[RowPlan] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> int:
+        return 1 + len(self.replicas)
 
     @property
     def stages(self) -> list[Stage]:
-        return [s for s in (self.pretrain, *self.evals.values()) if s is not None]
+        own = [s for s in (self.pretrain, *self.evals.values()) if s is not None]
+        return own + [s for r in self.replicas for s in r.stages]
 
     def stage_for(self, kind: str) -> Stage | None:
         return self.pretrain if kind == "pretrain" else self.evals.get(kind)
@@ -232,16 +240,48 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
     return plan
 
 
+# Seeds per trainable row when ``--seeds`` is not given: at tiny scale the rows a claim or a signal bar rests on
+# (repro/spec/claims.yaml) get enough for a noise verdict, the others one; paper scale runs each row once.
+CLAIM_SEEDS = 3
+
+
+def default_seeds(spec: Any, row: Any, scale: str) -> int:
+    """How many seeds a row gets without ``--seeds``: ``CLAIM_SEEDS`` for a claim's row at tiny scale, else 1."""
+    if scale != "tiny":
+        return 1
+    from repro.spec.claims import claim_rows
+
+    return CLAIM_SEEDS if (spec.id, row.label) in claim_rows() else 1
+
+
+def seeded_row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any], seeds: int,
+                    data_paths: Mapping[str, str] | None = None) -> RowPlan:
+    """``row_plan`` with ``seeds - 1`` replicas: the same row with ``seed`` (run-wide, after the scale) = its own seed
+    + 1, + 2, ...; every stage of a replica differs from the first's by its seed only."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds {seeds}: the number of seeds must be at least 1")
+    plan = row_plan(spec, row, scale, overrides, data_paths)
+    if plan.status != "trainable" or seeds == 1:
+        return plan
+    base = int(plan.stages[0].cfg.get("seed", 0))
+    plan.replicas = [row_plan(spec, row, scale, deep_merge(overrides, {"seed": base + i}), data_paths)
+                     for i in range(1, seeds)]
+    return plan
+
+
 def plan_tables(ids: Iterable[str], scale: str, overrides: Iterable[str] | Mapping[str, Any] = (),
-                data_paths: Mapping[str, str] | None = None) -> list[TablePlan]:
+                data_paths: Mapping[str, str] | None = None, seeds: int | None = None) -> list[TablePlan]:
     """The tables named by ``ids`` (table ids, paper names or ``all``) expanded into stages at ``scale``. Rows that
     resolve to the same configuration share the same stage (same content hash). ``overrides`` apply after the scale
-    to every stage that has the key; ``data_paths`` give real datasets' roots by name."""
+    to every stage that has the key; ``data_paths`` give real datasets' roots by name; ``seeds``: seeds per
+    trainable row (None: ``default_seeds``)."""
     from repro.resolve import nested
     from repro.spec import select
 
     ov = nested(overrides)
-    return [TablePlan(spec, [row_plan(spec, row, scale, ov, data_paths) for row in spec.rows])
+    return [TablePlan(spec, [seeded_row_plan(spec, row, scale, ov,
+                                             default_seeds(spec, row, scale) if seeds is None else seeds, data_paths)
+                             for row in spec.rows])
             for spec in select(list(ids))]
 
 
@@ -284,7 +324,7 @@ def describe(plans: list[TablePlan], runs_root: Any, projected: Any = None) -> s
             if r.status != "trainable":
                 lines.append(f"  - {r.row.label}: {r.status} ({r.reason})")
                 continue
-            lines.append(f"  - {r.row.label}:")
+            lines.append(f"  - {r.row.label}:" + (f" ({r.seeds} seeds)" if r.seeds > 1 else ""))
             for s in r.stages:
                 state = "done" if s.done(runs_root) else "todo"
                 shared = " (shared)" if s.key in seen else ""

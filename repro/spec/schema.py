@@ -76,7 +76,7 @@ def eval_kind_names() -> list[str]:
     return list(dict.fromkeys(k for k, _ in MEASURES.values() if k not in NOT_EVALUATIONS))
 
 
-PAPERS = ("lomar", "localmim", "extrema")
+PAPERS = ("lomar", "localmim", "extrema", "suite")  # suite: the suite's own signal table
 TABLE_KINDS = ("table", "figure")
 COLUMN_TYPES = ("number", "text")
 
