@@ -319,7 +319,7 @@ def check_init(cfg: dict) -> None:
         state = load_checkpoint(path)
     except CheckpointError as e:
         raise ConfigError(f"--init: {e}") from None
-    inner = state.get("encoder") if isinstance(state, dict) else None
+    inner = state.get("encoder", state.get("model")) if isinstance(state, dict) else None  # ours / official layout
     state = inner if isinstance(inner, dict) else state
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = type(state).__name__ if not isinstance(state, dict) else "a mapping without tensors" if state \

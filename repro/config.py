@@ -26,7 +26,6 @@ from repro.errors import ConfigError  # defined there (shared with repro.kinds);
 from repro.kinds import recipe_kinds  # the recipe folders of the registered stage kinds
 
 SCALES = ("paper", "tiny")
-META_KEYS = ("extends", "description", "tiny_overrides", "tiny_reason", "evals", "source")
 
 
 def recipes_root() -> Path:
@@ -271,7 +270,8 @@ TEXT = Rule(str)
 RULES: dict[str, Rule] = {
     "description": TEXT, "source": TEXT, "tiny_reason": TEXT,
     "seed": NAT,
-    "data.dataset": Rule(str, choices=("imagenet1k", "imagenet22k", "inat2018", "inat2019", "synthetic", "digits")),
+    "data.dataset": Rule(str, choices=("imagenet1k", "imagenet22k", "inat2018", "inat2019", "synthetic", "digits",
+                                       "ade20k", "coco")),
     "data.path": Rule(str, nullable=True, path=True),
     "data.img_size": Rule(int, 8, 4096),
     "data.num_classes": POS_INT,
@@ -316,6 +316,33 @@ RULES: dict[str, Rule] = {
     "k": Rule(list, item=POS_INT), "temperature": POS, "batch_size": POS_INT,
     "metrics": Rule(list, item=Rule(str, choices=("nmi", "kl", "grad_norm"))),
     "num_images": POS_INT, "tokens": Rule(str, choices=("patches", "all")), "kl_eps": POS,
+    # segment (segment/_base.yaml)
+    "data.resize": Rule(list, item=Rule(int, lo=1), length=2),
+    "data.ratio_range": Rule(list, item=POS, length=2, ordered=True),
+    "data.cat_max_ratio": Rule(float, 0.0, 1.0, lo_open=True),
+    "data.photometric": Rule(bool),
+    "model.out_indices": Rule(list, item=NAT, length=4, ordered=True),
+    "model.final_norm": Rule(bool),
+    "model.rescales": Rule(list, item=Rule(float, choices=(4.0, 2.0, 1.0, 0.5, 0.25)), length=4),
+    "model.decoder_channels": POS_INT, "model.aux_channels": POS_INT, "model.aux_weight": NONNEG,
+    "model.dropout": Rule(float, 0.0, 1.0, hi_open=True),
+    "optim.iters": POS_INT, "optim.warmup_iters": NAT, "optim.warmup_ratio": PROB,
+    "optim.poly_power": POS,
+    "eval.mode": Rule(str, choices=("slide", "whole")), "eval.stride": POS_INT,
+    "train.ckpt_every": POS_INT,
+    # detect (detect/_base.yaml)
+    "framework": Rule(str, choices=("detectron2", "mmdet")),
+    "optim.warmup_factor": Rule(float, 0.0, 1.0, lo_open=True),
+    "optim.steps": Rule(list, item=Rule(float, 0.0, 1.0, lo_open=True, hi_open=True), ordered=True),
+    "detect.window_size": NAT, "detect.global_blocks": Rule(list, item=NAT),
+    "detect.out_indices": Rule(list, item=NAT, length=4, ordered=True), "detect.use_rel_pos": Rule(bool),
+    "detect.lsj_scale": Rule(list, item=POS, length=2, ordered=True),
+    "detect.scale_factors": Rule(list, item=Rule(float, choices=(4.0, 2.0, 1.0, 0.5))),
+    "detect.fpn_channels": POS_INT, "detect.roi_batch_per_image": POS_INT, "detect.max_dets": POS_INT,
+    "detect.checkpoint_every": POS_INT,
+    "detect.rpn_pre_nms_topk": Rule(list, item=POS_INT, length=2),
+    "detect.rpn_post_nms_topk": Rule(list, item=POS_INT, length=2),
+    "detect.score_thresh": PROB,
 }
 
 
@@ -344,14 +371,6 @@ def get(cfg: Mapping[str, Any], dotted: str, default: Any = None) -> Any:
             return default
         node = node[p]
     return node
-
-
-def set_dotted(cfg: dict[str, Any], dotted: str, value: Any) -> None:
-    parts = dotted.split(".")
-    node = cfg
-    for p in parts[:-1]:
-        node = node.setdefault(p, {})
-    node[parts[-1]] = value
 
 
 def flatten(cfg: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -62,6 +62,10 @@ def load_checkpoint(path: str | os.PathLike) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling/zip error means the same thing to the user
+        if "Unsupported global" in str(e):  # e.g. an official training checkpoint with its argparse args
+            raise CheckpointError(f"checkpoint {path} holds pickled Python objects (e.g. a training script's args), "
+                                  "which are never unpickled here; re-save it with only its tensors, e.g. "
+                                  "torch.save({'model': ckpt['model']}, path)") from None
         raise CheckpointError(f"checkpoint {path} is corrupt or unreadable ({type(e).__name__}: {str(e)[:80]}); "
                               "delete it to start that stage over") from None
 

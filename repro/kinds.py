@@ -48,6 +48,12 @@ class StageKind:
     cli_description: str = ""
     # Slurm resources (slurm/resources.yaml keys) this kind needs over the scale's defaults; no shipped kind has any
     resources: Mapping[str, Any] = field(default_factory=dict)
+    # Whether the kind inherits the pretraining's data keys (plan.INHERITED["data"], and the resolution-coupled
+    # model.window_size); False for kinds with datasets and sizes of their own (segment, detect).
+    inherit_data: bool = True
+    # Its own tiny rule, "module:function" (cfg) -> cfg, torch-free, used by repro.scales.apply_scale instead of the
+    # common rule; None: the common rule.
+    tiny: str | None = None
     # Bumped by any change to the kind's runner that alters the numbers a finished stage would give: versions above 1
     # enter the identity of the kind's stages (repro.pipeline.stage.results_version), so they are recomputed.
     results_version: int = 1
@@ -66,8 +72,16 @@ class StageKind:
 
     def load_runner(self) -> Callable[..., dict[str, Any]]:
         """The runner function (imports its module: torch, for the shipped kinds)."""
-        module, _, attr = self.runner.partition(":")
-        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        return _load(self.runner)  # type: ignore[no-any-return]
+
+    def tiny_rule(self) -> Callable[[dict[str, Any]], dict[str, Any]] | None:
+        """The kind's own tiny rule (imports its torch-free module), or None."""
+        return _load(self.tiny) if self.tiny else None
+
+
+def _load(target: str) -> Any:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 KINDS: dict[str, StageKind] = {}
@@ -82,8 +96,9 @@ def register_kind(kind: StageKind) -> StageKind:
         raise ValueError(f"stage kind '{kind.name}' is registered already")
     if kind.input not in INPUTS or any(i not in INHERITS for i in kind.inherits):
         raise ValueError(f"stage kind '{kind.name}': input one of {INPUTS}, inherits of {INHERITS}")
-    if ":" not in kind.runner:
-        raise ValueError(f"stage kind '{kind.name}': runner must be 'module:function', got {kind.runner!r}")
+    if ":" not in kind.runner or (kind.tiny is not None and ":" not in kind.tiny):
+        raise ValueError(f"stage kind '{kind.name}': runner and tiny must be 'module:function', got "
+                         f"{kind.runner!r}, {kind.tiny!r}")
     KINDS[kind.name] = kind
     return kind
 
@@ -101,6 +116,11 @@ def get_kind(name: str) -> StageKind:
 
 def is_kind(name: str) -> bool:
     return name in KINDS
+
+
+def recipe_kind(recipes: str) -> StageKind | None:
+    """The first registered kind whose recipe folder is ``recipes`` (None: none is)."""
+    return next((k for k in KINDS.values() if k.recipes == recipes), None)
 
 
 def recipe_kinds() -> tuple[str, ...]:
@@ -145,3 +165,18 @@ register_kind(StageKind(  # semi-supervised: fine-tuning on a label fraction
 register_kind(StageKind(  # reads the pretraining's history (gradient norms) from its result.json
     "analysis", "repro.evals.analysis:run_analysis", input_files={"init_result": "result.json"},
     measures={"nmi": "nmi", "kl": "kl", "grad_norm": "grad_norm"}, default_recipe="default"))
+register_kind(StageKind(  # ADE20K UperNet with mmsegmentation (repro/transfer/mmseg.py)
+    "segment", "repro.transfer.mmseg:run_segment", input=ENCODER_OR_RANDOM, inherit_data=False,
+    tiny="repro.transfer.tiny:tiny_segment",
+    measures={"segmentation.miou": "miou", "aacc": "aacc", "macc": "macc", "trivial_miou": "trivial_miou"},
+    # the MAE / BEiT protocol the papers compare with; at paper scale slurm/resources.yaml's one node of 8 GPUs is
+    # mmseg's MAE config (8 GPUs x 2 images)
+    default_recipe="upernet_vit_base"))
+register_kind(StageKind(  # COCO Mask R-CNN: detectron2 ViTDet or mmdet (`framework`; repro/transfer/detect.py)
+    "detect", "repro.transfer.detect:run_detect", input=ENCODER_OR_RANDOM, inherit_data=False,
+    measures={"detection.ap_box": "box_ap", "detection.ap50_box": "box_ap50", "detection.ap75_box": "box_ap75",
+              "detection.ap_mask": "mask_ap", "detection.ap50_mask": "mask_ap50", "detection.ap75_mask": "mask_ap75",
+              "trivial_ap_box": "trivial_box_ap", "trivial_ap_mask": "trivial_mask_ap"},
+    # one node of 8 GPUs at paper scale (mmdet: 2 images per GPU); ViTDet's 64 GPUs (8 nodes, one image each) are its
+    # recipes' entries in slurm/resources.yaml
+    default_recipe="vitdet_vit_base"))

@@ -91,7 +91,7 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
     arch = cfg["model"]["arch"]
     if arch not in ARCHS and arch not in SWIN_ARCHS:
         raise ConfigError(f"bad value for 'model.arch': {arch!r}; valid: {', '.join([*ARCHS, *SWIN_ARCHS])}")
-    if is_swin(arch):
+    if is_swin(arch) and cfg.get("kind") != "detect":  # detect: mmdet's Swin pads each stage to its window
         d = swin_dims(cfg["model"])
         check_geometry(cfg["data"]["img_size"], cfg["model"]["patch_size"], d["depths"], d["window_size"])
     img, p = cfg["data"]["img_size"], cfg["model"]["patch_size"]

@@ -27,7 +27,6 @@ A recipe may override the result only through ``tiny_overrides`` with a ``tiny_r
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 from repro.config import ConfigError, deep_merge
@@ -141,6 +140,12 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
         return cfg
     if scale != "tiny":
         raise ConfigError(f"unknown scale '{scale}'; valid scales: paper, tiny")
+    from repro.kinds import recipe_kind
+
+    own = recipe_kind(str(cfg.get("kind", ""))) if cfg.get("kind") else None
+    rule_of_kind = own.tiny_rule() if own is not None else None
+    if rule_of_kind is not None:  # a kind with a tiny rule of its own (StageKind.tiny: segment)
+        return rule_of_kind(cfg)
     out = deep_merge(cfg, {})
     m, d, o, t = out["model"], out["data"], out.get("optim"), out["train"]
     rule = TinyRule(m["arch"])
@@ -204,6 +209,3 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
         out = deep_merge(out, overrides)
     return out
 
-
-def scale_of(cfg: Mapping[str, Any]) -> str:
-    return str(cfg.get("scale", "paper"))

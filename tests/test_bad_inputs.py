@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PRE = ["pretrain", "mae", "--scale", "tiny"]
 KNN = ["knn", "default", "--scale", "tiny"]
 DRY = ["chain", "mae", "--scale", "tiny", "--cluster", "local", "--dry-run"]
+UNPICKLED = r"corrupt or unreadable|never unpickled"  # a pickle that would run code: refused, never executed
 BIG = "x" * 300
 
 # (argv, one-line message pattern). {tmp} is the test's folder; {init:NAME} a prepared --init file (see _inits).
@@ -135,11 +136,11 @@ CASES: list[tuple[list[str], str]] = [
         ("emptydict", r"found an empty mapping"), ("wrongkey", r"lacks encoder weights"),
         ("wrongshape", r"do not fit|position table"), ("wrongarch", r"do not fit|lacks encoder weights|position table"),
         ("missing", r"does not exist"), ("dir", r"does not exist"),
-        ("evil_open", r"corrupt or unreadable"), ("evil_system", r"corrupt or unreadable"),
-        ("evil_nested", r"corrupt or unreadable"),
+        # pickles that would run code: refused unexecuted (as unreadable, or as holding Python objects)
+        ("evil_open", UNPICKLED), ("evil_system", UNPICKLED), ("evil_nested", UNPICKLED),
     ]],
     (["linear", "mae", "--scale", "tiny", "--init", "{init:wrongarch}"], r"--init"),
-    (["finetune", "vit_base", "--scale", "tiny", "--init", "{init:evil_open}"], r"corrupt or unreadable"),
+    (["finetune", "vit_base", "--scale", "tiny", "--init", "{init:evil_open}"], UNPICKLED),
     # ---- data roots
     (["pretrain", "mae", "--scale", "paper", "data.path={tmp}/nodata"], r"does not exist"),
     (["pretrain", "mae", "--scale", "paper", "data.path={data:noimages}"], r"no decodable image"),
@@ -259,7 +260,9 @@ def test_refused_in_one_line_before_any_work(argv: list[str], pattern: str, sand
 
 
 def test_every_key_has_a_type_and_a_range() -> None:
-    for kind in ("pretrain", "finetune", "linear", "knn", "analysis"):
+    from repro.config import recipe_kinds
+
+    for kind in recipe_kinds():  # every registered kind's recipe folder (segment, detect included)
         keys = [k for k in flatten(schema(kind)) if k.split(".")[0] not in OPEN_KEYS]
         missing = [k for k in keys if k not in RULES]
         assert not missing, (kind, missing)

@@ -1,6 +1,6 @@
 """BEiT (repro.methods.beit) and its tokenizers (repro.models.tokenizer): block-wise masking at BEiT's geometry, the
 tokenizer plug-in contract (k-means substitute, DALL-E dVAE encoder), the shared relative position bias and its
-export, LoMaR's window variant, the tiny rule, a micro overfit and a tiny chain."""
+export, LoMaR's window variant, the tiny rule and a micro overfit (its tiny chain: test_chain_smoke.py)."""
 
 from __future__ import annotations
 
@@ -279,16 +279,3 @@ def test_resume_keeps_the_codebook() -> None:
     r.fit_tokenizer = lambda *a, **k: pytest.fail("a resumed run must not refit the codebook")  # type: ignore
     x = imgs()
     assert torch.equal(r.targets((x, None))[1], m.tokenizer.encode(x))
-
-
-@pytest.mark.slow
-def test_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.cli import main
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    rc = main(["chain", "beit_window", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
-               "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
-    assert rc == 0
-    enc = list(tmp_path.glob("tiny/pretrain/beit_window-*/encoder.pth"))
-    assert len(enc) == 1

@@ -112,7 +112,7 @@ def test_show_tiny(capsys: pytest.CaptureFixture[str]) -> None:
     cfg = yaml.safe_load(text)
     assert "vit_micro" in text and cfg["model"]["arch"] == "vit_micro"
     assert cfg["model"]["patch_size"] == 4 and cfg["data"]["img_size"] == 32 and cfg["data"]["dataset"] == "synthetic"
-    assert cfg["optim"]["epochs"] == 8 and cfg["optim"]["batch_size"] == 128  # 800 / 100
+    assert cfg["optim"]["epochs"] == 11 and cfg["optim"]["batch_size"] == 128  # 800 x 64 images = 400 steps
 
 
 def test_recipes_lists_mae(capsys: pytest.CaptureFixture[str]) -> None:

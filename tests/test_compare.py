@@ -7,11 +7,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_store import fake_result, folder  # tests/ is on sys.path (pytest prepend mode); "tests." can be shadowed
 
 from repro.cli import main
 from repro.io import atomic_write_json
 from repro.record import compare, store
-from tests.test_store import fake_result, folder
 
 
 def test_verdict_from_seed_spread() -> None:

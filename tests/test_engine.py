@@ -190,7 +190,7 @@ def test_multistep_schedule_matches_simmim(tmp_path: Path, monkeypatch: pytest.M
         o = resolve(recipe, "paper")["optim"]
         assert (o["schedule"], o["milestones"], o["decay_rate"], o["epochs"]) == ("multistep", [700], 0.1, 800)
         assert o["warmup_lr"] == pytest.approx(5e-7 * o["batch_size"] / 512)
-    assert resolve("simmim", "tiny")["optim"]["milestones"] == [7.0]  # epoch 700 of 800 -> 7 of 8
+    assert resolve("simmim", "tiny")["optim"]["milestones"] == [9.625]  # epoch 700 of 800 -> the same fraction of 11
     assert resolve("simmim_swin_base_100ep", "paper")["optim"]["schedule"] == "cosine"
     with pytest.raises(ConfigError, match="milestones"):
         resolve("simmim", "paper", ["optim.milestones=[5]"])  # inside the 10-epoch warm-up
@@ -321,3 +321,16 @@ def test_preemption_at_an_epoch_end_keeps_its_grad_norms(tmp_path: Path) -> None
     assert (ck["step"], ck["micro"], ck["epoch"]) == (4, 8, 0) and ck["grad_norms"]["pending"]
     _, resumed = _train(cfg, tmp_path / "b")
     assert resumed["history"] == straight["history"] and "grad_norms" in resumed["history"][0]
+
+
+def test_optimizer_registry_matches_the_recipe_rule() -> None:
+    from repro.config import RULES
+
+    assert set(train_mod.OPTIMIZERS) == set(RULES["optim.name"].choices)
+    p = nn.Parameter(torch.zeros(1))
+    base = {"betas": [0.9, 0.95], "weight_decay": 0.05, "momentum": 0.9}
+    for name in train_mod.OPTIMIZERS:
+        assert isinstance(train_mod.build_optimizer([{"params": [p]}], {**base, "name": name}, 1e-3),
+                          torch.optim.Optimizer)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train_mod.build_optimizer([{"params": [p]}], {**base, "name": "adam"}, 1e-3)

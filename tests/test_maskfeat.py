@@ -1,9 +1,8 @@
 """MaskFeat (repro.methods.maskfeat): BEiT block-wise masking, the mask token in the encoder, HOG targets per patch,
-the tiny rule, a micro overfit and a tiny chain."""
+the tiny rule and a micro overfit (its tiny chain: test_chain_smoke.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,13 +154,3 @@ def test_overfits_fixed_batch() -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 3, losses[::30]
     assert losses[-1] < 0.5 * baseline, (losses[-1], baseline)
-
-
-def test_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.cli import main
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    rc = main(["chain", "maskfeat", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
-               "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
-    assert rc == 0

@@ -1,11 +1,10 @@
 """SimMIM (repro.methods.simmim): the 32-px unit mask (exact count, upsampled onto patches), the mask token, the
 pixel-shuffle decoder, the L1 loss on masked pixels only, the shared relative position bias and its export, the tiny
-rule, a micro overfit and the tiny chain."""
+rule and a micro overfit (its tiny chain: test_chain_smoke.py)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,13 +215,3 @@ def test_swin_overfits_fixed_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 4, losses[::40]
-
-
-def test_tiny_chain(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from repro.cli import main
-
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
-    rc = main(["chain", "simmim", "--scale", "tiny", "--runs-dir", str(tmp_path), "optim.epochs=1",
-               "data.synthetic_train=64", "data.synthetic_val=32", "optim.batch_size=32", "--evals", "knn"])
-    assert rc == 0

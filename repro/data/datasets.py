@@ -1,4 +1,5 @@
-"""Datasets by name: the embedded procedural data, sklearn digits, or a real dataset by path (ImageFolder layout).
+"""Datasets by name: the embedded procedural data, sklearn digits, or a real dataset by path (ImageFolder layout;
+iNaturalist ``inat<year>``: its official json layout).
 
 The embedded datasets are written in ImageNet's own on-disk layout, so one loader (torchvision ImageFolder) serves
 both. A real dataset whose path is unset, missing or empty is refused with one line naming the option to set.
@@ -6,6 +7,7 @@ both. A real dataset whose path is unset, missing or empty is refused with one l
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,19 @@ EMBEDDED = ("synthetic", "digits")
 IMG_EXT = (".jpg", ".jpeg", ".png", ".JPEG", ".bmp", ".webp")
 
 
+def inat_year(name: str) -> int | None:
+    """The year of an iNaturalist dataset name (``inat2019`` -> 2019), else None."""
+    m = re.fullmatch(r"inat(\d{4})", name)
+    return int(m.group(1)) if m else None
+
+
 def check_dataset(data: Mapping[str, Any]) -> None:
     """Fail before any work when a real dataset's path is unusable."""
     name = data["dataset"]
     if name in EMBEDDED:
+        return
+    if inat_year(name) is not None:
+        _check_inat(data)
         return
     path = data.get("path")
     hint = f"pass data.path=/path/to/{name} (a folder with train/<class>/* and val/<class>/*)"
@@ -44,11 +55,31 @@ def check_dataset(data: Mapping[str, Any]) -> None:
                                   f"({', '.join(IMG_EXT[:4])}...); {hint}")
 
 
-def _has_decodable_image(folder: Path, tries: int = 8) -> bool:
+def _check_inat(data: Mapping[str, Any]) -> None:
+    """An iNaturalist root in the official layout: ``train<year>.json`` and ``val<year>.json`` beside the image
+    folders their ``file_name`` entries point into."""
+    name, path = data["dataset"], data.get("path")
+    year = inat_year(name)
+    hint = (f"pass data.path=/path/to/{name} (the official layout: train{year}.json, val{year}.json and the image "
+            "folders they name)")
+    if not path or not Path(path).is_dir():
+        raise ConfigError(f"data.path={path} is not a folder for dataset '{name}'; {hint}")
+    for split in ("train", "val"):
+        ds = INatJson(Path(path), split, int(year or 0))
+        if not ds.samples:
+            raise ConfigError(f"data.path={path}: {split}{year}.json lists no annotated image; {hint}")
+        first = Path(ds.samples[0][0])
+        if not _has_decodable_image(first.parent, files=[first]):
+            raise ConfigError(f"data.path={path}: {first} (the first image of {split}{year}.json) does not decode; "
+                              f"{hint}")
+
+
+def _has_decodable_image(folder: Path, tries: int = 8, files: list[Path] | None = None) -> bool:
     """True when one of the first ``tries`` image files of ``folder`` decodes."""
     from PIL import Image
 
-    for n, p in enumerate(q for q in sorted(folder.iterdir()) if q.suffix in IMG_EXT):
+    candidates = files if files is not None else (q for q in sorted(folder.iterdir()) if q.suffix in IMG_EXT)
+    for n, p in enumerate(candidates):
         if n >= tries:
             return False
         try:
@@ -130,11 +161,44 @@ class SkippingImageFolder(datasets.ImageFolder):
         raise ConfigError(f"{self.root}: 64 images in a row from index {index} fail to decode; check the data set")
 
 
+class INatJson(SkippingImageFolder):
+    """iNaturalist in its official json layout: ``<root>/<split><year>.json`` (``images[]``: id, file_name relative
+    to the root; ``annotations[]``: image_id, category_id; ``categories[]``). Classes are the category ids in order
+    (the json's ``categories``, else those annotated), so train and val share one label space."""
+
+    def __init__(self, root: Path, split: str, year: int, transform: Callable[[Any], Any] | None = None):
+        import json
+
+        from torchvision.datasets.folder import default_loader
+
+        file = Path(root) / f"{split}{year}.json"
+        if not file.is_file():
+            raise ConfigError(f"{file} does not exist (iNaturalist {year}: the official {split}{year}.json)")
+        try:
+            meta = json.loads(file.read_text())
+            images = {im["id"]: im["file_name"] for im in meta["images"]}
+            labels = [(a["image_id"], a["category_id"]) for a in meta["annotations"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ConfigError(f"{file}: not an iNaturalist json ({type(e).__name__}: {e})") from None
+        cats = sorted({c["id"] for c in meta.get("categories") or []} or {c for _, c in labels})
+        self.root, self.transform, self.target_transform = str(root), transform, None
+        self.loader = default_loader
+        self.classes = [str(c) for c in cats]
+        self.class_to_idx = {str(c): i for i, c in enumerate(cats)}
+        self.samples = [(str(Path(root) / images[i]), self.class_to_idx[str(c)]) for i, c in labels if i in images]
+        self.imgs = self.samples
+        self.targets = [t for _, t in self.samples]
+        self.skipped: set[str] = set()
+
+
 def build_split(data: Mapping[str, Any], split: str, transform: Callable[[Any], Any] | None,
                 seed: int = 0) -> Dataset:
-    """ImageFolder over ``<root>/<split>``; the train split may keep only ``train_fraction`` (class-stratified)."""
+    """ImageFolder over ``<root>/<split>`` (iNaturalist: its json layout); the train split may keep only
+    ``train_fraction`` (class-stratified)."""
     root = dataset_root(data)
-    ds = SkippingImageFolder(str(root / split), transform=transform)
+    year = inat_year(data["dataset"])
+    ds = (INatJson(root, split, year, transform) if year is not None
+          else SkippingImageFolder(str(root / split), transform=transform))
     frac = float(data.get("train_fraction", 1.0))
     if split == "train" and frac < 1.0:
         targets = np.asarray(ds.targets)

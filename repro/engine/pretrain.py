@@ -18,8 +18,13 @@ META_FILE = "encoder.json"
 
 
 def export_encoder(method: Any, cfg: Mapping[str, Any], out_dir: Path) -> dict[str, str]:
-    """Write ``encoder.pth`` (a timm-compatible state dict), ``extras.pth`` and ``encoder.json``; return the paths."""
+    """Write ``encoder.pth`` (our encoder's state dict), ``extras.pth`` and ``encoder.json``, and beside them
+    ``encoder_timm.pth`` + ``timm.json`` (the same weights, loading strictly into ``timm.create_model``); return the
+    paths."""
+    from repro.models.export import write_timm_sidecar
+
     meta = {"method": method.name, "linear_feature": method.linear_feature, "finetune_pool": method.finetune_pool,
             "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
-    return atomic_json_and_tensors(out_dir, {ENCODER_FILE: method.export(), EXTRAS_FILE: method.extras()},
-                                   META_FILE, meta)
+    state = method.export()
+    paths = atomic_json_and_tensors(out_dir, {ENCODER_FILE: state, EXTRAS_FILE: method.extras()}, META_FILE, meta)
+    return {**paths, **write_timm_sidecar(out_dir, state, meta)}

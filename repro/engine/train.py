@@ -50,7 +50,7 @@ from repro.engine.hooks import (
 from repro.engine.task import StepOutput
 from repro.resolve import accumulation
 
-__all__ = ["CKPT_VERSION", "HookBase", "Preempted", "StopFlag", "Trainer", "base_lr", "block_grad_norms",
+__all__ = ["CKPT_VERSION", "OPTIMIZERS", "HookBase", "Preempted", "StopFlag", "Trainer", "base_lr", "block_grad_norms",
            "build_optimizer", "build_scheduler", "encoder_blocks", "fit", "lr_at", "peak_memory_mb", "rng_state",
            "set_rng_state"]
 
@@ -84,18 +84,43 @@ def compile_blocks(task: nn.Module, backend: str = "inductor") -> int:
     return n
 
 
+# Optimizers by ``optim.name``: name -> builder(param groups, optim section, lr, fused). A new one is a builder
+# registered here plus its name in the ``optim.name`` rule of repro.config (which validates recipes without torch).
+OptimizerBuilder = Callable[[list[dict[str, Any]], Mapping[str, Any], float, bool], torch.optim.Optimizer]
+OPTIMIZERS: dict[str, OptimizerBuilder] = {}
+
+
+def register_optimizer(name: str) -> Callable[[OptimizerBuilder], OptimizerBuilder]:
+    def add(builder: OptimizerBuilder) -> OptimizerBuilder:
+        OPTIMIZERS[name] = builder
+        return builder
+    return add
+
+
+@register_optimizer("adamw")
+def _adamw(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"],
+                             fused=True if fused else None)
+
+
+@register_optimizer("lars")
+def _lars(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float, fused: bool) -> torch.optim.Optimizer:
+    return Lars(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+
+
+@register_optimizer("sgd")
+def _sgd(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float, fused: bool) -> torch.optim.Optimizer:
+    return torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
+
+
 def build_optimizer(groups: list[dict[str, Any]], optim: Mapping[str, Any], lr: float,
                     fused: bool = False) -> torch.optim.Optimizer:
-    """The recipe's optimizer; ``fused``: AdamW's single-kernel update (else torch's default, foreach)."""
+    """The recipe's optimizer (``OPTIMIZERS``); ``fused``: AdamW's single-kernel update (else torch's default,
+    foreach; the other optimizers ignore it)."""
     name = optim["name"]
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim["betas"]), weight_decay=optim["weight_decay"],
-                                 fused=True if fused else None)
-    if name == "lars":
-        return Lars(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
-    if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=optim["momentum"], weight_decay=optim["weight_decay"])
-    raise ValueError(f"unknown optimizer {name}")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name}")
+    return OPTIMIZERS[name](groups, optim, lr, fused)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:

@@ -12,6 +12,7 @@ from torch import nn
 from repro.config import ConfigError
 from repro.io import load_checkpoint
 from repro.models.encoders import adapt_state_dict, create_encoder, encoder_tokens, is_swin_model
+from repro.models.export import to_repro
 
 # Keys an encoder checkpoint may legitimately lack in an evaluation model: its new classifier (and fc_norm).
 HEAD_KEYS = ("head.", "fc_norm.")
@@ -27,7 +28,20 @@ def load_encoder(vit: nn.Module, init: str | None) -> dict[str, list[str]]:
     state = load_checkpoint(init)
     if isinstance(state, Mapping) and "encoder" in state:
         state = state["encoder"]
+    try:  # official {'model': ...} (MAE/BEiT) or timm (encoder_timm.pth) keys -> ours
+        state = to_repro(state, vit)
+    except ValueError as e:
+        raise ConfigError(f"{init}: {e}; pass an encoder.pth written by `repro pretrain`") from None
     state = resize_positions(vit, adapt_state_dict(vit, state))
+    own = vit.state_dict()
+    bad = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    for k in [k for k in bad if k.startswith(HEAD_KEYS)]:  # another task's classifier: the new head stays random
+        bad.remove(k)
+        del state[k]
+    if bad:
+        raise ConfigError(f"{init}: {bad[0]} has shape {tuple(state[bad[0]].shape)}, this model needs "
+                          f"{tuple(own[bad[0]].shape)} ({len(bad)} such keys); check model.arch / patch_size / "
+                          "embed_dim")
     res = vit.load_state_dict(state, strict=False)
     missing = [k for k in res.missing_keys if not k.startswith(HEAD_KEYS)]
     if missing:

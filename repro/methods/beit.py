@@ -49,6 +49,7 @@ from repro.models.vit import (
     create_vit,
     grid_coords,
     share_rel_pos_table,
+    with_zero_pos_embed,
 )
 
 
@@ -227,13 +228,7 @@ class BEiT(BEiTSpec, PretrainMethod):
         return StepOutput(loss, {"loss": loss.detach(), "mlm_acc": acc.detach(), "mask_ratio": mask.mean().detach()})
 
     def export(self) -> dict[str, torch.Tensor]:
-        state = super().export()
-        if self.encoder.pos_embed is None:
-            # No absolute table (BEiT): an all-zero one, so evaluation ViTs built with a fixed table get exactly the
-            # position-free encoder; ViTs built with pos_embed=none ignore it.
-            tokens = self.grid * self.grid + self.encoder.num_prefix_tokens
-            state["pos_embed"] = torch.zeros(1, tokens, self.encoder.embed_dim)
-        return state
+        return with_zero_pos_embed(super().export(), self.encoder, self.grid)
 
     def extras(self) -> dict[str, torch.Tensor]:
         tok = self.tokenizer

@@ -40,7 +40,7 @@ from repro.models.mim import (
     patchify,
     sample_windows,
 )
-from repro.models.vit import create_vit
+from repro.models.vit import create_vit, with_zero_pos_embed
 
 
 def window_assignment(n: int, num_windows: int, official_batch: int | None,
@@ -151,10 +151,4 @@ class LoMaR(LoMaRSpec, PretrainMethod):
         return StepOutput(loss, {"loss": loss.detach()})
 
     def export(self) -> dict[str, torch.Tensor]:
-        state = super().export()
-        if self.encoder.pos_embed is None:
-            # No absolute table: export an all-zero one, so evaluation ViTs built with a (fixed) table get exactly
-            # the position-free encoder; ViTs built with pos_embed=none ignore it.
-            tokens = self.grid * self.grid + self.encoder.num_prefix_tokens
-            state["pos_embed"] = torch.zeros(1, tokens, self.encoder.embed_dim)
-        return state
+        return with_zero_pos_embed(super().export(), self.encoder, self.grid)

@@ -28,12 +28,15 @@ COUPLED = {"data.dataset": ("data.path", "data.num_classes"), "data.img_size": (
 EVAL_DATASET = {"imagenet22k": "imagenet1k"}
 
 
-def input_eval_defaults(pretrain: str, paper_overrides: Mapping[str, Any] | Iterable[str] = ()) -> dict[str, Any]:
+def input_eval_defaults(pretrain: str, paper_overrides: Mapping[str, Any] | Iterable[str] = (),
+                        kind: str | None = None) -> dict[str, Any]:
     """Paper-level evaluation overrides implied by a pretraining recipe (+ its paper-level overrides): an
     ImageNet-22K pretraining is evaluated on ImageNet-1K (``EVAL_DATASET``). Decided at paper level, so that it holds
-    at every scale; a row's own ``eval_overrides`` go over it."""
+    at every scale; a row's own ``eval_overrides`` go over it. None for a ``kind`` that keeps its own data."""
     from repro.resolve import nested
 
+    if kind is not None and not get_kind(kind).inherit_data:
+        return {}
     cfg = deep_merge(load_recipe(pretrain, "pretrain")[1], nested(paper_overrides))
     target = EVAL_DATASET.get(cfg["data"]["dataset"])
     return {"data": {"dataset": target}} if target else {}
@@ -53,7 +56,11 @@ def eval_overrides(pre: Mapping[str, Any], kind: str, recipe: str | None = None,
 
     sk = get_kind(kind)
     ov: dict[str, Any] = {sec: {k: pre[sec][k] for k in keys} for sec, keys in INHERITED.items()}
-    if recipe is not None and load_recipe(recipe, sk.recipes)[1].get("resolution") == "own":
+    if not sk.inherit_data:  # its own datasets and sizes (segment, detect): the model keys only, less those that
+        del ov["data"]  # follow the resolution (the Swin window)
+        for k in COUPLED["data.img_size"]:
+            ov["model"].pop(k.rpartition(".")[2], None)
+    elif recipe is not None and load_recipe(recipe, sk.recipes)[1].get("resolution") == "own":
         del ov["data"]["img_size"], ov["model"]["window_size"]  # e.g. SimMIM-Swin: pretrain 192, fine-tune 224
     ov["seed"] = pre["seed"]
     if pre["model"].get("pos_embed") == "none":
@@ -226,7 +233,7 @@ def row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any] | Non
         pov = nested((row.eval_overrides or {}).get(kind, {}))
         run_ov = for_kind(overrides or {}, rkind)
         if pre is not None:
-            pov = deep_merge(input_eval_defaults(row.pretrain, row.overrides or {}), pov)
+            pov = deep_merge(input_eval_defaults(row.pretrain, row.overrides or {}, kind), pov)
             cfg = resolve(recipe, scale, deep_merge(eval_overrides(pre.cfg, kind, recipe, pov), run_ov), kind=rkind,
                           paper_overrides=pov)
             plan.evals[kind] = Stage(kind, with_data_path(cfg, data_paths), {"init": pre}, label=row.label)

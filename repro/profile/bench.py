@@ -19,7 +19,7 @@ import contextlib
 import datetime as _dt
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -333,7 +333,3 @@ def speedups(values: Mapping[str, float | None], ref: str) -> dict[str, float | 
     """Time of the reference row / time of each row (None where either is missing)."""
     r = values.get(ref)
     return {k: (r / v if (r and v) else None) for k, v in values.items()}
-
-
-def median_or_none(xs: Sequence[float]) -> float | None:
-    return float(np.median(xs)) if xs else None

@@ -1,12 +1,11 @@
 """Which rows each efficiency table profiles, the paper's time for each, the reference row of every speed-up, and the
 one declared calibration row per paper.
 
-Rows and paper numbers come from the table specs (``repro.spec``) where a paper's spec file exists: every trainable
-row with a pretraining recipe, its paper-level overrides, and the value of the table's time column (the column whose
-measure is ``pretrain.hours`` or ``pretrain.hours_per_epoch``). Until a paper's spec exists, the small fallback
-below (transcribed from the papers, ``source`` says where) stands in. Speed-up references are declared here because
-the papers' headline claims are relative to MAE / ExtreMA x1, whereas some printed speed-up columns are relative
-to BEiT; every paper ratio is recomputed from the paper's own time column, so it needs no printed ratio.
+Rows and paper numbers come from the table specs (``repro.spec``), the only copy of the papers' numbers: every
+trainable row with a pretraining recipe, its paper-level overrides, and the value of the table's time column (the
+column whose measure is ``pretrain.hours`` or ``pretrain.hours_per_epoch``). Speed-up references are declared here
+because the papers' headline claims are relative to MAE / ExtreMA x1, whereas some printed speed-up columns are
+relative to BEiT; every paper ratio is recomputed from the paper's own time column, so it needs no printed ratio.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ class CostTable:
     per_epoch: bool  # the paper's time column is per epoch (LocalMIM) rather than total
     rows: list[CostRow]
     reference: Callable[[str], str]  # row label -> label of its reference row
-    source: str  # "repro.spec" or the fallback's citation
+    source: str  # "repro.spec (<the spec's source>)"
 
 
 @dataclass(frozen=True)
@@ -61,12 +60,6 @@ CALIBRATION = {
                             "1x V100-32GB (GPU-h per epoch)"),
     "extrema": Calibration("extrema/t8", "ExtreMA 80% x1", "extrema_1mask", {}, 29.0, False,
                            "8x V100 (wall h)"),
-}
-
-# Recipes some spec rows name before they exist: the same configuration by overrides of an existing recipe.
-RECIPE_FALLBACK = {
-    "mae_384": ("mae", {"data.img_size": 384}),
-    "mae_448": ("mae", {"data.img_size": 448}),
 }
 
 
@@ -102,61 +95,15 @@ REFERENCES: dict[str, Callable[[str], str]] = {
 }
 
 
-def _r(label: str, recipe: str | None, paper: float | None, **ov: Any) -> CostRow:
-    return CostRow(label, recipe, {k.replace("__", "."): v for k, v in ov.items()}, paper)
+def cost_table(table_id: str) -> CostTable:
+    """The rows of an efficiency table, from its spec (a spec that fails to load raises its own one-line error)."""
+    from repro.spec import get_spec
 
-
-def _fallback() -> dict[str, CostTable]:
-    """Paper numbers for tables whose spec file is not written yet (the spec wins when it exists)."""
-    t12 = []
-    for ratio, times in ((75, (30, 40, 60)), (80, (29, 36, 58)), (90, (28, 30, 58))):
-        for (masks, ep), t in zip(((1, 300), (2, 300), (1, 600)), times):
-            t12.append(_r(f"{ratio}% x{masks} {ep}ep", "extrema_1mask", t, method__mask_ratio=ratio / 100,
-                          method__num_masks=masks, optim__epochs=ep))
-    return {
-        "localmim/t1": CostTable("localmim/t1", "localmim", "GPU-h/epoch (1xV100)", True, [
-            _r("MAE ViT-B 800ep", "mae", 1.1, optim__epochs=800),
-            _r("MAE ViT-B 1600ep", "mae", 1.1, optim__epochs=1600),
-            _r("MAE ViT-L 1600ep", "mae", 1.7, model__arch="vit_large", optim__epochs=1600),
-            _r("BEiT ViT-B 800ep", "beit", 2.4, optim__epochs=800),
-            _r("MaskFeat ViT-B 1600ep", "maskfeat", 3.9, optim__epochs=1600),
-            _r("LoMaR ViT-B 1600ep", "lomar", 1.4, optim__epochs=1600),
-            _r("LocalMIM-HOG ViT-B 100ep", "localmim_100ep", 0.7),
-            _r("LocalMIM-HOG ViT-B 1600ep", "localmim", 0.7, optim__epochs=1600),
-            _r("LocalMIM-HOG ViT-L 800ep", "localmim_vit_large", 1.0),
-        ], REFERENCES["localmim/t1"], "localmim.md Table 1 (ViT rows; Swin rows belong to the Swin engineer)"),
-        "localmim/t4c": CostTable("localmim/t4c", "localmim", "GPU-h/epoch (1xV100)", True, [
-            _r("512D-16H", "localmim_100ep", 1.0, method__decoder_dim=512, method__decoder_heads=16),
-            _r("256D-8H", "localmim_100ep", 0.7),
-            _r("128D-4H", "localmim_100ep", 0.6, method__decoder_dim=128, method__decoder_heads=4),
-        ], REFERENCES["localmim/t4c"], "localmim.md Table 4c (ViT-B column)"),
-        "localmim/t5": CostTable("localmim/t5", "localmim", "GPU-h/epoch (1xV100)", True, [
-            _r("LocalMIM ViT-B", "localmim_100ep", 0.7),
-            _r("w/ isolated grad ViT-B", "localmim_100ep", 0.7, method__grad_isolation=True),
-        ], REFERENCES["localmim/t5"], "localmim.md Table 5 (ViT-B rows)"),
-        "extrema/t8": CostTable("extrema/t8", "extrema", "h (8xV100)", False, [
-            _r("BEiT", "beit", 240, optim__epochs=800),
-            _r("MAE", "mae", 650, optim__epochs=1600),
-            _r("ExtreMA 80% x1", "extrema_1mask", 29),
-            _r("ExtreMA 80% x2", "extrema_2mask", 36),
-            _r("ExtreMA 80% x5", "extrema", 60),
-        ], REFERENCES["extrema/t8"], "extrema.md Table 8 (DINO is reported-only)"),
-        "extrema/t12": CostTable("extrema/t12", "extrema", "h (8xV100)", False, t12, REFERENCES["extrema/t12"],
-                                 "extrema.md Table 12"),
-    }
-
-
-def _from_spec(table_id: str) -> CostTable | None:
-    """The cost table of a spec (None when the paper's spec is not available)."""
-    try:
-        from repro.spec import get_spec
-
-        spec = get_spec(table_id)
-    except Exception:  # noqa: BLE001 - a missing or half-written spec file: use the fallback
-        return None
+    spec = get_spec(table_id)
     cols = [c for c in spec.columns if c.measure in ("pretrain.hours", "pretrain.hours_per_epoch")]
     if not cols:
-        return None
+        raise ConfigError(f"no cost rows for table '{table_id}' (its spec has no pretrain.hours column); "
+                          f"tables with cost rows: {', '.join(EFFICIENCY_TABLES)}")
     col = cols[0]
     rows = []
     for r in spec.rows:
@@ -171,25 +118,8 @@ def _from_spec(table_id: str) -> CostTable | None:
                      f"repro.spec ({spec.source})")
 
 
-def cost_table(table_id: str) -> CostTable:
-    """The rows of an efficiency table: from the spec when it exists, else the fallback transcription."""
-    t = _from_spec(table_id)
-    if t is not None:
-        return t
-    fb = _fallback()
-    if table_id not in fb:
-        raise ConfigError(f"no cost rows for table '{table_id}' (its spec is missing or has no time column); "
-                          f"tables with cost rows: {', '.join(EFFICIENCY_TABLES)}")
-    return fb[table_id]
-
-
 def resolve_row(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """A row's paper-scale config (recipes named before they exist fall back to RECIPE_FALLBACK)."""
-    from repro.config import recipes_root
+    """A row's paper-scale config."""
     from repro.resolve import resolve
 
-    ov = {k: v for k, v in overrides.items()}
-    if not (recipes_root() / "pretrain" / f"{recipe}.yaml").exists() and recipe in RECIPE_FALLBACK:
-        recipe, extra = RECIPE_FALLBACK[recipe]
-        ov = {**extra, **ov}
-    return resolve(recipe, "paper", [f"{k}={v}" for k, v in ov.items()], kind="pretrain")
+    return resolve(recipe, "paper", [f"{k}={v}" for k, v in overrides.items()], kind="pretrain")
