@@ -307,11 +307,12 @@ def with_data_path(cfg: dict[str, Any], data_paths: Mapping[str, str] | None) ->
 def parse_data_paths(items: Iterable[str]) -> dict[str, str]:
     from repro.scales import REAL_DATASETS
 
+    names = (*REAL_DATASETS, "ade20k", "coco")  # + the transfer stages' datasets (repro.data.dense checks their roots)
     out = {}
     for item in items:
         name, _, path = item.partition("=")
-        if name not in REAL_DATASETS or not path:
-            raise ConfigError(f"--data {item}: expected NAME=PATH with NAME one of {', '.join(REAL_DATASETS)}")
+        if name not in names or not path:
+            raise ConfigError(f"--data {item}: expected NAME=PATH with NAME one of {', '.join(names)}")
         out[name] = path
     return out
 

@@ -182,17 +182,32 @@ def _tables_section(runs_root: Path, repo_root: Path) -> list[str]:
     return lines
 
 
-def main_job_lines(runs_root: Path) -> list[str]:
-    """The main job's wall time, as `repro run` measured it (start of the first stage to the end of the last)."""
-    hist = [h for h in run_history(runs_root) if h.get("tables") == ["all"]]
-    if not hist:
-        return ["## The main job", "", "_No `repro run all` is recorded in this runs folder's history._", ""]
-    h = hist[-1]
-    seeds = f", {h['seeds']} seed(s) for the seeded rows" if h.get("seeds") else ""
-    return ["## The main job", "",
-            f"`repro run all --scale {h['scale']}`{seeds}: **{h['wall_s'] / 60:.1f} min wall, measured** by "
-            f"`repro run` on {h['host']} ({h['cpus']} CPUs, {h.get('jobs', '?')} jobs): {h['ran']} stages run, "
-            f"{h['skipped']} already done, {h['failed']} failed (commit {h['commit'][:8]}).", ""]
+def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None) -> list[str]:
+    """The main job's wall time, as `repro run` measured it (start of the first stage to the end of the last), and
+    the runs recorded after it (their tables, wall time and stages), so a reader sees what the numbers came from."""
+    hist = run_history(runs_root)
+    alls = [i for i, h in enumerate(hist) if h.get("tables") == ["all"]]
+    lines = ["## The main job", ""]
+    if alls:
+        h = hist[alls[-1]]
+        seeds = f", {h['seeds']} seed(s) for the seeded rows" if h.get("seeds") else ""
+        lines.append(f"`repro run all --scale {h['scale']}`{seeds}: **{h['wall_s'] / 60:.1f} min wall, measured** by "
+                     f"`repro run` on {h['host']} ({h['cpus']} CPUs, {h.get('jobs', '?')} jobs): {h['ran']} stages "
+                     f"run, {h['skipped']} already done, {h['failed']} failed (commit {h['commit'][:8]}).")
+        made = {str((r.get("provenance") or {}).get("commit") or "")[:8] for r in results or []}
+        if results is not None and h["commit"][:8] not in made:
+            lines.append("Its stages are not in this runs folder any more (made by older code); its report is in the "
+                         "repository's history (`git log -- RESULTS.md`).")
+    else:
+        lines.append("_No `repro run all` is recorded in this runs folder's history._")
+    later = hist[alls[-1] + 1:] if alls else hist
+    if later:
+        lines += ["", "Runs recorded after it (only their tables' stages are rendered from them):", ""]
+        lines += [f"- `repro run {' '.join(h.get('tables', []))} --scale {h.get('scale', '?')}`: "
+                  f"{h.get('wall_s', 0) / 60:.1f} min wall, {h.get('ran', '?')} stages run, {h.get('failed', '?')} "
+                  f"failed (commit {str(h.get('commit', '?'))[:8]}, {h.get('cpus', '?')} CPUs, {h.get('jobs', '?')} "
+                  "jobs)" for h in later]
+    return [*lines, ""]
 
 
 def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) -> Path:
@@ -232,7 +247,7 @@ def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) 
         f"processes){sacct_note}; results dated {dates}",
         "",
     ]
-    lines += main_job_lines(runs_root)
+    lines += main_job_lines(runs_root, results)
     lines += signal_section(runs_root, results, chains)
     by_rel = {rel_folder(r["_dir"]): r for r in results}
     lines += claims_section(runs_root, by_rel, "tiny")
