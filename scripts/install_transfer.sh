@@ -35,6 +35,8 @@ if ! have mmcv "$MMCV"; then
   "${PIP[@]}" install "mmcv==$MMCV" --no-build-isolation --find-links "$dir"  # mmcv's own dependencies
 fi
 "${PIP[@]}" install -e ".[transfer]"
+# detectron2's model_zoo imports pkg_resources, which setuptools>=81 no longer has
+"${PIP[@]}" install "setuptools<81"
 # detectron2: PyPI's sal-detectron2 is upstream detectron2 built only for cp310; its pure-Python part runs on 3.11
 # (its compiled _C does not load; ViTDet's Mask R-CNN takes RoIAlign/NMS from torchvision). Cluster users with a
 # compiler install upstream instead: pip install --no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'

@@ -143,12 +143,17 @@ def fit_to_profile(res: Mapping[str, Any], prof: Profile) -> dict[str, Any]:
 
 def stage_resources(stage: Stage, overrides: Mapping[str, Any] | None = None,
                     profile: Profile | None = None) -> Resources:
-    """Resources of one stage: ``slurm/resources.yaml`` at the stage's scale, its recipe's entry (fitted to
-    ``profile`` when one is given), then ``--res`` (never fitted: check_resources refuses what the profile lacks)."""
+    """Resources of one stage: ``slurm/resources.yaml`` at the stage's scale, its kind's own needs
+    (``StageKind.resources``, at paper scale), its recipe's entry (fitted to ``profile`` when one is given), then
+    ``--res`` (never fitted: check_resources refuses what the profile lacks)."""
+    from repro.kinds import KINDS
+
     table = yaml.safe_load((slurm_dir() / "resources.yaml").read_text())
     scale = stage.cfg.get("scale", "paper")
     base = dict(table.get(scale) or {})
     per_recipe = base.pop("recipes", None) or {}
+    if scale == "paper" and stage.kind in KINDS:
+        base.update(KINDS[stage.kind].resources)
     base.update(per_recipe.get(f"{stage.kind}/{stage.cfg.get('recipe')}", {}))
     bad = sorted(set(base) - set(RES_KEYS))
     if bad:
