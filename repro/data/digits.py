@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,8 @@ def ensure_digits(
             for name in classes:
                 (tmp / split / name).mkdir(parents=True)
         jobs = [("train", int(i)) for i in train_idx] + [("val", int(i)) for i in val_idx]
-        for split, i in tqdm(jobs, desc=f"digits {final.name}", disable=not progress, unit="img"):
+        show = progress and sys.stderr.isatty()  # a bar on a terminal; never carriage returns in a log file
+        for split, i in tqdm(jobs, desc=f"digits {final.name}", disable=not show, unit="img"):
             img = Image.fromarray(images[i]).resize((img_size, img_size), Image.Resampling.BICUBIC).convert("RGB")
             img.save(tmp / split / str(labels[i]) / f"{i:06d}.png")
         meta = {

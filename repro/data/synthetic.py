@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -397,7 +398,8 @@ def ensure_synthetic(
             for i in range(n)
         ]
         objects: dict[str, dict[str, list[dict]]] = {s: {} for s in SPLITS}
-        bar = tqdm(total=total, desc=f"synthetic {final.name}", disable=not progress, unit="img")
+        show = progress and sys.stderr.isatty()  # a bar on a terminal; never carriage returns in a log file
+        bar = tqdm(total=total, desc=f"synthetic {final.name}", disable=not show, unit="img")
         if workers > 1:
             # spawn, never fork: the caller may already run torch/OpenMP or tqdm threads, and a fork after threads
             # can deadlock in the child. Workers import only this module (numpy, PIL); start-up is under a second.
