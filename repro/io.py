@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -77,3 +78,18 @@ def atomic_json_and_tensors(out_dir: str | os.PathLike, tensors: dict[str, dict[
     paths = {name: str(atomic_torch_save(sd, out / name)) for name, sd in tensors.items() if sd}
     paths[meta_name] = str(atomic_write_json(out / meta_name, meta))
     return paths
+
+
+@contextlib.contextmanager
+def own_framework_checkpoints() -> Iterator[None]:
+    """Let torch.load unpickle a framework's own checkpoint objects (mmengine's), for the duration of one load of
+    files the suite itself wrote: torch loads weights-only by default, and nothing else here may unpickle."""
+    old = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = old

@@ -202,10 +202,15 @@ def apply_scale(cfg: dict[str, Any], scale: str, method_cls: Any = None) -> dict
     t["keep_every"] = 0
     if method_cls is not None and "method" in out:
         out["method"] = method_cls.tiny(dict(out["method"]), rule)
-    overrides = out.get("tiny_overrides") or {}
-    if overrides:
-        if not out.get("tiny_reason"):
-            raise ConfigError(f"recipe {out.get('recipe')}: tiny_overrides need a tiny_reason saying why")
-        out = deep_merge(out, overrides)
-    return out
+    return with_tiny_overrides(out)
+
+
+def with_tiny_overrides(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The last step of every tiny rule: a recipe's ``tiny_overrides`` over the result, only with a ``tiny_reason``."""
+    overrides = cfg.get("tiny_overrides") or {}
+    if not overrides:
+        return cfg
+    if not cfg.get("tiny_reason"):
+        raise ConfigError(f"recipe {cfg.get('recipe')}: tiny_overrides need a tiny_reason saying why")
+    return deep_merge(cfg, overrides)
 

@@ -19,20 +19,18 @@ checkpoints hold non-tensor state; resuming from them (a stage started again aft
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
-import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from repro.config import ConfigError
-from repro.io import atomic_torch_save
+from repro.io import atomic_torch_save, own_framework_checkpoints
 from repro.transfer.detect import ap_metrics, coco_stats, encoder_state, trivial_ap
 
 SWIN_CONFIG = "swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py"
@@ -49,21 +47,6 @@ def shipped_config(name: str = SWIN_CONFIG) -> Any:
     if not path.is_file():
         raise ConfigError(f"mmdet's config {name} is not in the installed package ({path}); reinstall mmdet==3.3.0")
     return Config.fromfile(str(path))
-
-
-@contextlib.contextmanager
-def own_checkpoints_unpickled() -> Iterator[None]:
-    """Let torch.load unpickle mmengine's checkpoint objects, for the duration of one load of the stage's own
-    files (torch's weights_only default refuses them)."""
-    old = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"]
-        else:
-            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = old
 
 
 def _scaled(value: Any, k: float) -> Any:
@@ -290,7 +273,7 @@ def run_detect_mmdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
         resume = runner.resume
 
         def resume_own(*args: Any, **kw: Any) -> Any:  # the only load of a file that is not weights-only
-            with own_checkpoints_unpickled():
+            with own_framework_checkpoints():
                 return resume(*args, **kw)
 
         runner.resume = resume_own

@@ -20,12 +20,12 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from repro.config import ConfigError
+from repro.io import own_framework_checkpoints
 
 BACKBONE_INIT = "backbone_init.pth"  # the converted encoder, written by this stage
 CONVERSION = "conversion.json"  # what the conversion did beyond renaming keys
@@ -263,20 +263,6 @@ def build_config(cfg: Mapping[str, Any], out_dir: Path, root: Path, info: Mappin
 # ------------------------------------------------------------------------------------------------ the runner
 
 
-@contextmanager
-def _unpickling_allowed() -> Iterator[None]:
-    """mmengine checkpoints need a full unpickle (torch loads weights_only by default): allowed inside only."""
-    old = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = old
-
-
 def _runner_class() -> type:
     from mmengine.runner import Runner
 
@@ -288,7 +274,7 @@ def _runner_class() -> type:
             path = Path(filename).resolve()
             if Path(self.work_dir).resolve() not in path.parents:
                 raise ConfigError(f"refusing to resume from {filename}: not a checkpoint this stage wrote")
-            with _unpickling_allowed():
+            with own_framework_checkpoints():
                 super().resume(str(path), *args, **kw)
 
     return StageRunner

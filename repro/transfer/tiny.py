@@ -7,9 +7,9 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from repro.config import ConfigError, deep_merge
+from repro.config import deep_merge
 from repro.models.archs import ARCHS
-from repro.scales import TinyRule
+from repro.scales import TinyRule, with_tiny_overrides
 
 # The tiny rule of segment stages (on top of repro.scales' model rule): crops / 16 (512 -> 32 px: the tiny image
 # size, the pretraining's grid, and the embedded images' size, so a test image is one window), iterations / 1600
@@ -48,12 +48,7 @@ def tiny_segment(cfg: Mapping[str, Any]) -> dict[str, Any]:
     t["log_every"] = 10
     t["ckpt_every"] = max(1, o["iters"] // 2)
     out["eval"]["mode"] = "whole"
-    overrides = out.get("tiny_overrides") or {}
-    if overrides:
-        if not out.get("tiny_reason"):
-            raise ConfigError(f"recipe {out.get('recipe')}: tiny_overrides need a tiny_reason saying why")
-        out = deep_merge(out, overrides)
-    return out
+    return with_tiny_overrides(out)
 
 
 def scale_taps(taps: list[int], depth: int, new_depth: int) -> list[int]:
