@@ -145,15 +145,18 @@ register_kind(StageKind(
     measures={"hours": "device_hours", "hours_per_epoch": "device_hours_per_epoch", "knn_curve": "knn_curve",
               "loss_curve": "loss_curve"},
     cli_help="run one pretraining stage",
-    cli_description="Pretrain with a method recipe; writes encoder.pth (timm-loadable) and result.json."))
+    cli_description="Pretrain with a method recipe; writes encoder.pth (timm-loadable) and result.json.",
+    results_version=2))  # 2: augmentation seeded per batch, not per image (repro.data.loader)
 register_kind(StageKind(
     "finetune", "repro.evals.finetune:run_finetune", inherits=("global_pool",), measures={"top1": "top1"},
     cli_help="evaluate an encoder by end-to-end fine-tuning",
-    cli_description="Evaluate an encoder (--init PATH to an encoder.pth, or random) by end-to-end fine-tuning."))
+    cli_description="Evaluate an encoder (--init PATH to an encoder.pth, or random) by end-to-end fine-tuning.",
+    results_version=2))  # 2: augmentation seeded per batch (semi-supervised stages run this recipe kind too)
 register_kind(StageKind(
     "linear", "repro.evals.linear:run_linear", inherits=("feature",), measures={"top1": "linear_top1"},
     cli_help="evaluate an encoder by linear probing",
-    cli_description="Evaluate an encoder (--init PATH to an encoder.pth, or random) by linear probing."))
+    cli_description="Evaluate an encoder (--init PATH to an encoder.pth, or random) by linear probing.",
+    results_version=2))  # 2: augmentation seeded per batch
 register_kind(StageKind(
     "knn", "repro.evals.knn:run_knn", inherits=("feature",),
     measures={"top1": "knn_top1_k200", "top1_k20": "knn_top1_k20"},  # k = 200 unless a table says otherwise

@@ -161,6 +161,19 @@ class SkippingImageFolder(datasets.ImageFolder):
         raise ConfigError(f"{self.root}: 64 images in a row from index {index} fail to decode; check the data set")
 
 
+class InMemoryImageFolder(datasets.ImageFolder):
+    """ImageFolder whose images are decoded once, at construction, and kept in memory: the embedded data sets (a few
+    thousand 32-px images, ~3 KB each decoded), where reading and decoding a file cost as much as augmenting it."""
+
+    def __init__(self, root: str, transform: Callable[[Any], Any] | None = None):
+        super().__init__(root, transform=transform)
+        self.images = [self.loader(path) for path, _ in self.samples]  # the default loader returns RGB, loaded
+
+    def __getitem__(self, index: int) -> Any:
+        img, target = self.images[index], self.targets[index]
+        return (self.transform(img) if self.transform is not None else img), target
+
+
 class INatJson(SkippingImageFolder):
     """iNaturalist in its official json layout: ``<root>/<split><year>.json`` (``images[]``: id, file_name relative
     to the root; ``annotations[]``: image_id, category_id; ``categories[]``). Classes are the category ids in order
@@ -197,8 +210,12 @@ def build_split(data: Mapping[str, Any], split: str, transform: Callable[[Any], 
     ``train_fraction`` (class-stratified)."""
     root = dataset_root(data)
     year = inat_year(data["dataset"])
-    ds = (INatJson(root, split, year, transform) if year is not None
-          else SkippingImageFolder(str(root / split), transform=transform))
+    if year is not None:
+        ds: datasets.ImageFolder = INatJson(root, split, year, transform)
+    elif data["dataset"] in EMBEDDED:
+        ds = InMemoryImageFolder(str(root / split), transform=transform)
+    else:
+        ds = SkippingImageFolder(str(root / split), transform=transform)
     frac = float(data.get("train_fraction", 1.0))
     if split == "train" and frac < 1.0:
         targets = np.asarray(ds.targets)

@@ -1,7 +1,10 @@
-"""Deterministic, resumable data order: a sampler that can start mid-epoch, and per-sample seeded augmentation.
+"""Deterministic, resumable data order: a sampler that can start mid-epoch, and seeded augmentation.
 
-Each sample's random augmentation is seeded by (seed, epoch, index), so the stream of batches is the same whatever
-the number of loader workers, and a run resumed mid-epoch sees exactly the batches an uninterrupted run would.
+A batch's random augmentation is seeded once by (seed, epoch, its first index, its size): a DataLoader fetches a
+whole batch in one worker (``__getitems__``), so the stream of batches is the same whatever the number of loader
+workers, and a run resumed mid-epoch (always at a batch boundary) sees exactly the batches an uninterrupted run
+would. A single item (``ds[i]``) is seeded by (seed, epoch, i). The caller's global RNG streams are left as they
+were, so drop path and the like draw the same numbers with or without loader workers.
 """
 
 from __future__ import annotations
@@ -25,14 +28,21 @@ class SeededDataset(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, idx: int) -> Any:
-        s = np.random.SeedSequence([self.seed, self.epoch, idx]).generate_state(2)
+        return self._seeded([idx], [self.seed, self.epoch, idx])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """A batch, seeded once (the per-item re-seeding cost more than a 32-px image's augmentation)."""
+        return self._seeded(indices, [self.seed, self.epoch, int(indices[0]) if indices else 0, len(indices), 1])
+
+    def _seeded(self, indices: list[int], entropy: list[int]) -> list[Any]:
+        s = np.random.SeedSequence(entropy).generate_state(2)
         py_state, np_state = random.getstate(), np.random.get_state()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(s[0]))
+            torch.default_generator.manual_seed(int(s[0]))
             random.seed(int(s[1]))
             np.random.seed(int(s[1]))
             try:
-                return self.base[idx]
+                return [self.base[i] for i in indices]
             finally:
                 random.setstate(py_state)
                 np.random.set_state(np_state)
