@@ -155,6 +155,30 @@ def test_claims_reference_existing_tables_rows_and_measures() -> None:
         assert "\n" not in str(e.value)
 
 
+def test_signal_aims_parse_and_verdicts() -> None:
+    from repro.report.tables import compare_values
+
+    bar = {"id": "s", "text": "t", "table": "suite/signal", "rows": ["random init", "MAE"], "measure": "lin"}
+    _, (b,) = claims_mod.parse({"signal": [{**bar, "aim": {"std_above": 3}, "if_missed": "why  it\n misses"}]})
+    assert b.aim == ("std_above", 3.0) and b.if_missed == "why it misses"
+    for aim in ({"std_above": "x"}, {"not_worse": 1}, {"above": 3}, {"at_least": 1, "std_above": 2}):
+        with pytest.raises(ConfigError, match="aim"):
+            claims_mod.parse({"signal": [{**bar, "aim": aim}]})
+    with pytest.raises(ConfigError, match="unknown key 'aim'"):  # claims take no aim
+        claims_mod.parse({"claims": [{**bar, "paper": "suite", "paper_direction": "higher", "aim": {"at_least": 1}}]})
+    base, far, near = [20.0, 21.0, 22.0], [30.0, 31.0, 32.0], [21.0, 22.0, 23.0]
+    d_far, d_near = compare_values(base, far), compare_values(base, near)
+    assert claims_mod.aim_met(("std_above", 3), far, d_far)  # +10 = 10 std
+    assert not claims_mod.aim_met(("std_above", 3), near, d_near)  # +1 = 1 std
+    assert claims_mod.aim_met(("at_least", 31), far, None) and not claims_mod.aim_met(("at_least", 31.5), far, None)
+    assert claims_mod.aim_met(("not_worse", 1), near, d_near)  # higher
+    assert claims_mod.aim_met(("not_worse", 1), base, compare_values(near, base))  # -1: within noise
+    assert not claims_mod.aim_met(("not_worse", 1), base, compare_values(far, base))  # -10: resolved below
+    text = claims_mod.aim_text(b, near, d_near)
+    assert text == "; aim (difference > 3 x seed std): **missed**. Why: why it misses"
+    assert claims_mod.aim_text(b, far, d_far) == "; aim (difference > 3 x seed std): **met**"
+
+
 @pytest.mark.parametrize(("direction", "words", "want"), [
     ("higher", ["higher", "higher"], "agrees"), ("higher", ["higher", "lower"], "disagrees"),
     ("higher", ["within noise"], "tiny cannot resolve"), ("higher", ["no verdict"], "tiny cannot resolve"),

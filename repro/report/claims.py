@@ -150,11 +150,41 @@ def signal_lines(runs_root: Path, results: Mapping[str, Any], scale: str = "tiny
             d = compare_values([level, level], vals[0])  # chance: a constant side without spread
             std = summarize(vals[0]).std
             out.append(f"- {bar.text} ({where}): {mean_cell(vals[0], 1)} vs chance {level:.1f}% "
-                       f"({levels[0]} classes): {_in_std(d, std)}")
+                       f"({levels[0]} classes): {_in_std(d, std)}{aim_text(bar, vals[0], d)}")
         else:
             d = compare_values(vals[0], vals[1])
-            out.append(f"- {bar.text} ({where}): {mean_cell(vals[1], 1)} vs {mean_cell(vals[0], 1)}: {_in_std(d)}")
+            out.append(f"- {bar.text} ({where}): {mean_cell(vals[1], 1)} vs {mean_cell(vals[0], 1)}: {_in_std(d)}"
+                       f"{aim_text(bar, vals[1], d)}")
     return out
+
+
+def aim_met(aim: tuple[str, float], head: list[float], d: Any) -> bool | None:
+    """Whether a bar's aim is met by the row's values ``head`` and the difference ``d`` (None: cannot tell)."""
+    from repro.report.tables import RESOLVED
+
+    kind, value = aim
+    if kind == "at_least":
+        return sum(head) / len(head) >= value
+    if d is None:
+        return None
+    if kind == "std_above":
+        return d.pooled_std is not None and d.diff > value * d.pooled_std
+    return d.diff >= 0 or d.word != RESOLVED  # not_worse: not resolved below
+
+
+def aim_text(bar: Claim, head: list[float], d: Any) -> str:
+    """``; aim (>= 60): **met**`` or ``...: **missed**: <why, measured>``; empty without an aim."""
+    if bar.aim is None:
+        return ""
+    kind, value = bar.aim
+    desc = {"at_least": f">= {value:g}", "std_above": f"difference > {value:g} x seed std",
+            "not_worse": "not resolved below"}[kind]
+    met = aim_met(bar.aim, head, d)
+    if met is None:
+        return f"; aim ({desc}): no verdict"
+    if met:
+        return f"; aim ({desc}): **met**"
+    return f"; aim ({desc}): **missed**" + (f". Why: {bar.if_missed}" if bar.if_missed else "")
 
 
 def _in_std(d: Any, std: float | None = None) -> str:

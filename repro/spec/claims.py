@@ -18,6 +18,9 @@ Schema of ``claims.yaml``::
         table: lomar/t2
         rows: [No Pretraining]    # one row: compared with chance (100 / classes); two: the second against the first
         measure: top1
+        aim: {at_least: 60}       # optional, the bar to meet: at_least V (the row's mean), std_above K (the
+                                  # difference > K x the seed std), not_worse: true (not resolved below the first row)
+        if_missed: ...            # optional: why the aim is missed, with the measured numbers (printed when missed)
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from repro.config import ConfigError
 DIRECTIONS = ("higher", "lower", "not lower", "not higher", "similar")
 CLAIM_KEYS = ("id", "paper", "text", "table", "rows", "measure", "paper_direction")
 SIGNAL_KEYS = ("id", "text", "table", "rows", "measure")
+SIGNAL_OPTIONAL = ("aim", "if_missed")
+AIMS = ("at_least", "std_above", "not_worse")
 CLAIMS_FILE = "claims.yaml"
 
 
@@ -47,6 +52,8 @@ class Claim:
     measure: str
     paper: str = ""
     paper_direction: str = ""
+    aim: tuple[str, float] | None = None  # signal bars: (one of AIMS, its value)
+    if_missed: str = ""
 
 
 def claims_path() -> Path:
@@ -55,10 +62,21 @@ def claims_path() -> Path:
     return spec_root() / CLAIMS_FILE
 
 
+def _aim(raw: Any, where: str) -> tuple[str, float] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or len(raw) != 1 or next(iter(raw)) not in AIMS:
+        raise ConfigError(f"{where}: 'aim' must be one of {{at_least: V}}, {{std_above: K}}, {{not_worse: true}}")
+    (kind, value), = raw.items()
+    if isinstance(value, bool) != (kind == "not_worse") or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: aim {kind} needs {'true' if kind == 'not_worse' else 'a number'}")
+    return str(kind), float(value)
+
+
 def _entry(raw: Any, keys: tuple[str, ...], where: str, specs: Mapping[str, Any], signal: bool) -> Claim:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    bad = [k for k in raw if k not in keys]
+    bad = [k for k in raw if k not in keys + (SIGNAL_OPTIONAL if signal else ())]
     missing = [k for k in keys if raw.get(k) in (None, "", [])]
     if bad:
         raise ConfigError(f"{where}: unknown key '{bad[0]}'; valid keys: {', '.join(keys)}")
@@ -88,7 +106,8 @@ def _entry(raw: Any, keys: tuple[str, ...], where: str, specs: Mapping[str, Any]
             raise ConfigError(f"{where}: paper_direction must be one of {', '.join(DIRECTIONS)}")
     return Claim(id=str(raw["id"]), text=str(raw["text"]), table=spec.id, rows=tuple(rows),
                  measure=str(raw["measure"]), paper=str(raw.get("paper", "")),
-                 paper_direction=str(raw.get("paper_direction", "")))
+                 paper_direction=str(raw.get("paper_direction", "")), aim=_aim(raw.get("aim"), where),
+                 if_missed=" ".join(str(raw.get("if_missed") or "").split()))
 
 
 def parse(data: Any, where: str = CLAIMS_FILE) -> tuple[list[Claim], list[Claim]]:
