@@ -61,6 +61,9 @@ def _run_opts(p: argparse.ArgumentParser) -> None:
     g.add_argument("--detach", action="store_true",
                    help="with --cluster: return after submitting (follow with `repro status`, stop with "
                         "`repro cancel`)")
+    g.add_argument("--device", metavar="NAME",
+                   help="with --cluster: derive each stage's --time from the stored profiles of this device, as "
+                        "`repro plan --device` (default: the GPU set that covers most paper-scale pretraining stages)")
 
 
 def chain_kinds() -> tuple[str, ...]:

@@ -25,7 +25,8 @@ HEAVY = ("torch", "timm", "torchvision")
 # The planning layer (show, plan, tables, report): repro.spec, repro.report and repro.methods.specs with every module
 # below them.
 PLANNING = ["repro.config", "repro.errors", "repro.kinds", "repro.resolve", "repro.scales", "repro.pipeline.plan",
-            "repro.pipeline.stage", "repro.methods.registry", "repro.models.archs"]
+            "repro.pipeline.stage", "repro.methods.registry", "repro.models.archs", "repro.profile.projection",
+            "repro.pipeline.slurm_resources"]
 PLANNING_PACKAGES = ["repro.spec", "repro.report", "repro.methods.specs"]
 LAYER_RULES = {  # importer package -> packages it must never import
     "repro.models": ("repro.methods",),

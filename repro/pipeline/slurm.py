@@ -30,7 +30,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,8 @@ from repro.pipeline.slurm_resources import (
     RES_RULES,
     Profile,
     Resources,
+    TimeLimit,
+    TimePlan,
     check_resources,
     fit_to_profile,
     list_profiles,
@@ -112,8 +114,11 @@ class SlurmExecutor:
 
     def __init__(self, profile: Profile, log_root: Path | None = None, res_overrides: Mapping[str, Any] | None = None,
                  dry_run: bool = False, wait: bool = True, poll_s: float = 3.0, out: Any = None,
-                 tables: Mapping[str, Iterable[Stage]] | None = None):
+                 tables: Mapping[str, Iterable[Stage]] | None = None, device: str | None = None):
         self.profile = profile
+        self.device = device  # the profile set that projects each stage's --time (--device; see TimePlan)
+        self.times: dict[str, TimeLimit] = {}  # stage key -> its --time and the rule that set it
+        self.time_plan = TimePlan(profile)
         self.tables = tables  # table id -> its stages: per-table counts in the progress lines
         self.log_root = log_root
         self.res_overrides = dict(res_overrides or {})
@@ -132,16 +137,24 @@ class SlurmExecutor:
         for s in todo:
             level[s.key] = 1 + max((level[d.key] for d in s.deps.values() if d.key in todo_keys), default=-1)
         groups: dict[tuple[Any, ...], Group] = {}
+        self.time_plan = TimePlan.for_stages(order, self.profile, self.device)  # one profile set for the whole plan
         for s in todo:
             res = stage_resources(s, self.res_overrides, self.profile)
+            self.times[s.key] = self.time_plan.limit(s, res, self.res_overrides)
+            res = replace(res, time_min=self.times[s.key].minutes)
             check_resources(res, self.profile, f"stage {s.name}")
             if "optim" in s.cfg:
                 from repro.resolve import accumulation
 
                 accumulation(s.cfg, res.world_size)
             deps = sorted((d for d in s.deps.values() if d.key in todo_keys), key=lambda d: d.key)
-            gk = (level[s.key], tuple(sorted(asdict(res).items())), tuple(d.key for d in deps))
-            groups.setdefault(gk, Group([], res, deps)).stages.append(s)
+            # an array asks for its longest stage's time
+            gk = (level[s.key], tuple(sorted((k, v) for k, v in asdict(res).items() if k != "time_min")),
+                  tuple(d.key for d in deps))
+            g = groups.setdefault(gk, Group([], res, deps))
+            g.stages.append(s)
+            if (res.time_min or 0) > (g.res.time_min or 0):
+                g.res = res
         done = [s for s in order if s.key not in todo_keys]
         return sorted(groups.values(), key=lambda g: level[g.stages[0].key]), done
 
@@ -171,12 +184,13 @@ class SlurmExecutor:
         check_writable(runs_root, "run root")  # the partition is not checked: a dry run may be made off the cluster
         folder = self._log_root(runs_root)
         lines = [f"# cluster '{self.profile.name}': {len(groups)} job(s) for "
-                 f"{sum(len(g.stages) for g in groups)} stage(s); {len(done)} stage(s) done already"]
+                 f"{sum(len(g.stages) for g in groups)} stage(s); {len(done)} stage(s) done already",
+                 *(f"# {line}" for line in self.time_plan.describe().splitlines())]
         ref = {s.key: f"$JOB_{i}" + (f"_{j}" if len(g.stages) > 1 else "")  # an array task: <array>_<index>
                for i, g in enumerate(groups, 1) for j, s in enumerate(g.stages)}
         for i, g in enumerate(groups, 1):
             lines.append(f"\n# ---- JOB_{i}: {len(g.stages)} stage(s), world size {g.res.world_size}")
-            lines += [f"#   {s.name} {s.label} -> {s.dir(runs_root)}" for s in g.stages]
+            lines += [f"#   {s.name} {s.label} -> {s.dir(runs_root)}; {self.times[s.key]}" for s in g.stages]
             dep = "afterok:" + ":".join(ref[d.key] for d in g.deps) if g.deps else None
             lines.append(self.script(folder, g, dep, runs_root).rstrip())
         return "\n".join(lines)
@@ -232,7 +246,7 @@ class SlurmExecutor:
                 atomic_write_json(spec.parent / SLURM_FILE, {
                     "job_id": jid, "jobs": [*earlier, jid], "cluster": self.profile.name, "submitted": time.time(),
                     "stdout": str(stdout), "stderr": str(stderr), "restarts": 0, "dependency": dep_ids,
-                    "resources": asdict(g.res)})
+                    "resources": asdict(g.res), "time_rule": str(self.times[s.key])})
                 record.append({"stage": s.name, "dir": str(spec.parent), "job_id": jid})
                 after = f" after {','.join(dep_ids)}" if dep_ids else ""
                 print(f"  {s.name} {s.label}: job {jid}{after} (log: {stderr})", file=self.out, flush=True)
@@ -318,7 +332,7 @@ def make_executor(args: Any, tables: Mapping[str, Iterable[Stage]] | None = None
     cluster = getattr(args, "cluster", None)
     if not cluster:
         given = [o for o, a in (("--dry-run", "dry_run"), ("--detach", "detach"), ("--res", "res"),
-                                ("--log-dir", "log_dir")) if getattr(args, a, None)]
+                                ("--log-dir", "log_dir"), ("--device", "device")) if getattr(args, a, None)]
         if given:
             raise ConfigError(f"{given[0]} is for Slurm; it needs --cluster NAME (known: {', '.join(list_profiles())})")
         jobs = getattr(args, "jobs", 1)
@@ -330,7 +344,7 @@ def make_executor(args: Any, tables: Mapping[str, Iterable[Stage]] | None = None
     log_root = log_root or prof.log_root
     res = parse_res_overrides(getattr(args, "res", None) or [])
     return SlurmExecutor(prof, Path(log_root) if log_root else None, res, dry_run=getattr(args, "dry_run", False),
-                         wait=not getattr(args, "detach", False), tables=tables)
+                         wait=not getattr(args, "detach", False), tables=tables, device=getattr(args, "device", None))
 
 
 def runs_root_for(args: Any, default: Path) -> Path:

@@ -1,9 +1,16 @@
 """Cluster profiles (``slurm/clusters/<name>.yaml``: what one node has, where jobs go) and the resources of a stage
 (``slurm/resources.yaml`` per scale, refined per recipe, fitted to a profile, ``--res`` on top), checked against the
-profile and turned into sbatch parameters. Planning only: no scheduler is asked anything here."""
+profile and turned into sbatch parameters. Planning only: no scheduler is asked anything here, and no torch.
+
+A stage's ``--time`` (``TimePlan.limit``): ``--res time_min``, else the time its kind or recipe entry states, else its
+projected wall time (``repro.profile.projection``: the stored device-hours of its configuration on the one profile set
+chosen for the whole submission, divided by its GPUs) x the profile's ``time_margin`` + ``time_startup_min``, else
+the scale's default; always capped by the profile's ``max_time_min`` (a longer stage requeues itself at the limit).
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +22,7 @@ import yaml
 from repro.config import ConfigError, Rule, parse_value, short
 from repro.pipeline.sbatch import safe_text
 from repro.pipeline.stage import Stage
+from repro.profile.projection import Projector, projector
 
 
 def slurm_dir() -> Path:
@@ -39,6 +47,8 @@ class Profile:
     mem_per_cpu_gb: float | None = None
     max_nodes: int = 1
     max_time_min: int = 60
+    time_margin: float = 1.25  # a projected wall time is multiplied by this ...
+    time_startup_min: int = 15  # ... and this is added (start-up: environment, data, compilation, resume)
     signal_delay_s: int = 120
     array_parallelism: int = 8
     max_requeues: int = 20
@@ -65,7 +75,7 @@ def load_profile(name: str) -> Profile:
         raise ConfigError(f"cluster profile {path}: unknown key(s) {', '.join(bad)}; valid: {', '.join(sorted(known))}")
     prof = Profile(name=path.stem, **{k: v for k, v in data.items() if v is not None or k in ("setup",)})
     for k in ("gpus_per_node", "cpus_per_node", "max_nodes", "max_time_min", "signal_delay_s", "array_parallelism",
-              "max_requeues"):
+              "max_requeues", "time_startup_min"):
         v = getattr(prof, k)
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ConfigError(f"cluster profile {path}: {k} must be a non-negative integer, not {v!r}")
@@ -77,6 +87,9 @@ def load_profile(name: str) -> Profile:
         v = getattr(prof, k)
         if v is not None and not Rule(float, lo=0, lo_open=True).ok(v):
             raise ConfigError(f"cluster profile {path}: {k} must be a positive number, not {short(v)}")
+    if not Rule(float, lo=1.0, hi=100.0).ok(prof.time_margin):
+        raise ConfigError(f"cluster profile {path}: time_margin must be a number in [1, 100], not "
+                          f"{short(prof.time_margin)}")
     if not isinstance(prof.setup, list):
         raise ConfigError(f"cluster profile {path}: setup must be a list of shell lines")
     for line in prof.setup:
@@ -141,20 +154,32 @@ def fit_to_profile(res: Mapping[str, Any], prof: Profile) -> dict[str, Any]:
     return out
 
 
-def stage_resources(stage: Stage, overrides: Mapping[str, Any] | None = None,
-                    profile: Profile | None = None) -> Resources:
-    """Resources of one stage: ``slurm/resources.yaml`` at the stage's scale, its kind's own needs
-    (``StageKind.resources``, at paper scale), its recipe's entry (fitted to ``profile`` when one is given), then
-    ``--res`` (never fitted: check_resources refuses what the profile lacks)."""
+def _layers(stage: Stage) -> list[tuple[str, dict[str, Any]]]:
+    """(where, entries) of each source of a stage's resources, later over earlier: ``slurm/resources.yaml`` at the
+    stage's scale, its kind's own needs (``StageKind.resources``, at paper scale), its recipe's entry."""
     from repro.kinds import KINDS
 
     table = yaml.safe_load((slurm_dir() / "resources.yaml").read_text())
     scale = stage.cfg.get("scale", "paper")
     base = dict(table.get(scale) or {})
     per_recipe = base.pop("recipes", None) or {}
+    out = [(f"slurm/resources.yaml {scale} default", base)]
     if scale == "paper" and stage.kind in KINDS:
-        base.update(KINDS[stage.kind].resources)
-    base.update(per_recipe.get(f"{stage.kind}/{stage.cfg.get('recipe')}", {}))
+        out.append((f"stage kind {stage.kind}", dict(KINDS[stage.kind].resources)))
+    name = f"{stage.kind}/{stage.cfg.get('recipe')}"
+    out.append((f"slurm/resources.yaml {name}", dict(per_recipe.get(name) or {})))
+    return out
+
+
+def stage_resources(stage: Stage, overrides: Mapping[str, Any] | None = None,
+                    profile: Profile | None = None) -> Resources:
+    """Resources of one stage: ``slurm/resources.yaml`` at the stage's scale, its kind's own needs
+    (``StageKind.resources``, at paper scale), its recipe's entry (fitted to ``profile`` when one is given), then
+    ``--res`` (never fitted: check_resources refuses what the profile lacks). ``time_min`` here is the stated one
+    (None: none); ``TimePlan.limit`` gives the one submitted."""
+    base: dict[str, Any] = {}
+    for _, entries in _layers(stage):
+        base.update(entries)
     bad = sorted(set(base) - set(RES_KEYS))
     if bad:
         raise ConfigError(f"slurm/resources.yaml: unknown key(s) {', '.join(bad)}; valid: {', '.join(RES_KEYS)}")
@@ -216,3 +241,88 @@ def slurm_params(res: Resources, prof: Profile, name: str) -> dict[str, Any]:
     return p
 
 
+@dataclass(frozen=True)
+class TimeLimit:
+    """A stage's ``--time`` in minutes and the rule that set it (what a dry run prints)."""
+
+    minutes: int
+    rule: str
+
+    def __str__(self) -> str:
+        return f"time {self.minutes} min = {self.rule}"
+
+
+@dataclass
+class TimePlan:
+    """How the stages of one submission get their ``--time``: from one profile set for all of them (``projector``;
+    None: nothing to project), chosen as ``repro plan`` chooses it (``choose_set``, ``--device``)."""
+
+    profile: Profile
+    projector: Projector | None = None
+    sets: list[str] = field(default_factory=list)
+
+    @classmethod
+    def for_stages(cls, stages: Iterable[Stage], profile: Profile, device: str | None = None) -> TimePlan:
+        """The plan's one profile set: the one ``device`` names (refused when it names none or several devices),
+        else the GPU set (on a cluster with GPUs) that covers most of its paper-scale pretraining stages. No set is
+        read when there are none and no device is named."""
+        cfgs = [s.cfg for s in stages if s.kind == "pretrain" and s.cfg.get("scale") == "paper"]
+        if not cfgs and not device:
+            return cls(profile)
+        proj, sets = projector(cfgs, device, gpu=profile.gpus_per_node > 0)
+        return cls(profile, proj, sets)
+
+    def describe(self) -> str:
+        """The dry run's lines on time limits: the rule (margin, start-up, cap) and the projection's device."""
+        p = self.profile
+        rule = (f"stage time = projected wall time x {p.time_margin:g} + {p.time_startup_min} min start-up, at most "
+                f"{p.max_time_min} min (cluster '{p.name}')")
+        if self.projector is None:
+            return rule
+        out = f"{rule}\n{self.projector.describe(self.sets)}"
+        dev = self.projector.device
+        if p.gpu_type and dev and p.gpu_type.lower() not in dev.lower():
+            out += f"\nnote: cluster '{p.name}' asks for {p.gpu_type} GPUs; the projection is from {dev}"
+        return out
+
+    def projected(self, stage: Stage, res: Resources) -> tuple[int | None, str]:
+        """(minutes before the cap, how) from the projection, or (None, why there is none)."""
+        proj = self.projector
+        if proj is None or proj.set_name is None:
+            return None, "no stored profiles: run `repro profile` on the GPU"
+        hours = proj(stage.cfg)
+        if hours is None:
+            return None, "no stored profile covers this stage"
+        gpus = res.nodes * res.gpus_per_node
+        if not gpus:
+            return None, "a CPU-only stage: projections are per GPU"
+        if not proj.on_gpu:
+            return None, f"the projection's device {proj.device} is not a GPU"
+        wall_h = hours / gpus
+        p = self.profile
+        minutes = math.ceil(wall_h * 60 * p.time_margin + p.time_startup_min)
+        return minutes, (f"projected {wall_h:.1f} h on {proj.device} x {gpus} GPUs x {p.time_margin:g} "
+                         f"+ {p.time_startup_min} min start-up")
+
+    def limit(self, stage: Stage, res: Resources, overrides: Mapping[str, Any] | None = None) -> TimeLimit:
+        """The ``--time`` of ``stage`` asking for ``res``: ``--res time_min`` (checked, not capped), else the time
+        its kind or recipe states, else its projection, else the scale's default, else the cluster cap; each
+        capped by the profile's ``max_time_min``."""
+        cap = self.profile.max_time_min
+        capped = f"cluster cap of '{self.profile.name}'"
+        if overrides and overrides.get("time_min") is not None:
+            return TimeLimit(int(overrides["time_min"]), "--res time_min")
+        layers = _layers(stage)
+        stated = [(where, int(e["time_min"])) for where, e in layers if e.get("time_min") is not None]
+        if stated and stated[-1][0] != layers[0][0]:  # the kind's or the recipe's own time
+            where, t = stated[-1]
+            return TimeLimit(t, where) if t <= cap else TimeLimit(cap, f"{capped} ({where}: {t} min)")
+        minutes, how = self.projected(stage, res)
+        if minutes is not None:
+            if minutes <= cap:
+                return TimeLimit(minutes, how)
+            return TimeLimit(cap, f"{capped} ({how} = {minutes} min; the stage requeues itself at the limit)")
+        if stated:
+            where, t = stated[-1]
+            return TimeLimit(min(t, cap), where if t <= cap else f"{capped} ({where}: {t} min)")
+        return TimeLimit(cap, f"{capped} ({how})")

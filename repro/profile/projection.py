@@ -4,10 +4,15 @@
 one measured step cost per cost key in each *profile set*: one device (CPU model / GPU name), one precision and one
 mode of the engine's speed switches (eager / compiled, fused AdamW or not), so a GPU measurement never replaces a
 CPU one and an eager one never replaces a compiled one. A projection uses one set only (``--device``), never a mix.
+
+
+Pure arithmetic, no torch (planning imports it): the dataset sizes, the cost key of a configuration and the
+projection of a measured time per image to a schedule live here; ``repro.profile.bench`` re-exports them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -17,12 +22,48 @@ from typing import Any
 
 from repro.config import ConfigError
 from repro.io import atomic_write_json
-from repro.profile.bench import cost_key, project, train_images
 
 PROFILES = Path("tables") / "efficiency" / "profiles.json"
 FORMAT = 2
 # GPU classes the papers' timings were taken on (LoMaR: A100; LocalMIM, ExtreMA: V100): preferred by default.
 PAPER_GPUS = ("A100", "V100")
+# Training images per epoch of each dataset, as the papers use them.
+DATASET_SIZES = {
+    "imagenet1k": 1_281_167,   # ILSVRC-2012 train
+    "imagenet22k": 14_197_122,  # full ImageNet-21K/22K (ExtreMA Table 3: "about 10 times larger")
+    "inat2018": 437_513,       # iNaturalist 2018 train
+    "inat2019": 265_213,       # iNaturalist 2019 train
+}
+
+
+def cost_key(cfg: Mapping[str, Any]) -> str:
+    """What a step's cost depends on: the method section, the model and the resolution (not epochs, data, lr)."""
+    from repro.methods.registry import get_spec
+
+    free = get_spec(cfg["method"]["name"]).cost_free
+    method = {k: v for k, v in cfg["method"].items() if k not in free}
+    key = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def train_images(cfg: Mapping[str, Any]) -> int:
+    """Training images per epoch of the config's dataset (the paper's, at paper scale)."""
+    data = cfg["data"]
+    name = data["dataset"]
+    if name not in DATASET_SIZES:
+        raise ConfigError(f"no known size for data.dataset={name}; profile a paper-scale recipe "
+                          f"({', '.join(DATASET_SIZES)})")
+    return int(round(DATASET_SIZES[name] * float(data.get("train_fraction", 1.0))))
+
+
+def project(s_per_image: float, images_per_epoch: int, epochs: float, devices: int = 1) -> dict[str, float]:
+    """Time per epoch (wall, on ``devices`` devices that each reach the measured per-image time) and the total
+    device-hours (wall x devices, so independent of ``devices`` under perfect scaling)."""
+    if s_per_image <= 0 or images_per_epoch <= 0 or epochs <= 0 or devices <= 0:
+        raise ValueError("projection needs positive time per image, images, epochs and devices")
+    epoch_s = s_per_image * images_per_epoch / devices
+    return {"epoch_hours": epoch_s / 3600.0, "device_hours_per_epoch": epoch_s * devices / 3600.0,
+            "total_wall_hours": epoch_s * epochs / 3600.0, "total_device_hours": epoch_s * epochs * devices / 3600.0}
 
 
 def repo_root() -> Path:
@@ -51,6 +92,14 @@ def profile_set(prof: Mapping[str, Any]) -> str:
 
 def set_device(set_name: str) -> str:
     return set_name.split(" | ", 1)[0]
+
+
+def set_on_gpu(set_name: str, profiles: Mapping[str, Any]) -> bool:
+    """Whether a set was measured on a GPU: its profiles' ``device_type``, else its name (``CPU ...`` is not)."""
+    types = {p.get("device_type") for p in profiles.values() if isinstance(p, Mapping)} - {None}
+    if types:
+        return types != {"cpu"}
+    return not set_device(set_name).upper().startswith("CPU")
 
 
 def load_profiles(path: Path | None = None) -> dict[str, dict[str, Any]]:
@@ -146,6 +195,16 @@ class Projector:
             return None
         return project(prof["s_per_image"], images, float(stage_cfg["optim"]["epochs"]))["total_device_hours"]
 
+    @property
+    def device(self) -> str | None:
+        """The set's device (``NVIDIA H200``, ``CPU (...)``); None when nothing is stored."""
+        return set_device(self.set_name) if self.set_name else None
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether the set was measured on a GPU (``set_on_gpu``)."""
+        return self.set_name is not None and set_on_gpu(self.set_name, self.profiles)
+
     def describe(self, all_sets: Iterable[str] = ()) -> str:
         if self.set_name is None:
             return "projection: no stored profiles (run `repro profile`)"
@@ -155,10 +214,12 @@ class Projector:
 
 
 def projector(cfgs: Iterable[Mapping[str, Any]] = (), device: str | None = None,
-              path: Path | None = None) -> tuple[Projector, list[str]]:
-    """The projector for a plan's pretraining configs (see ``choose_set``) and every stored set's name."""
+              path: Path | None = None, gpu: bool = False) -> tuple[Projector, list[str]]:
+    """The projector for a plan's pretraining configs (see ``choose_set``) and every stored set's name. ``gpu``:
+    without ``device``, only sets measured on a GPU are candidates (a Slurm submission to GPU nodes)."""
     sets = load_profiles(path)
-    name = choose_set(sets, cfgs, device)
+    pool = {n: v for n, v in sets.items() if set_on_gpu(n, v)} if gpu and not device else sets
+    name = choose_set(pool, cfgs, device)
     return Projector(name, sets.get(name, {}) if name else {}), list(sets)
 
 
