@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random: also evaluate a randomly initialised encoder with the same budget")
     p.add_argument("--evals", help=f"comma-separated subset of {','.join(chain_kinds())}")
 
-    tables_help = ("table ids (e.g. lomar/t2 localmim/t4a), paper names (lomar, localmim, extrema) or `all`; "
-                   "`repro tables` lists them")
+    tables_help = ("table ids (e.g. lomar/t2 localmim/t4a), paper names (lomar, localmim, extrema), `claims` (only "
+                   "the rows the signal bars and the papers' headline claims rest on, repro/spec/claims.yaml: the "
+                   "quickest run that fills RESULTS.md's verdicts) or `all`; `repro tables` lists them")
     p = sub.add_parser("tables", help="list the paper tables and figures the suite reproduces",
                        description="List every table / figure spec: id, caption, rows (trainable / reported-only / "
                                    "pending).")

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from repro.config import ConfigError
+from repro.kinds import KINDS
 from repro.report import claims as claims_mod
 from repro.report.claims import Comparison, outcome
 from repro.report.tables import manifest, manifest_path, render_all
@@ -27,7 +28,7 @@ def _result(runs: Path, name: str, top1: float, seed: int, kind: str = "finetune
     r = {"status": "done", "kind": kind, "scale": "tiny", "key": name, "inputs": {}, "substitutes": [],
          "config": {"seed": seed, "kind": kind, "data": {"num_classes": 10, "dataset": "synthetic"}},
          "metrics": {metric: top1}, "accounting": {"device_hours": 0.001},
-         "provenance": {"results_version": {kind: 1}, "commit": "0" * 40}}
+         "provenance": {"results_version": {kind: KINDS[kind].results_version}, "commit": "0" * 40}}
     (d / "result.json").write_text(json.dumps(r))
     return str(d)
 

@@ -138,6 +138,7 @@ class RowPlan:
 class TablePlan:
     spec: Any  # repro.spec.schema.TableSpec
     rows: list[RowPlan]
+    partial: bool = False  # only some of the spec's rows (the `claims` selector): a run merges them into the manifest
 
     @property
     def stages(self) -> list[Stage]:
@@ -278,18 +279,26 @@ def seeded_row_plan(spec: Any, row: Any, scale: str, overrides: Mapping[str, Any
 
 def plan_tables(ids: Iterable[str], scale: str, overrides: Iterable[str] | Mapping[str, Any] = (),
                 data_paths: Mapping[str, str] | None = None, seeds: int | None = None) -> list[TablePlan]:
-    """The tables named by ``ids`` (table ids, paper names or ``all``) expanded into stages at ``scale``. Rows that
-    resolve to the same configuration share the same stage (same content hash). ``overrides`` apply after the scale
-    to every stage that has the key; ``data_paths`` give real datasets' roots by name; ``seeds``: seeds per
-    trainable row (None: ``default_seeds``)."""
+    """The tables named by ``ids`` (table ids, paper names, ``claims`` or ``all``) expanded into stages at ``scale``.
+    ``claims`` plans only the rows a signal bar or claim of repro/spec/claims.yaml rests on (unless another id names
+    the whole table). Rows that resolve to the same configuration share the same stage (same content hash).
+    ``overrides`` apply after the scale to every stage that has the key; ``data_paths`` give real datasets' roots by
+    name; ``seeds``: seeds per trainable row (None: ``default_seeds``)."""
     from repro.resolve import nested
-    from repro.spec import select
+    from repro.spec import CLAIMS, select
+    from repro.spec.claims import claim_rows
 
+    ids = list(ids)
+    whole = {s.id for s in select([i for i in ids if i != CLAIMS])}
+    keep = claim_rows() if CLAIMS in ids else set()
     ov = nested(overrides)
-    return [TablePlan(spec, [seeded_row_plan(spec, row, scale, ov,
-                                             default_seeds(spec, row, scale) if seeds is None else seeds, data_paths)
-                             for row in spec.rows])
-            for spec in select(list(ids))]
+    out = []
+    for spec in select(ids):
+        rows = [r for r in spec.rows if spec.id in whole or (spec.id, r.label) in keep]
+        out.append(TablePlan(spec, [seeded_row_plan(spec, row, scale, ov, default_seeds(spec, row, scale)
+                                                    if seeds is None else seeds, data_paths) for row in rows],
+                             partial=len(rows) < len(spec.rows)))
+    return out
 
 
 def all_stages(plans: Iterable[TablePlan]) -> list[Stage]:

@@ -92,8 +92,15 @@ def manifest(tp: TablePlan, runs_root: Path, scale: str, overrides: Iterable[str
 
 
 def write_manifests(plans: Iterable[TablePlan], runs_root: Path, scale: str, overrides: Iterable[str] = ()) -> None:
+    """One manifest per table; a partial plan (some rows only) replaces its rows in the manifest there is (same
+    overrides) and keeps the others, in the spec's row order."""
     for tp in plans:
-        atomic_write_json(manifest_path(runs_root, scale, tp.spec.id), manifest(tp, runs_root, scale, overrides))
+        m = manifest(tp, runs_root, scale, overrides)
+        old = read_manifest(runs_root, scale, tp.spec.id) if getattr(tp, "partial", False) else None
+        if old is not None and old.get("overrides") == m["overrides"]:
+            rows = {r.get("label"): r for r in old["rows"]} | {r["label"]: r for r in m["rows"]}
+            m["rows"] = [rows[r.label] for r in tp.spec.rows if r.label in rows]
+        atomic_write_json(manifest_path(runs_root, scale, tp.spec.id), m)
 
 
 def stage_lists(entry: Mapping[str, Any]) -> dict[str, list[str]]:

@@ -58,18 +58,27 @@ def get_spec(table_id: str) -> TableSpec:
     return specs[table_id]
 
 
+CLAIMS = "claims"  # the selector of the tables a signal bar or a claim rests on (their rows only: repro.pipeline.plan)
+
+
 def select(ids: list[str]) -> list[TableSpec]:
-    """Specs named by ``ids``: table ids, paper names (``lomar``: all its tables) or ``all``; order kept, no repeats."""
+    """Specs named by ``ids``: table ids, paper names (``lomar``: all its tables), ``claims`` (the tables of
+    repro/spec/claims.yaml, signal bars first) or ``all``; order kept, no repeats."""
     specs = load_specs()
     out: dict[str, TableSpec] = {}
     for name in ids:
         if name == "all":
             out.update(specs)
+        elif name == CLAIMS:
+            from repro.spec.claims import load as load_claims
+
+            claims, signal = load_claims()
+            out.update({c.table: specs[c.table] for c in (*signal, *claims)})
         elif name in PAPERS:
             out.update({k: s for k, s in specs.items() if s.paper == name})
         elif name in specs:
             out[name] = specs[name]
         else:
-            raise ConfigError(f"unknown table '{name}'; use all, a paper ({', '.join(PAPERS)}) or an id: "
+            raise ConfigError(f"unknown table '{name}'; use all, claims, a paper ({', '.join(PAPERS)}) or an id: "
                               f"{', '.join(specs)}")
     return list(out.values())
