@@ -280,6 +280,7 @@ RULES: dict[str, Rule] = {
     "data.synthetic_train": POS_INT, "data.synthetic_val": POS_INT, "data.synthetic_classes": Rule(int, 2, 1000),
     "data.crop_scale": Rule(list, item=PROB, length=2, ordered=True),
     "data.hflip": PROB,
+    "data.decode": Rule(str, choices=("cpu", "device")),
     "model.arch": TEXT,  # the valid names come from repro.models (checked in resolve.validate)
     "model.patch_size": Rule(int, 1, 256),
     "model.embed_dim": Rule(int, lo=1, nullable=True), "model.depth": Rule(int, lo=1, nullable=True),
@@ -296,6 +297,7 @@ RULES: dict[str, Rule] = {
     "train.precision": Rule(str, choices=("auto", "fp32", "bf16", "fp16")),
     "train.log_every": POS_INT, "train.keep_every": NAT, "train.max_steps": Rule(int, lo=1, nullable=True),
     "train.compile": Rule(bool, nullable=True), "train.fused_optim": Rule(bool, nullable=True),
+    "train.fused_attn": Rule(bool, nullable=True), "train.sync_free": Rule(bool, nullable=True),
     "train.knn_every": NAT, "train.grad_norms": Rule(bool),
     "optim.name": Rule(str, choices=("adamw", "lars", "sgd")),
     "optim.epochs": POS_INT, "optim.warmup_epochs": NONNEG, "optim.batch_size": POS_INT,

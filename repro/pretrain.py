@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from repro.data.datasets import build_split, crop_flip_transform, eval_transform
+from repro.data.device_input import train_split
 from repro.engine.dist import setup
 from repro.engine.hooks import EpochEval
 from repro.engine.pretrain import export_encoder
@@ -46,8 +47,11 @@ def step_flops_per_image(method: Any, train: Any, device: torch.device) -> float
 
     try:
         batch = default_collate([train[0]])
-        batch = [b.to(device) if isinstance(b, torch.Tensor) else
-                 type(b)(x.to(device) for x in b) if isinstance(b, (list, tuple)) else b for b in batch]
+        if hasattr(train, "to_device"):  # data.decode=device: the batch is finished on the device
+            batch = train.to_device(batch, device)
+        else:
+            batch = [b.to(device) if isinstance(b, torch.Tensor) else
+                     type(b)(x.to(device) for x in b) if isinstance(b, (list, tuple)) else b for b in batch]
         method.train()
         return flops_per_image(method, batch, torch.Generator(device=device).manual_seed(0))["total"]
     except Exception:  # noqa: BLE001 - accounting must never fail a finished stage
@@ -58,7 +62,7 @@ def run_pretrain(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     env = setup()
     method = get_method(cfg["method"]["name"])(cfg)
     tf = method.train_transform() or crop_flip_transform(cfg["data"])
-    train = build_split(cfg["data"], "train", tf, seed=cfg["seed"])
+    train = train_split(cfg["data"], tf, seed=cfg["seed"])  # data.decode: cpu (build_split) or device
     every = cfg["train"].get("knn_every") or 0
     hooks = [EpochEval(knn_curve(method, cfg, env.device, every))] if every else []
     acct = fit(method, train, cfg, out_dir, desc=f"pretrain {method.name}", env=env, hooks=hooks)

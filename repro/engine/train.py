@@ -65,8 +65,23 @@ def base_lr(optim: Mapping[str, Any]) -> float:
 
 
 def auto_switch(value: bool | None, device: torch.device) -> bool:
-    """A speed switch of ``train`` (``compile``, ``fused_optim``): None means on for CUDA, off elsewhere."""
+    """A speed switch of ``train`` (``compile``, ``fused_optim``, ``sync_free``): None means on for CUDA, off
+    elsewhere."""
     return device.type == "cuda" if value is None else bool(value)
+
+
+def apply_fused_attn(task: nn.Module, value: bool | None, device: torch.device) -> bool | None:
+    """The ``train.fused_attn`` switch on ``task``: True / False run every attention layer through SDPA / the explicit
+    softmax(QK^T)V (``repro.models.vit.set_fused_attn``); None is True for CUDA (timm's Swin window attention
+    included, which timm leaves explicit) and elsewhere leaves each layer as built (SDPA, except timm's Swin window
+    attention: the CPU keeps its kernels). Returns the value set, None where nothing was."""
+    if value is None and device.type != "cuda":
+        return None
+    from repro.models.vit import set_fused_attn
+
+    on = auto_switch(value, device)
+    set_fused_attn(task, on)
+    return on
 
 
 def compile_blocks(task: nn.Module, backend: str = "inductor") -> int:
@@ -212,6 +227,7 @@ class Trainer:
         self.gen.manual_seed(seed * 7919 + env.rank)
 
         task.to(env.device)
+        apply_fused_attn(task, tcfg.get("fused_attn"), env.device)
         if auto_switch(tcfg.get("compile"), env.device):
             compile_blocks(task)
         self.model: nn.Module = task
@@ -224,6 +240,9 @@ class Trainer:
                                          fused=auto_switch(tcfg.get("fused_optim"), env.device))
 
         self.data = SeededDataset(train_set, seed)
+        # A data set whose batches are finished on the device (data.decode=device: repro.data.device_input) moves
+        # them there itself; any other is moved as it is.
+        self._to_device: Callable[[Any, torch.device], Any] = getattr(train_set, "to_device", None) or _to
         self.sampler = ResumableSampler(len(self.data), env.world_size, env.rank, seed)
         self.micro_per_epoch = (self.sampler.per_rank // self.per) // self.accum * self.accum
         self.steps_per_epoch = self.micro_per_epoch // self.accum
@@ -341,7 +360,7 @@ class Trainer:
         env, task, opt = self.env, self.task, self.optimizer
         self.step_outputs = []
         for _ in range(self.accum):
-            batch = _to(next(self._batches), env.device)
+            batch = self._to_device(next(self._batches), env.device)
             sync = (self.micro + 1) % self.accum == 0
             ctx = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
             with ctx:

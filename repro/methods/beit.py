@@ -220,12 +220,34 @@ class BEiT(BEiTSpec, PretrainMethod):
             coords = grid_coords(self.grid, self.grid, imgs.device)[None]
         mask = self.mask(x.shape[0], generator)
         out = self.encode(x, mask, coords)
-        sel = mask.bool()
-        logits = self.lm_head(out[sel])
-        labels = tokens[sel]
-        loss = F.cross_entropy(logits.float(), labels)
-        acc = (logits.argmax(-1) == labels).float().mean()
+        if self.sync_free(imgs.device):
+            loss, acc = self.masked_loss_static(out, tokens, mask)
+        else:
+            sel = mask.bool()  # a boolean selection: its size is read back from the device
+            logits = self.lm_head(out[sel])
+            labels = tokens[sel]
+            loss = F.cross_entropy(logits.float(), labels)
+            acc = (logits.argmax(-1) == labels).float().mean()
         return StepOutput(loss, {"loss": loss.detach(), "mlm_acc": acc.detach(), "mask_ratio": mask.mean().detach()})
+
+    def sync_free(self, device: torch.device) -> bool:
+        """``train.sync_free`` (None: on for CUDA, off on the CPU)."""
+        value = (self.cfg.get("train") or {}).get("sync_free")
+        return device.type == "cuda" if value is None else bool(value)
+
+    def masked_loss_static(self, out: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy and accuracy on the masked positions, as the boolean selection gives them, from a fixed
+        ``num_mask`` positions per sequence (block-wise masking never masks more): the masked ones in raster order,
+        then unmasked fillers weighted 0. Static shapes, no host sync."""
+        idx = mask.argsort(dim=1, descending=True, stable=True)[:, :self.num_mask]
+        w = mask.gather(1, idx).flatten()
+        logits = self.lm_head(gather_tokens(out, idx)).flatten(0, 1)
+        labels = tokens.gather(1, idx).flatten()
+        count = w.sum()
+        loss = (F.cross_entropy(logits.float(), labels, reduction="none") * w).sum() / count
+        acc = ((logits.argmax(-1) == labels).float() * w).sum() / count
+        return loss, acc
 
     def export(self) -> dict[str, torch.Tensor]:
         return with_zero_pos_embed(super().export(), self.encoder, self.grid)

@@ -33,6 +33,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
 from repro.models.archs import SWIN_ARCHS, check_geometry, is_swin, swin_dims  # noqa: F401  (re-exported)
+from repro.models.vit import attention
 
 _TIMM_BASE = {"swin_nano": "swin_tiny", "swin_micro": "swin_tiny", "swin_mini": "swin_tiny"}
 MASK_VALUE = -100.0  # added to the logits of pairs that must not attend (official GreenMIM / Swin value)
@@ -211,8 +212,9 @@ def grouped_attention(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGroup
     # (B * nG, H, G, d) -> (B, nG * H, G, d): the (nG * H) bias then broadcasts over the batch without a copy.
     q, k, v = (t.reshape(b, -1, g.group_size, t.shape[-1]) for t in (q, k, v))
     drop = attn.attn_drop.p if attn.training else 0.0
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.reshape(1, -1, g.group_size, g.group_size).to(q.dtype),
-                                         dropout_p=drop)
+    # SDPA unless train.fused_attn=false asked for the explicit product (repro.models.vit.set_fused_attn)
+    out = attention(q, k, v, bias.reshape(1, -1, g.group_size, g.group_size).to(q.dtype), drop,
+                    fused=not getattr(attn, "explicit_attn", False))
     out = out.reshape(xg.shape[0], heads, g.group_size, -1)
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xg.shape[0], g.group_size, -1)))
     return out.reshape(b, -1, c)[:, g.restore]

@@ -77,6 +77,36 @@ def sincos_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = False) -> to
     return emb.float()
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, dropout_p: float,
+              fused: bool = True) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v over (B, H, N, d) tensors; ``bias`` is an additive float mask broadcast to
+    (B, H, N, N) (relative positions, -inf / large negative where a pair must not attend). ``fused``: one
+    ``scaled_dot_product_attention`` call (flash / memory-efficient / CPU kernels, the bias as ``attn_mask``);
+    otherwise the explicit product, softmax and dropout (``train.fused_attn=false``, for debugging)."""
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    if bias is not None:
+        attn = attn + bias
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
+
+
+def set_fused_attn(module: nn.Module, on: bool) -> int:
+    """Run every attention layer of ``module`` through SDPA (``on``) or the explicit softmax(QK^T)V: timm's ViT,
+    decoder, CaiT class-attention and Swin window attention (their ``fused_attn``), the relative-position layers here,
+    and the visible-only Swin attention of ``repro.models.swin`` (``explicit_attn``). Returns how many layers."""
+    n = 0
+    for m in module.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = on
+            m.explicit_attn = not on
+            n += 1
+    return n
+
+
 class RelPosAttention(Attention):
     """timm Attention plus a relative-position term computed from the tokens' grid coordinates.
 
@@ -89,6 +119,7 @@ class RelPosAttention(Attention):
 
     def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True, **kw: Any):
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, **kw)
+        self.fused_attn = True  # SDPA whatever timm's default; ``set_fused_attn`` (train.fused_attn) switches it
         self.grid = grid
         self.num_prefix = num_prefix
         span = 2 * grid - 1
@@ -126,8 +157,7 @@ class RelPosAttention(Attention):
         bias = self.position_term(q, n, coords).to(q.dtype)
         if attn_mask is not None:
             bias = bias + attn_mask
-        drop = self.attn_drop.p if self.training else 0.0
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        x = attention(q, k, v, bias, self.attn_drop.p if self.training else 0.0, self.fused_attn)
         x = x.transpose(1, 2).reshape(b, n, c)
         return self.proj_drop(self.proj(self.norm(x)))
 

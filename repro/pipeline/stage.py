@@ -62,7 +62,8 @@ def _strip(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out.pop(meta, None)
     train = out.get("train")
     if isinstance(train, dict):  # kernel choices, not results: stage keys stay as before these switches existed
-        train.pop("fused_optim", None)
+        for k in ("fused_optim", "fused_attn", "sync_free"):
+            train.pop(k, None)
         if "compile" in train:
             train["compile"] = False
     optim = out.get("optim")
@@ -71,6 +72,8 @@ def _strip(cfg: Mapping[str, Any]) -> dict[str, Any]:
             if k in optim and optim[k] == default:
                 del optim[k]
     data = out.get("data")
+    if isinstance(data, dict) and data.get("decode") == "cpu":  # the default: keys as before the switch
+        del data["decode"]
     if isinstance(data, dict) and data.get("path") is not None:  # the dataset by name, not where it is mounted
         data["path"] = None
     if out.get("init") not in (None, "random"):  # an --init file by what it is, not where it lies

@@ -8,9 +8,10 @@ views). As the engine: bf16 autocast on a GPU, fp32 on the CPU, transformer bloc
 through ``F.scaled_dot_product_attention`` (timm's fused attention and our relative-position attention both), which
 picks the fused kernel of the device. Batch: on a CPU small batches (8 at <= 224 px, 4 above; say so in the
 outputs); on a GPU the largest of {256, 128, 64, 48, 32} that fits (the LocalMIM appendix's rule). The data loader's
-images/s (the method's own per-image transform on decoded images, ``train.num_workers`` workers) is measured beside
-the model's, so a table shows when loading would be the bottleneck. JPEG decoding is not included (no image files at
-paper scale here): the loader figure is an upper bound.
+images/s is measured beside the model's, so a table shows when loading would be the bottleneck: the method's own
+per-image transform on decoded images (``loader_images_per_s``, no JPEG decoding: an upper bound), and on real JPEG
+files written for the benchmark (``jpeg_loader_bench``) both ways a recipe can load them: decoded by PIL in the
+``train.num_workers`` workers (``data.decode: cpu``) and decoded and augmented on the device (``data.decode: device``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from repro.config import ConfigError
 
-# Training images per epoch of each dataset, as the papers use them.
-DATASET_SIZES = {
-    "imagenet1k": 1_281_167,   # ILSVRC-2012 train
-    "imagenet22k": 14_197_122,  # full ImageNet-21K/22K (ExtreMA Table 3: "about 10 times larger")
-    "inat2018": 437_513,       # iNaturalist 2018 train
-    "inat2019": 265_213,       # iNaturalist 2019 train
-}
+# The pure arithmetic (dataset sizes, cost key, projection) is torch-free, for planning; re-exported here.
+from repro.profile.projection import DATASET_SIZES, cost_key, project, train_images  # noqa: F401
+
 GPU_BATCHES = (256, 128, 64, 48, 32)
 
 
@@ -134,7 +131,13 @@ class _Steps:
 
     def __init__(self, method: Any, cfg: Mapping[str, Any], batch_size: int, device: torch.device, seed: int = 0,
                  compile: bool | None = None, fused_optim: bool | None = None):
-        from repro.engine.train import auto_switch, build_optimizer, compile_blocks, default_param_groups
+        from repro.engine.train import (
+            apply_fused_attn,
+            auto_switch,
+            build_optimizer,
+            compile_blocks,
+            default_param_groups,
+        )
 
         self.method, self.device = method.to(device), device
         self.method.train()
@@ -142,6 +145,7 @@ class _Steps:
         tcfg = cfg.get("train", {})
         self.compile = auto_switch(tcfg.get("compile") if compile is None else compile, device)
         self.fused_optim = auto_switch(tcfg.get("fused_optim") if fused_optim is None else fused_optim, device)
+        self.fused_attn = apply_fused_attn(self.method, tcfg.get("fused_attn"), device)  # before compiling
         self.compiled_blocks = compile_blocks(self.method) if self.compile else 0
         optim = dict(cfg["optim"])
         if optim.get("name") != "adamw":
@@ -214,6 +218,140 @@ def loader_images_per_s(method: Any, cfg: Mapping[str, Any], batch_size: int, nu
     return count / max(time.perf_counter() - t0, 1e-9)
 
 
+# -- the loader on real JPEG files: the CPU path (PIL in the workers) and the device path (data.decode=device) -------
+
+JPEG_SIZE = (500, 375)  # (w, h): the median ImageNet training image
+JPEG_QUALITY = 90
+_JPEG_DIRS: dict[tuple[int, tuple[int, int], int, int], Any] = {}
+_JPEG_RESULTS: dict[tuple[Any, ...], dict[str, Any]] = {}
+
+
+def write_jpegs(n: int = 64, size: tuple[int, int] = JPEG_SIZE, quality: int = JPEG_QUALITY, seed: int = 0,
+                folder: str | None = None) -> list[str]:
+    """Paths of ``n`` ImageNet-like JPEG files (``size`` (w, h), every fourth one portrait; smooth colour fields with
+    texture and sensor-like noise: ~100 KB each at 500x375, quality 90, as ImageNet's average file), written once per
+    process into a temporary folder removed at exit (or into ``folder``)."""
+    import atexit
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from PIL import Image
+
+    key = (n, tuple(size), quality, seed)
+    if folder is None and key in _JPEG_DIRS:
+        return sorted(str(p) for p in Path(_JPEG_DIRS[key]).glob("*.jpg"))
+    if folder is None:
+        folder = tempfile.mkdtemp(prefix="repro-jpegs-")
+        atexit.register(shutil.rmtree, folder, True)
+        _JPEG_DIRS[key] = folder
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for k in range(n):
+        w, h = size if k % 4 else size[::-1]
+        low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        mid = Image.fromarray(rng.integers(0, 256, (94, 125, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+        img = 0.6 * np.asarray(low, np.float32) + 0.4 * np.asarray(mid, np.float32) + rng.normal(0, 16, (h, w, 3))
+        path = Path(folder) / f"{k:05d}.jpg"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=quality)
+        paths.append(str(path))
+    return paths
+
+
+class _JpegFiles(Dataset):
+    """The CPU path: each file opened and decoded with PIL (as ImageFolder's loader), then ``tf``."""
+
+    def __init__(self, paths: list[str], tf: Any, n: int):
+        self.paths, self.tf, self.n = paths, tf, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        from PIL import Image
+
+        with Image.open(self.paths[i % len(self.paths)]) as im:
+            return self.tf(im.convert("RGB")), 0
+
+
+def _batch_images(x: Any) -> int:
+    return x[0].shape[0] if isinstance(x, (list, tuple)) else x.shape[0]
+
+
+def _transform_key(tf: Any) -> str:
+    """What the loader's cost depends on in a transform (its class and settings, not its identity)."""
+    from torchvision.transforms import Compose
+
+    return repr(tf) if isinstance(tf, Compose) else f"{type(tf).__qualname__}{sorted(vars(tf).items())}"
+
+
+def jpeg_loader_bench(method: Any, cfg: Mapping[str, Any], batch_size: int, *, num_workers: int | None = None,
+                      device: torch.device | None = None, files: int = 64,
+                      num_batches: int | None = None) -> dict[str, Any]:
+    """Images/s of the training input on real JPEG files (``write_jpegs``; index i reads file i mod ``files``), at
+    ``batch_size`` with ``num_workers`` loader workers (default ``train.num_workers``), seeded per batch as in
+    training (``SeededDataset``):
+
+    - ``loader_jpeg_cpu_images_per_s``: the CPU path (``data.decode: cpu``): workers decode with PIL and run the
+      method's own transform; timed from the loader's start (worker start-up included) over ``num_batches``
+      (default: 2 per worker, at least 3), so every worker delivers more than one batch;
+    - ``loader_jpeg_device_images_per_s``: the device path (``data.decode: device``): workers read bytes and draw
+      the crops, ``to_device`` decodes and augments on ``device`` (the profile's: nvJPEG on a GPU); one warm-up
+      batch, then ``num_batches`` timed, synchronised. None where the method's transform has no device path
+      (``loader_jpeg["device_path"]`` says why).
+
+    Measured once per process for each transform, batch, worker count and device."""
+    from repro.data.device_input import EncodedImages, device_plan
+    from repro.data.loader import SeededDataset
+
+    device = device or torch.device("cpu")
+    tf = _transform(method, cfg)
+    workers = int(cfg["train"]["num_workers"] if num_workers is None else num_workers)
+    nb = num_batches or max(3, 2 * workers)
+    key = (_transform_key(tf), batch_size, workers, str(device), files, nb)
+    if key in _JPEG_RESULTS:
+        return _JPEG_RESULTS[key]
+    paths = write_jpegs(files)
+    n = batch_size * nb
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def loader(ds: Dataset) -> DataLoader:
+        return DataLoader(SeededDataset(ds, 0), batch_size=batch_size, num_workers=workers, drop_last=True,
+                          pin_memory=device.type == "cuda", persistent_workers=False)
+
+    t0 = time.perf_counter()
+    count = sum(_batch_images(x) for x, _ in loader(_JpegFiles(paths, tf, n)))
+    cpu = count / max(time.perf_counter() - t0, 1e-9)
+
+    dev: float | None = None
+    note = f"workers read bytes; decode + crop + flip + normalise on {device.type}"
+    try:
+        plan = device_plan(tf, cfg["data"])
+    except ConfigError as e:
+        note = str(e)
+    else:
+        ds = EncodedImages([(paths[i % len(paths)], 0) for i in range(n + batch_size)], plan)
+        it = iter(loader(ds))
+        ds.to_device(next(it), device)  # warm-up: decoder and allocator set up
+        sync()
+        t0, count = time.perf_counter(), 0
+        for batch in it:
+            x, _ = ds.to_device(batch, device)
+            count += _batch_images(x)
+        sync()
+        dev = count / max(time.perf_counter() - t0, 1e-9)
+    from pathlib import Path
+
+    sizes = [Path(p).stat().st_size for p in paths]
+    out = {"loader_jpeg_cpu_images_per_s": cpu, "loader_jpeg_device_images_per_s": dev,
+           "loader_jpeg": {"files": len(paths), "size": f"{JPEG_SIZE[0]}x{JPEG_SIZE[1]} (every 4th portrait)",
+                           "quality": JPEG_QUALITY, "mean_kb": float(np.mean(sizes)) / 1024, "workers": workers,
+                           "batch": batch_size, "batches": nb, "device": str(device), "device_path": note}}
+    _JPEG_RESULTS[key] = out
+    return out
+
+
 def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None, warmup: int = 1, steps: int = 3,
                    batch: int | None = None, count_flops: bool = True, loader: bool = True,
                    loader_workers: int | None = None, compile: bool | None = None,
@@ -264,10 +402,13 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
         "analytic_flops_per_image": (analytic_flops(cfg) or {}).get("total"),
         "loader_images_per_s": (loader_images_per_s(method, cfg, batch, num_workers=loader_workers)
                                 if loader else None),
+        **(jpeg_loader_bench(method, cfg, batch, num_workers=loader_workers, device=device) if loader else
+           {"loader_jpeg_cpu_images_per_s": None, "loader_jpeg_device_images_per_s": None, "loader_jpeg": None}),
         "device": device_name(device), "device_type": device.type, "device_count": 1,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "attention": attention_impl(device), "torch": torch.__version__,
         "compile": run.compile, "compiled_blocks": run.compiled_blocks, "fused_optim": run.fused_optim,
+        "fused_attn": run.fused_attn,
         "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
         "first_step_s": first[0] if first else None,
         "mfu": mfu, "mfu_peak": peak[1] if peak else None,
@@ -281,40 +422,7 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     return prof
 
 
-def cost_key(cfg: Mapping[str, Any]) -> str:
-    """What a step's cost depends on: the method section, the model and the resolution (not epochs, data, lr)."""
-    import hashlib
-    import json
-
-    from repro.methods.registry import get_spec
-
-    free = get_spec(cfg["method"]["name"]).cost_free
-    method = {k: v for k, v in cfg["method"].items() if k not in free}
-    key = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 # -- projection to the paper's schedule ---------------------------------------------------------------------------
-
-
-def train_images(cfg: Mapping[str, Any]) -> int:
-    """Training images per epoch of the config's dataset (the paper's, at paper scale)."""
-    data = cfg["data"]
-    name = data["dataset"]
-    if name not in DATASET_SIZES:
-        raise ConfigError(f"no known size for data.dataset={name}; profile a paper-scale recipe "
-                          f"({', '.join(DATASET_SIZES)})")
-    return int(round(DATASET_SIZES[name] * float(data.get("train_fraction", 1.0))))
-
-
-def project(s_per_image: float, images_per_epoch: int, epochs: float, devices: int = 1) -> dict[str, float]:
-    """Time per epoch (wall, on ``devices`` devices that each reach the measured per-image time) and the total
-    device-hours (wall x devices, so independent of ``devices`` under perfect scaling)."""
-    if s_per_image <= 0 or images_per_epoch <= 0 or epochs <= 0 or devices <= 0:
-        raise ValueError("projection needs positive time per image, images, epochs and devices")
-    epoch_s = s_per_image * images_per_epoch / devices
-    return {"epoch_hours": epoch_s / 3600.0, "device_hours_per_epoch": epoch_s * devices / 3600.0,
-            "total_wall_hours": epoch_s * epochs / 3600.0, "total_device_hours": epoch_s * epochs * devices / 3600.0}
 
 
 def calibration_factor(paper_hours: float, measured_hours: float) -> float:
