@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml scripts/install_transfer.sh
 
 install: $(STAMP)
 
-## Every paper table at tiny scale on the embedded data (pretraining -> evaluations, shared stages trained once),
+## Every paper table at tiny scale on the embedded data, the claim rows first (pretraining -> evaluations, shared
+## stages trained once),
 ## then tables/, plots/ and RESULTS.md.
 reproduce: $(STAMP)
+	$(BIN)/repro run claims --scale tiny --jobs 2
 	$(BIN)/repro run all --scale tiny --jobs 2
 
 ## Run the test-suite (unit + small end-to-end) and ruff.
