@@ -273,28 +273,44 @@ def _tables_cmd(args: argparse.Namespace) -> int:
 
         write_manifests(plans, root, args.scale, overrides)
     t0 = time.time()
-    status = make_executor(args, tables={p.spec.id: p.stages for p in plans}).run(stages, root, force=args.force)
+    try:
+        status = make_executor(args, tables={p.spec.id: p.stages for p in plans}).run(stages, root, force=args.force)
+    except KeyboardInterrupt:  # recorded too, so the report says what the interrupted run did and how long it took
+        if not args.dry_run:
+            _record(args, root, stages, {s.name: "done" for s in stages if s.done(root)}, t0, interrupted=True)
+        raise
     if args.dry_run:
         return 0
     print(f"stages under {root}:\n{summary(stages, status, root)}")
-    from repro.pipeline.plan import CLAIM_SEEDS
-    from repro.record.provenance import provenance
-    from repro.report.results import record_run, write_results_md
+    from repro.report.results import write_results_md
 
-    prov = provenance({})
-    record_run(root, {"tables": list(args.tables), "scale": args.scale, "wall_s": time.time() - t0, "jobs": args.jobs,
-                      "ran": sum(v in ("done", "failed") for v in status.values()),
-                      "skipped": sum(v == "skipped" for v in status.values()),
-                      "failed": sum(v in ("failed", "blocked") for v in status.values()),
-                      "commit": prov.get("commit") or "?", "host": prov.get("host", "?"), "cpus": os.cpu_count(),
-                      "seeds": args.seeds if args.seeds is not None else f"{CLAIM_SEEDS} on claim rows at tiny, else 1",
-                      "stages": len(stages)})
+    _record(args, root, stages, status, t0)
     from repro.record.store import ingest_quietly
 
     print(ingest_quietly(root))
     if not args.no_report:
         print(write_results_md(root, Path("RESULTS.md")))
     return 0 if all(v in ("done", "skipped", "submitted") for v in status.values()) else 1
+
+
+def _record(args: argparse.Namespace, root: Path, stages: list, status: dict[str, str], t0: float,
+            interrupted: bool = False) -> None:
+    """Append this `repro run` to the runs folder's history (an interrupted one: the stages done by then)."""
+    from repro.pipeline.plan import CLAIM_SEEDS
+    from repro.record.provenance import provenance
+    from repro.report.results import record_run
+
+    prov = provenance({})
+    ran = (sum(v in ("done", "failed") for v in status.values()) if not interrupted
+           else sum(1 for s in stages if s.done(root) and (s.result(root) or {}).get("finished", 0) >= t0))
+    record_run(root, {"tables": list(args.tables), "scale": args.scale, "wall_s": time.time() - t0, "jobs": args.jobs,
+                      "ran": ran, "skipped": sum(v == "skipped" for v in status.values()) if not interrupted
+                      else sum(1 for s in stages if s.done(root)) - ran,
+                      "failed": sum(v in ("failed", "blocked") for v in status.values()),
+                      "commit": prov.get("commit") or "?", "host": prov.get("host", "?"), "cpus": os.cpu_count(),
+                      "seeds": args.seeds if args.seeds is not None else f"{CLAIM_SEEDS} on claim rows at tiny, else 1",
+                      "stages": len(stages), "interrupted": interrupted,
+                      "left": sum(1 for s in stages if not s.done(root)) if interrupted else 0})
 
 
 def _check(stages: list, devices: int) -> None:

@@ -195,3 +195,19 @@ def test_the_store_maps_every_seed_of_a_list_manifest(runs: Path) -> None:
     ingest(runs)
     rows = {r["folder"]: r["row_label"] for r in records(runs) if r.get("table_id") == TABLE}
     assert rows["tiny/finetune/far-s2"] == "75% x2" and rows["tiny/finetune/one"] == "80% x1" and len(rows) == 10
+
+
+def test_main_job_section_sums_claims_and_all_and_says_interrupted(tmp_path: Path) -> None:
+    from repro.report.results import main_job_lines, record_run
+
+    base = {"scale": "tiny", "jobs": 2, "failed": 0, "commit": "a" * 40, "host": "h", "cpus": 2, "stages": 10}
+    record_run(tmp_path, {**base, "tables": ["claims"], "wall_s": 600.0, "ran": 4, "skipped": 1})
+    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 300.0, "ran": 3, "skipped": 5, "interrupted": True,
+                          "left": 2})
+    text = "\n".join(main_job_lines(tmp_path))
+    assert "`repro run claims --scale tiny`: 10.0 min wall, measured: 4 stages run" in text
+    assert "`repro run all --scale tiny`: interrupted after 5.0 min wall: 3 stages run, 2 of its 10 still" in text
+    assert "Total: **incomplete: 15.0 min wall** for 7 stages run; 2 stages of `all` are still to run." in text
+    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 120.0, "ran": 2, "skipped": 8})
+    text = "\n".join(main_job_lines(tmp_path))
+    assert "Total: **2.0 min wall** for 2 stages run." in text  # the last `all`, complete (no claims run before it)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -182,20 +183,40 @@ def _tables_section(runs_root: Path, repo_root: Path) -> list[str]:
     return lines
 
 
+def _run_line(h: Mapping[str, Any]) -> str:
+    """One recorded `repro run`: what it ran, its measured wall time, and whether it was interrupted."""
+    what = (f"interrupted after {h.get('wall_s', 0) / 60:.1f} min wall: {h.get('ran', '?')} stages run, "
+            f"{h.get('left', '?')} of its {h.get('stages', '?')} still to run (the same command resumes)"
+            if h.get("interrupted") else
+            f"{h.get('wall_s', 0) / 60:.1f} min wall, measured: {h.get('ran', '?')} stages run, "
+            f"{h.get('skipped', '?')} already done, {h.get('failed', '?')} failed")
+    return (f"`repro run {' '.join(h.get('tables', []))} --scale {h.get('scale', '?')}`: {what} (commit "
+            f"{str(h.get('commit', '?'))[:8]}, {h.get('host', '?')}, {h.get('cpus', '?')} CPUs, {h.get('jobs', '?')} "
+            "jobs)")
+
+
 def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None) -> list[str]:
-    """The main job's wall time, as `repro run` measured it (start of the first stage to the end of the last), and
-    the runs recorded after it (their tables, wall time and stages), so a reader sees what the numbers came from."""
+    """The main job (`make reproduce`: `repro run claims`, then `repro run all`) as `repro run` recorded it: each
+    invocation's measured wall time and stages (an interrupted one too), their total, and the runs recorded after
+    it, so a reader sees what the numbers came from."""
     hist = run_history(runs_root)
     alls = [i for i, h in enumerate(hist) if h.get("tables") == ["all"]]
     lines = ["## The main job", ""]
     if alls:
-        h = hist[alls[-1]]
-        seeds = f", {h['seeds']} seed(s) for the seeded rows" if h.get("seeds") else ""
-        lines.append(f"`repro run all --scale {h['scale']}`{seeds}: **{h['wall_s'] / 60:.1f} min wall, measured** by "
-                     f"`repro run` on {h['host']} ({h['cpus']} CPUs, {h.get('jobs', '?')} jobs): {h['ran']} stages "
-                     f"run, {h['skipped']} already done, {h['failed']} failed (commit {h['commit'][:8]}).")
+        i = alls[-1]
+        first = i - 1 if i > 0 and hist[i - 1].get("tables") == ["claims"] else i
+        job = hist[first:i + 1]
+        lines.append("`make reproduce` (`repro run claims`, then `repro run all`), as `repro run` measured it "
+                     "(first stage start to last stage end):")
+        lines.append("")
+        lines += [f"- {_run_line(h)}" for h in job]
+        total = sum(float(h.get("wall_s", 0)) for h in job)
+        done = "incomplete: " if job[-1].get("interrupted") else ""
+        lines += ["", f"Total: **{done}{total / 60:.1f} min wall** for {sum(int(h.get('ran', 0)) for h in job)} "
+                      "stages run" + (f"; {job[-1].get('left')} stages of `all` are still to run" if done else "")
+                  + "."]
         made = {str((r.get("provenance") or {}).get("commit") or "")[:8] for r in results or []}
-        if results is not None and h["commit"][:8] not in made:
+        if results is not None and not any(str(h.get("commit", ""))[:8] in made for h in job):
             lines.append("Its stages are not in this runs folder any more (made by older code); its report is in the "
                          "repository's history (`git log -- RESULTS.md`).")
     else:
@@ -203,10 +224,7 @@ def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None)
     later = hist[alls[-1] + 1:] if alls else hist
     if later:
         lines += ["", "Runs recorded after it (only their tables' stages are rendered from them):", ""]
-        lines += [f"- `repro run {' '.join(h.get('tables', []))} --scale {h.get('scale', '?')}`: "
-                  f"{h.get('wall_s', 0) / 60:.1f} min wall, {h.get('ran', '?')} stages run, {h.get('failed', '?')} "
-                  f"failed (commit {str(h.get('commit', '?'))[:8]}, {h.get('cpus', '?')} CPUs, {h.get('jobs', '?')} "
-                  "jobs)" for h in later]
+        lines += [f"- {_run_line(h)}" for h in later]
     return [*lines, ""]
 
 
