@@ -12,6 +12,12 @@ decay x0.1 at ``optim.steps`` (fractions of training) after a linear warm-up. Tr
 writers); evaluation is detectron2's ``COCOEvaluator`` with pycocotools (``use_fast_impl=False``: the
 compiled evaluator is not shipped).
 
+Several processes (torchrun, Slurm tasks: ``WORLD_SIZE`` > 1): the process group is initialised (NCCL on GPU, gloo
+on the CPU) and detectron2's per-machine group created, as its ``launch()`` does; the model is wrapped in
+``DistributedDataParallel`` (``create_ddp_model``, ViTDet's options), each process loads ``optim.batch_size`` /
+world images per step from its shard of the sampler and reseeds its augmentation with ``seed + rank``; evaluation
+runs on every process's share of val2017 and is gathered on rank 0, which alone writes checkpoints and metric files.
+
 Resume: the stage checkpoints every ``detect.checkpoint_every`` iterations into ``out_dir/d2`` and, when started
 again, continues from the last one (these files are the stage's own; they load with weights_only).
 """
@@ -22,6 +28,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -189,11 +196,27 @@ def _precision(cfg: Mapping[str, Any], device: torch.device) -> str:
     return str(p)
 
 
+def _distributed() -> Any:
+    """This process's ``DistEnv``; with several processes the group is initialised (``repro.engine.dist.setup``:
+    NCCL on GPU, gloo on the CPU) and detectron2's per-machine group created (``LOCAL_WORLD_SIZE``: set by torchrun
+    and by submitit's task environment)."""
+    from detectron2.utils import comm
+
+    from repro.engine.dist import setup
+
+    env = setup()
+    if env.distributed:
+        comm.create_local_process_group(int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)))
+        comm.synchronize()
+    return env
+
+
 def run_detect_vitdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     """Train ViTDet Mask R-CNN from the pretrained encoder, evaluate box / mask AP on val2017."""
     from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.engine import AMPTrainer, SimpleTrainer, hooks
+    from detectron2.engine import AMPTrainer, SimpleTrainer, create_ddp_model, hooks
     from detectron2.evaluation import COCOEvaluator, inference_on_dataset
+    from detectron2.utils.env import seed_all_rng
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter
     from detectron2.utils.logger import setup_logger
 
@@ -201,8 +224,14 @@ def run_detect_vitdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
 
     t0 = time.time()
     out_dir = Path(out_dir)
+    o = cfg["optim"]
+    batch = int(o["batch_size"])
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch % world:
+        raise ConfigError(f"optim.batch_size={batch} is not divisible by the world size {world}")
     out_dir.mkdir(parents=True, exist_ok=True)
-    setup_logger(output=str(out_dir / "d2_log.txt"), name="detectron2", abbrev_name="d2")
+    env = _distributed()
+    setup_logger(output=str(out_dir / "d2_log.txt"), distributed_rank=env.rank, name="detectron2", abbrev_name="d2")
     log = logging.getLogger("detectron2")
     root, _ = dense_root(cfg["data"], "coco")
     train_name, val_name, num_classes = register_coco(root)
@@ -210,23 +239,28 @@ def run_detect_vitdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     state = encoder_state(cfg, int(cfg["data"]["img_size"]))
     model = build_model(cfg, state, num_classes)
     load_info = load_into_d2(model, state)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = env.device
     model.to(device)
+    if env.distributed:  # the same weights everywhere (seeded above); each rank its own augmentation draws
+        seed_all_rng(int(cfg["seed"]) + env.rank)
 
-    o = cfg["optim"]
-    batch = int(o["batch_size"])
-    train_loader, test_loader, n_train = _loaders(cfg, train_name, val_name, batch)
+    train_loader, test_loader, n_train = _loaders(cfg, train_name, val_name, batch)  # batch / world per process
     max_iter = iterations(float(o["epochs"]), n_train, batch)
     stop_at = min(max_iter, int(cfg["train"]["max_steps"])) if cfg["train"].get("max_steps") else max_iter
     depth = len(model.backbone.net.blocks)
     optimizer = build_optimizer(cfg, model, depth)
     precision = _precision(cfg, device)
+    # ViTDet's DDP options (no buffer broadcast; every parameter takes part); one process: the model itself
+    ddp = create_ddp_model(model, broadcast_buffers=False, find_unused_parameters=False,
+                           fp16_compression=device.type == "cuda",
+                           **({} if device.type == "cuda" else {"device_ids": None}))
     if precision == "fp32":
-        trainer: Any = SimpleTrainer(model, train_loader, optimizer)
+        trainer: Any = SimpleTrainer(ddp, train_loader, optimizer)
     else:
-        trainer = AMPTrainer(model, train_loader, optimizer,
+        trainer = AMPTrainer(ddp, train_loader, optimizer,
                              precision=torch.bfloat16 if precision == "bf16" else torch.float16)
     (out_dir / CKPT_DIR).mkdir(exist_ok=True)
+    # writes on rank 0 only (detectron2's default), every rank loads when resuming
     ckpt = DetectionCheckpointer(model, str(out_dir / CKPT_DIR), optimizer=optimizer, trainer=trainer)
     every = max(1, min(int(cfg["detect"]["checkpoint_every"]), stop_at))
     trainer.register_hooks([
@@ -234,7 +268,7 @@ def run_detect_vitdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
         hooks.LRScheduler(scheduler=lr_schedule(cfg, optimizer, max_iter, n_train / batch)),
         hooks.PeriodicCheckpointer(ckpt, period=every, max_iter=stop_at, max_to_keep=1),
         hooks.PeriodicWriter([CommonMetricPrinter(stop_at), JSONWriter(str(out_dir / "d2_metrics.json"))],
-                             period=int(cfg["train"]["log_every"])),
+                             period=int(cfg["train"]["log_every"])) if env.is_main else None,
     ])
     start = 0
     if ckpt.has_checkpoint():  # the stage's own earlier run: continue where it stopped
@@ -245,16 +279,18 @@ def run_detect_vitdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     completed = stop_at == max_iter
     metrics: dict[str, float] = {}
     if completed:
+        # each rank runs its shard of val2017; the evaluator gathers the predictions and scores them on rank 0
         evaluator = COCOEvaluator(val_name, output_dir=str(out_dir / "eval"), use_fast_impl=False,
                                   max_dets_per_image=int(cfg["detect"]["max_dets"]))
         res = inference_on_dataset(model, test_loader, evaluator)
-        metrics = {**ap_metrics("box", res.get("bbox", {})), **ap_metrics("mask", res.get("segm", {}))}
-        ann = root / "annotations"
-        metrics.update(trivial_ap(ann / "instances_train2017.json", ann / "instances_val2017.json"))
+        if env.is_main:
+            metrics = {**ap_metrics("box", res.get("bbox", {})), **ap_metrics("mask", res.get("segm", {}))}
+            ann = root / "annotations"
+            metrics.update(trivial_ap(ann / "instances_train2017.json", ann / "instances_val2017.json"))
     wall = time.time() - t0
     return {"metrics": metrics,
-            "accounting": {"wall_s": wall, "device_s": wall, "images": (stop_at - start) * batch,
+            "accounting": {"wall_s": wall, "device_s": wall * env.world_size, "images": (stop_at - start) * batch,
                            "precision": precision, "completed": completed, "iterations": stop_at,
-                           "world_size": 1},
+                           "world_size": env.world_size},
             "artifacts": {"checkpoints": str(out_dir / CKPT_DIR), "dropped_keys": load_info["dropped"],
                           "new_backbone_keys": len(load_info["new"])}}

@@ -12,6 +12,13 @@ Sizes of the shipped pipeline (800 px short side) are scaled by ``data.img_size 
 Evaluation: mmdet's ``CocoMetric`` runs and dumps the detections; box and mask AP, AP50, AP75 are read from them
 with pycocotools' ``COCOeval`` at full precision (``CocoMetric`` rounds to 3 digits of 0-1).
 
+Several processes (torchrun, Slurm tasks: ``WORLD_SIZE`` > 1): mmengine's ``pytorch`` launcher on a process group
+initialised here first (``repro.engine.dist.setup``: NCCL on GPU, gloo on the CPU, where mmengine's own set-up would
+pick a CUDA device), ``MMDistributedDataParallel`` (without device ids on the CPU), ``optim.batch_size`` / world
+images per process and step, and on GPUs the ViT adapter's BatchNorm as SyncBN (the BEiT / MAE detection protocol;
+torch's SyncBN has no CPU kernel, so CPU processes keep per-process statistics). ``CocoMetric`` gathers the
+detections on rank 0, which alone scores them and writes the checkpoints.
+
 Checkpoints: the converted backbone file is a plain tensor dict (mmengine loads it weights_only). mmengine's own
 checkpoints hold non-tensor state; resuming from them (a stage started again after a stop) is the one load done with
 ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1``, set only around that call and only for files this stage wrote.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -94,12 +102,15 @@ def is_swin_state(state: Mapping[str, torch.Tensor]) -> bool:
 
 
 def build_config(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], out_dir: Path, root: Path,
-                 classes: list[str] | None, n_train: int) -> tuple[Any, dict[str, Any]]:
-    """(mmengine Config of the whole run, facts for the report: backbone kind, iterations)."""
+                 classes: list[str] | None, n_train: int, world_size: int = 1) -> tuple[Any, dict[str, Any]]:
+    """(mmengine Config of the whole run, facts for the report: backbone kind, iterations); ``world_size``
+    processes share each step's ``optim.batch_size`` images."""
     from repro.transfer import convert_mm
 
     det, o, data = cfg["detect"], cfg["optim"], cfg["data"]
     img, ch, batch = int(data["img_size"]), int(det["fpn_channels"]), int(o["batch_size"])
+    if batch % world_size:
+        raise ConfigError(f"optim.batch_size={batch} is not divisible by the world size {world_size}")
     if o["name"] != "adamw":
         raise ConfigError(f"detect (mmdet) trains with AdamW; optim.name={o['name']!r} is not supported")
     if o.get("layer_decay"):
@@ -169,7 +180,7 @@ def build_config(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], out_
             ds["metainfo"] = metainfo
         return ds
 
-    mm.train_dataloader = dict(batch_size=batch, num_workers=workers, persistent_workers=workers > 0,
+    mm.train_dataloader = dict(batch_size=batch // world_size, num_workers=workers, persistent_workers=workers > 0,
                                sampler=dict(type="DefaultSampler", shuffle=True),
                                batch_sampler=dict(type="AspectRatioBatchSampler"),
                                dataset=dataset("train2017", train_pipe, True))
@@ -208,9 +219,18 @@ def build_config(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], out_
     mm.log_processor = dict(type="LogProcessor", window_size=int(cfg["train"]["log_every"]), by_epoch=True)
     mm.work_dir = str(out_dir / WORK_DIR)
     mm.randomness = dict(seed=int(cfg["seed"]), deterministic=False)
+    cuda = torch.cuda.is_available()
     mm.env_cfg = dict(cudnn_benchmark=False, mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0),
-                      dist_cfg=dict(backend="nccl"))
+                      dist_cfg=dict(backend="nccl" if cuda else "gloo"))
     mm.launcher = "none"
+    if world_size > 1:
+        mm.launcher = "pytorch"
+        # mmengine passes device_ids=[LOCAL_RANK] unless told: a CPU module takes none. The ViT's final norm feeds
+        # no pyramid level (the adapter reads block outputs): DDP must be told that some parameters take no gradient
+        mm.model_wrapper_cfg = dict(type="MMDistributedDataParallel", broadcast_buffers=False,
+                                    find_unused_parameters=kind == "vit", **({} if cuda else {"device_ids": None}))
+        if cuda:
+            mm.sync_bn = "torch"  # BatchNorm (the ViT adapter's) -> SyncBN across the processes
     mm.load_from = None
     mm.resume = False
     mm.visualizer = dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")])  # run-named
@@ -234,8 +254,11 @@ def _count_train(root: Path) -> int:
 def backbone_key_check(runner: Any, out_dir: Path) -> dict[str, list[str]]:
     """Refuse a converted Swin checkpoint with a missing or unexpected backbone key (mmdet's Swin loads it
     non-strictly): only the new output norms and the computed index buffers may be missing."""
+    from mmengine.model import is_model_wrapper
+
     path = out_dir / BACKBONE_FILE
-    backbone = runner.model.backbone
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model  # DDP with several processes
+    backbone = model.backbone
     if not hasattr(backbone, "stages"):
         return {"missing": [], "unexpected": []}
     conv = {k[len("backbone."):] for k in torch.load(path, map_location="cpu", weights_only=True)}
@@ -254,6 +277,7 @@ def run_detect_mmdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     from mmengine.runner import Runner
 
     from repro.data.dense import dense_root
+    from repro.engine.dist import setup
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -262,10 +286,12 @@ def run_detect_mmdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     root, info = dense_root(cfg["data"], "coco")
     state = encoder_state(cfg, int(cfg["data"]["img_size"]))
     n_train = _count_train(root)
-    mm, facts = build_config(cfg, state, out_dir, root, info.get("classes"), n_train)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mm, facts = build_config(cfg, state, out_dir, root, info.get("classes"), n_train, world)
     stop = cfg["train"].get("max_steps")
     if stop:
         raise ConfigError("train.max_steps is not supported by the mmdet detect stage (epoch-based loop)")
+    env = setup()  # several processes: the group exists before mmengine looks (it then skips its own set-up)
     runner = Runner.from_cfg(mm)
     work = out_dir / WORK_DIR
     if (work / "last_checkpoint").is_file():  # the stage's own earlier run: continue from its last epoch
@@ -282,15 +308,16 @@ def run_detect_mmdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     runner.test()  # CocoMetric logs its (3-digit) summary and dumps the detections, scored here at full precision
     ann = root / "annotations"
     metrics = {}
-    for prefix, key in (("box", "bbox"), ("mask", "segm")):
-        dumped = out_dir / "eval" / f"results.{key}.json"
-        dets = json.loads(dumped.read_text()) if dumped.is_file() else []
-        metrics.update(ap_metrics(prefix, coco_stats(ann / "instances_val2017.json", dets, key)))
-    metrics.update(trivial_ap(ann / "instances_train2017.json", ann / "instances_val2017.json"))
+    if env.is_main:  # CocoMetric gathered every rank's detections and dumped them here
+        for prefix, key in (("box", "bbox"), ("mask", "segm")):
+            dumped = out_dir / "eval" / f"results.{key}.json"
+            dets = json.loads(dumped.read_text()) if dumped.is_file() else []
+            metrics.update(ap_metrics(prefix, coco_stats(ann / "instances_val2017.json", dets, key)))
+        metrics.update(trivial_ap(ann / "instances_train2017.json", ann / "instances_val2017.json"))
     wall = time.time() - t0
     batch = int(cfg["optim"]["batch_size"])
     return {"metrics": metrics,
-            "accounting": {"wall_s": wall, "device_s": wall, "images": facts["iterations"] * batch,
+            "accounting": {"wall_s": wall, "device_s": wall * env.world_size, "images": facts["iterations"] * batch,
                            "precision": facts["precision"], "completed": True, "iterations": facts["iterations"],
-                           "world_size": 1},
+                           "world_size": env.world_size},
             "artifacts": {"work_dir": str(work), "backbone": facts["backbone"], "new_backbone_keys": keys["missing"]}}
