@@ -202,8 +202,9 @@ def test_tables_check_is_clean_for_the_shipped_specs(capsys: pytest.CaptureFixtu
 def test_results_version_is_in_the_identity_of_changed_code_only(monkeypatch: pytest.MonkeyPatch) -> None:
     lomar, mae = _row("lomar/t2", "LoMaR", "tiny"), _row("lomar/t2", "MAE", "tiny")
     keys = {k: (r.pretrain.key, r.evals["finetune"].key) for k, r in (("lomar", lomar), ("mae", mae))}
-    assert results_version("pretrain", lomar.pretrain.cfg) == {"pretrain": 1, "method.lomar": 2}
-    assert results_version("semisup", {"kind": "finetune"}) == {"finetune": 1}
+    # pretrain / finetune 2: augmentation seeded per batch (the tiny data path)
+    assert results_version("pretrain", lomar.pretrain.cfg) == {"pretrain": 2, "method.lomar": 2}
+    assert results_version("semisup", {"kind": "finetune"}) == {"finetune": 2}
     cls = METHODS["lomar"]  # the method's facts (results_version) live on its torch-free spec
     monkeypatch.setattr(cls, "results_version", cls.results_version + 1)
     lomar2, mae2 = _row("lomar/t2", "LoMaR", "tiny"), _row("lomar/t2", "MAE", "tiny")
@@ -217,9 +218,11 @@ def test_results_version_is_in_the_identity_of_changed_code_only(monkeypatch: py
 def test_results_record_their_code_and_the_report_leaves_out_older_ones() -> None:
     cfg = _row("lomar/t2", "LoMaR", "tiny").pretrain.cfg
     made = provenance(cfg)["results_version"]
-    assert made == {"pretrain": 1, "method.lomar": 2}
+    assert made == {"pretrain": 2, "method.lomar": 2}
     result = {"kind": "pretrain", "config": cfg, "provenance": {"results_version": made}}
     assert current_code(result)
     assert not current_code({**result, "provenance": {}})  # made before LoMaR's version 2
+    assert not current_code({**result, "provenance": {"results_version": {"pretrain": 1, "method.lomar": 2}}})
     mae = _row("lomar/t2", "MAE", "tiny").pretrain.cfg
-    assert current_code({"kind": "pretrain", "config": mae, "provenance": {}})  # MAE never changed
+    assert current_code({"kind": "pretrain", "config": mae, "provenance": {"results_version": {"pretrain": 2}}})
+    assert not current_code({"kind": "pretrain", "config": mae, "provenance": {}})  # before the pretrain kind's v2
