@@ -172,6 +172,7 @@ register_kind(StageKind(  # ADE20K UperNet with mmsegmentation (repro/transfer/m
     "segment", "repro.transfer.mmseg:run_segment", input=ENCODER_OR_RANDOM, inherit_data=False,
     tiny="repro.transfer.tiny:tiny_segment",
     measures={"segmentation.miou": "miou", "aacc": "aacc", "macc": "macc", "trivial_miou": "trivial_miou"},
+    results_version=2,  # 2: tiny rule iterations / 400 (was / 1600)
     # the MAE / BEiT protocol the papers compare with; at paper scale slurm/resources.yaml's one node of 8 GPUs is
     # mmseg's MAE config (8 GPUs x 2 images)
     default_recipe="upernet_vit_base"))
@@ -180,6 +181,7 @@ register_kind(StageKind(  # COCO Mask R-CNN: detectron2 ViTDet or mmdet (`framew
     measures={"detection.ap_box": "box_ap", "detection.ap50_box": "box_ap50", "detection.ap75_box": "box_ap75",
               "detection.ap_mask": "mask_ap", "detection.ap50_mask": "mask_ap50", "detection.ap75_mask": "mask_ap75",
               "trivial_ap_box": "trivial_box_ap", "trivial_ap_mask": "trivial_mask_ap"},
+    results_version=2,  # 2: tiny budgets of 3 epochs, Swin at 32 px, layer decay for the mmdet ViT at tiny
     # one node of 8 GPUs at paper scale (mmdet: 2 images per GPU); ViTDet's 64 GPUs (8 nodes, one image each) are its
     # recipes' entries in slurm/resources.yaml
     default_recipe="vitdet_vit_base"))

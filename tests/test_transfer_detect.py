@@ -78,7 +78,7 @@ def test_recipes_hold_the_papers_settings_and_scale_to_tiny() -> None:
         cfg = recipe(name)
         assert _keys(cfg) <= schema | {"extends"}, name  # no key outside _common + detect/_base
         t = tiny(name)
-        assert t["data"]["dataset"] == "synthetic" and t["data"]["img_size"] == 64
+        assert t["data"]["dataset"] == "synthetic" and t["data"]["img_size"] == (32 if "swin" in name else 64)
         assert t["model"]["arch"] in ("vit_micro", "swin_micro") and t["optim"]["batch_size"] <= 8
     v = recipe("vitdet_vit_base")
     assert v["framework"] == "detectron2" and v["optim"]["epochs"] == 100 and v["optim"]["batch_size"] == 64

@@ -155,9 +155,9 @@ def test_recipes_hold_the_papers_settings_and_scale_to_tiny() -> None:
     assert tiny["model"]["arch"] == "vit_micro" and tiny["model"]["patch_size"] == 4
     assert tiny["model"]["out_indices"] == [0, 1, 2, 3]
     assert (tiny["data"]["img_size"], tiny["data"]["dataset"], tiny["data"]["num_classes"]) == (32, "synthetic", 11)
-    assert (tiny["optim"]["iters"], tiny["optim"]["warmup_iters"], tiny["optim"]["batch_size"]) == (100, 2, 8)
+    assert (tiny["optim"]["iters"], tiny["optim"]["warmup_iters"], tiny["optim"]["batch_size"]) == (400, 4, 8)
     assert tiny["optim"]["lr"] == 1e-4 and tiny["eval"]["mode"] == "whole"
-    assert tiny_segment(ex)["optim"]["iters"] == 50
+    assert tiny_segment(ex)["optim"]["iters"] == 200
     # the kind's own rule is what the suite applies at tiny scale (StageKind.tiny)
     assert resolve("upernet_vit_base", "tiny", kind="segment") == {**tiny, "scale": "tiny"}
 

@@ -97,6 +97,27 @@ def lsj_pipelines(img: int, scale: tuple[float, float]) -> tuple[list[dict], lis
     return train, test
 
 
+NO_DECAY = ("absolute_pos_embed", "relative_position_bias_table", "norm", "pos_embed", "cls_token", "rel_table",
+            "rpe_k")  # parameter-name parts trained without weight decay
+
+
+def vit_layer_decay_keys(state: Mapping[str, torch.Tensor], decay: float) -> dict[str, dict[str, float]]:
+    """mmengine ``custom_keys`` giving the ``ReproViT`` encoder ViTDet's layer-wise lr decay: block i of D trains at
+    lr x decay ** (D - i), the embeddings (patch, position, cls) at decay ** (D + 1). One key per encoder tensor
+    (its full name, so it wins over the shorter keys), keeping ``NO_DECAY``'s zero weight decay."""
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    keys = {}
+    for name in state:
+        if name.startswith("blocks."):
+            mult = decay ** (depth - int(name.split(".")[1]))
+        elif name.split(".")[0] in ("patch_embed", "pos_embed", "cls_token"):
+            mult = decay ** (depth + 1)
+        else:
+            continue
+        keys[f"backbone.vit.{name}"] = dict(lr_mult=mult, decay_mult=0.0 if any(n in name for n in NO_DECAY) else 1.0)
+    return keys
+
+
 def is_swin_state(state: Mapping[str, torch.Tensor]) -> bool:
     return any(".relative_position_bias_table" in k for k in state) and "layers.0.blocks.0.norm1.weight" in state
 
@@ -113,8 +134,8 @@ def build_config(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], out_
         raise ConfigError(f"optim.batch_size={batch} is not divisible by the world size {world_size}")
     if o["name"] != "adamw":
         raise ConfigError(f"detect (mmdet) trains with AdamW; optim.name={o['name']!r} is not supported")
-    if o.get("layer_decay"):
-        raise ConfigError("detect (mmdet): layer-wise lr decay is not wired for mmdet; set optim.layer_decay=null")
+    if o.get("layer_decay") and is_swin_state(state):
+        raise ConfigError("detect (mmdet): layer-wise lr decay is not wired for Swin; set optim.layer_decay=null")
     mm = shipped_config()
     model = mm.model
     drop_path = float(cfg["model"].get("drop_path") or 0.0)
@@ -205,8 +226,9 @@ def build_config(cfg: Mapping[str, Any], state: Mapping[str, torch.Tensor], out_
     wrapper: dict[str, Any] = dict(type="OptimWrapper")
     if precision != "fp32":
         wrapper = dict(type="AmpOptimWrapper", dtype="bfloat16" if precision == "bf16" else "float16")
-    keys = {k: dict(decay_mult=0.0) for k in ("absolute_pos_embed", "relative_position_bias_table", "norm",
-                                              "pos_embed", "cls_token", "rel_table", "rpe_k")}
+    keys = {k: dict(decay_mult=0.0) for k in NO_DECAY}
+    if o.get("layer_decay"):  # a ViT (Swin refused above)
+        keys.update(vit_layer_decay_keys(state, float(o["layer_decay"])))
     mm.optim_wrapper = dict(**wrapper, optimizer=dict(type="AdamW", lr=float(o["lr"]), betas=tuple(o["betas"]),
                                                       weight_decay=float(o["weight_decay"])),
                             paramwise_cfg=dict(custom_keys=keys),

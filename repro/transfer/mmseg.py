@@ -236,8 +236,10 @@ def build_config(cfg: Mapping[str, Any], out_dir: Path, root: Path, info: Mappin
         "val_dataloader": {"batch_size": 1, **loader, "sampler": {"type": "DefaultSampler", "shuffle": False},
                            "dataset": _dataset(root, info, "val", test_pipe)},
         "val_evaluator": {"type": "IoUMetric", "iou_metrics": ["mIoU"]},
-        # Evaluated once, after training (run_segment calls Runner.val): never inside the loop.
-        "train_cfg": {"type": "IterBasedTrainLoop", "max_iters": o["iters"], "val_interval": o["iters"] + 1},
+        # Evaluated once, after training (run_segment calls Runner.val): never inside the loop (mmengine's loop
+        # also validates at its last iteration whatever val_interval says, unless val_begin is past the end).
+        "train_cfg": {"type": "IterBasedTrainLoop", "max_iters": o["iters"], "val_interval": o["iters"] + 1,
+                      "val_begin": o["iters"] + 1},
         "val_cfg": {"type": "ValLoop"},
         "optim_wrapper": wrapper,
         "param_scheduler": sched,
