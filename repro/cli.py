@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "device-hours for the paper's schedule; write tables/<paper>/<id>-cost.md/.csv, "
                                    "plots/<paper>/<id>-cost.png and the stored profiles `repro plan` reads.",
                        epilog="examples:\n  repro profile all --flops          every cost table + tables/efficiency/"
-                              "flops.md\n  repro profile lomar/t1 --steps 5\n  repro profile mae data.img_size=384",
+                              "flops.md\n  repro profile lomar/t1 --steps 5\n  repro profile mae data.img_size=384\n"
+                              "  repro profile pretrain/mae train.compile_mode=reduce-overhead --compile on --trace "
+                              "traces/",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help="efficiency table ids (lomar/t1 ...), a paper, `all`, or a pretraining recipe; key=value "
@@ -177,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-optim", choices=("auto", "on", "off"), default="auto",
                    help="fused AdamW, as the engine's train.fused_optim (auto: on for CUDA)")
     p.add_argument("--no-loader", action="store_true", help="skip the loader throughput measurement")
+    p.add_argument("--trace", metavar="DIR",
+                   help="after timing, run a few steps under torch.profiler: DIR/<recipe>-<px>-b<batch>-<mode>.txt "
+                        "(ops and kernels by device time) and, in the profile, the device's busy / idle time per "
+                        "step by kernel category (what holds the step back)")
     p.add_argument("--json", metavar="PATH", help="also write every profile measured by this call to PATH")
     p.add_argument("--store", action="store_true",
                    help="replace stored profiles even when they timed more steps than this call")

@@ -297,6 +297,8 @@ RULES: dict[str, Rule] = {
     "train.precision": Rule(str, choices=("auto", "fp32", "bf16", "fp16")),
     "train.log_every": POS_INT, "train.keep_every": NAT, "train.max_steps": Rule(int, lo=1, nullable=True),
     "train.compile": Rule(bool, nullable=True), "train.fused_optim": Rule(bool, nullable=True),
+    "train.compile_mode": Rule(str, nullable=True, choices=("default", "reduce-overhead", "max-autotune",
+                                                             "max-autotune-no-cudagraphs")),
     "train.fused_attn": Rule(bool, nullable=True), "train.sync_free": Rule(bool, nullable=True),
     "train.knn_every": NAT, "train.grad_norms": Rule(bool),
     "optim.name": Rule(str, choices=("adamw", "lars", "sgd")),

@@ -112,8 +112,26 @@ def test_switches_default_to_cuda_at_paper_scale_and_stay_out_of_stage_keys():
     assert (auto_switch(None, cpu), auto_switch(None, cuda)) == (False, True)
     assert (auto_switch(True, cpu), auto_switch(False, cuda)) == (True, False)
     on = copy.deepcopy(cfg)
-    on["train"].update(compile=True, fused_optim=True)
+    on["train"].update(compile=True, fused_optim=True, compile_mode="reduce-overhead")
     assert Stage("pretrain", on).key == Stage("pretrain", cfg).key
     other = copy.deepcopy(cfg)
     other["train"]["precision"] = "bf16"
     assert Stage("pretrain", other).key != Stage("pretrain", cfg).key
+
+
+def test_compile_mode_validated_and_passed_to_torch_compile(monkeypatch):
+    from repro.config import ConfigError
+
+    assert resolve("mae", "paper", kind="pretrain")["train"]["compile_mode"] is None  # torch's default mode
+    cfg = resolve("mae", "paper", ["train.compile_mode=reduce-overhead"], kind="pretrain")
+    assert cfg["train"]["compile_mode"] == "reduce-overhead"
+    with pytest.raises(ConfigError, match="compile_mode"):
+        resolve("mae", "paper", ["train.compile_mode=fastest"], kind="pretrain")
+    seen = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
+    method, _ = _method("mae")
+    n = compile_blocks(method, mode="max-autotune-no-cudagraphs")
+    assert n == len(seen) >= 2 and all(kw["mode"] == "max-autotune-no-cudagraphs" for kw in seen)
+    seen.clear()
+    compile_blocks(method)
+    assert seen and all("mode" not in kw for kw in seen)  # None: torch.compile's default

@@ -229,6 +229,29 @@ def test_cli_json_and_switches(tmp_path, monkeypatch):
     assert prof["device"].startswith("CPU") and prof["precision"] == "fp32" and prof["mfu"] is None
 
 
+def test_trace_names_what_the_step_spends_its_time_on(tmp_path, monkeypatch):
+    """--trace: after the timed steps, a few steps under torch.profiler; the ops table is written and the profile
+    carries the summary (on a CPU: wall time only; the device busy / idle split needs a GPU)."""
+    from repro.cli import main
+
+    monkeypatch.setenv("REPRO_PROFILES", str(tmp_path / "profiles.json"))
+    ov = MICRO + MICRO_DEC + ["data.img_size=32", "model.patch_size=4"]
+    out = tmp_path / "p.json"
+    rc = main(["profile", "pretrain/mae", *ov, "--steps", "1", "--warmup", "0", "--batch", "2", "--no-loader",
+               "--trace", str(tmp_path / "tr"), "--json", str(out)])
+    assert rc == 0
+    t = json.loads(out.read_text())["pretrain/mae"]["trace"]
+    assert t["label"] == "mae-32-b2-eager" and t["steps"] == 1 and t["wall_s_per_step"] > 0
+    assert t["device_busy_s_per_step"] is None and t["device_s_per_step_by_category"] == {}
+    table = (tmp_path / "tr" / "mae-32-b2-eager.txt").read_text()
+    assert "aten::addmm" in table or "aten::mm" in table
+    assert bench._category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert bench._category("flash_fwd_kernel") == "attention"
+    assert bench._category("triton_poi_fused_add_native_layer_norm_0") == "fused pointwise / norm (triton)"
+    assert bench._category("multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert bench._category("void at::native::vectorized_elementwise_kernel") == "pointwise / norm (eager)"
+
+
 # -- stored profiles per device, the side-by-side table, per-device cost tables ------------------------------------
 
 GPU_DIR = Path(__file__).resolve().parents[1] / "tables" / "efficiency" / "gpu" / "h200-2026-11-26"

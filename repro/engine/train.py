@@ -84,17 +84,18 @@ def apply_fused_attn(task: nn.Module, value: bool | None, device: torch.device) 
     return on
 
 
-def compile_blocks(task: nn.Module, backend: str = "inductor") -> int:
+def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """``torch.compile`` every transformer block of ``task`` in place (``nn.Module.compile``: parameter names and the
     state dict are unchanged); returns how many. Blocks are the members of any ``blocks`` container (ViT, Swin stages,
     decoders, heads): identical blocks share one graph, and the masking, gathers and losses between them stay eager,
-    so the masking generator never enters a graph. Static shapes: a recipe's token counts are fixed."""
+    so the masking generator never enters a graph. Static shapes: a recipe's token counts are fixed. ``mode``:
+    torch.compile's (``train.compile_mode``; None: its default)."""
     n = 0
     for m in task.modules():
         blocks = getattr(m, "blocks", None)
         if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             for b in blocks:
-                b.compile(backend=backend, dynamic=False)
+                b.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
                 n += 1
     return n
 
@@ -229,7 +230,7 @@ class Trainer:
         task.to(env.device)
         apply_fused_attn(task, tcfg.get("fused_attn"), env.device)
         if auto_switch(tcfg.get("compile"), env.device):
-            compile_blocks(task)
+            compile_blocks(task, mode=tcfg.get("compile_mode"))
         self.model: nn.Module = task
         if env.distributed:
             self.model = DistributedDataParallel(

@@ -21,6 +21,7 @@ import datetime as _dt
 import platform
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -146,7 +147,8 @@ class _Steps:
         self.compile = auto_switch(tcfg.get("compile") if compile is None else compile, device)
         self.fused_optim = auto_switch(tcfg.get("fused_optim") if fused_optim is None else fused_optim, device)
         self.fused_attn = apply_fused_attn(self.method, tcfg.get("fused_attn"), device)  # before compiling
-        self.compiled_blocks = compile_blocks(self.method) if self.compile else 0
+        self.compile_mode = tcfg.get("compile_mode") if self.compile else None
+        self.compiled_blocks = compile_blocks(self.method, mode=self.compile_mode) if self.compile else 0
         optim = dict(cfg["optim"])
         if optim.get("name") != "adamw":
             optim["name"] = "adamw"
@@ -172,6 +174,56 @@ class _Steps:
         self.method.after_step(self.step_no, 10**6)
         sync()
         return time.perf_counter() - t0
+
+
+# Kernel-name parts -> category of device time in a trace (first match wins; the rest is "other").
+KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90", "sm80", "ampere", "triton_tem", "mm_")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "catarray", "index", "gather", "scatter")),
+    ("fused pointwise / norm (triton)", ("triton",)),
+    ("pointwise / norm (eager)", ("elementwise", "vectorized", "reduce", "norm", "softmax")),
+)
+
+
+def _category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, parts in KERNEL_CATEGORIES if any(p in low for p in parts)), "other")
+
+
+def trace_steps(run: Any, steps: int, out: Path, label: str, rows: int = 30) -> dict[str, Any]:
+    """Run ``steps`` more steps of ``run`` under torch.profiler; write ``out/label.txt`` (the ops and kernels by
+    self time on the device, or the CPU without one) and return a summary: wall time per step, device busy time per
+    step (the kernels' summed time: idle = the device waiting on the host), and busy time by kernel category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = run.device.type == "cuda"
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        wall = sum(run() for _ in range(steps))
+    events = prof.key_averages()
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=sort, row_limit=rows)
+    out.mkdir(parents=True, exist_ok=True)
+    from repro.io import atomic_write_text
+
+    atomic_write_text(out / f"{label}.txt", f"{label}: {steps} steps, {wall / steps * 1e3:.1f} ms per step (wall)\n"
+                      + table + "\n")
+    by_cat: dict[str, float] = {}
+    busy = 0.0
+    if cuda:
+        for e in events:
+            if str(getattr(e, "device_type", "")).endswith("CUDA"):
+                t = float(getattr(e, "self_device_time_total", 0.0)) / 1e6  # us -> s
+                busy += t
+                by_cat[_category(e.key)] = by_cat.get(_category(e.key), 0.0) + t
+    per = wall / steps
+    return {"label": label, "steps": steps, "wall_s_per_step": per,
+            "device_busy_s_per_step": busy / steps if cuda else None,
+            "device_idle_fraction": max(0.0, 1 - busy / wall) if cuda and wall > 0 else None,
+            "device_s_per_step_by_category": {k: v / steps for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+            "table": f"{out / label}.txt"}
 
 
 def choose_batch(cfg: Mapping[str, Any], device: torch.device, build: Any = build_method) -> tuple[int, str]:
@@ -355,7 +407,7 @@ def jpeg_loader_bench(method: Any, cfg: Mapping[str, Any], batch_size: int, *, n
 def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None, warmup: int = 1, steps: int = 3,
                    batch: int | None = None, count_flops: bool = True, loader: bool = True,
                    loader_workers: int | None = None, compile: bool | None = None,
-                   fused_optim: bool | None = None) -> dict[str, Any]:
+                   fused_optim: bool | None = None, trace: Path | None = None) -> dict[str, Any]:
     """Measure one resolved pretraining config: batch, step times, images/s, FLOPs per image (counted and analytic),
     MFU, loader images/s, device, attention implementation, and the engine's speed switches (``compile`` /
     ``fused_optim``: None = the recipe's, i.e. on for CUDA) with the graphs compiled and recompiles after the first
@@ -387,6 +439,11 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
         run()
     times = [run() for _ in range(steps)]
     step = float(np.median(times))
+    traced = None
+    if trace is not None:  # after the timed steps: the profiler's overhead never enters the step time
+        label = (f"{cfg.get('recipe') or cfg['method']['name']}-{cfg['data']['img_size']}-b{batch}-"
+                 f"{'compiled' + ('-' + run.compile_mode if run.compile_mode else '') if run.compile else 'eager'}")
+        traced = trace_steps(run, min(steps, 3), Path(trace), label)
     from repro.engine.train import peak_memory_mb
 
     peak = peak_flops(device)
@@ -407,7 +464,8 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
         "device": device_name(device), "device_type": device.type, "device_count": 1,
         "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
         "attention": attention_impl(device), "torch": torch.__version__,
-        "compile": run.compile, "compiled_blocks": run.compiled_blocks, "fused_optim": run.fused_optim,
+        "compile": run.compile, "compile_mode": run.compile_mode, "compiled_blocks": run.compiled_blocks,
+        "fused_optim": run.fused_optim, "trace": traced,
         "fused_attn": run.fused_attn,
         "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
         "first_step_s": first[0] if first else None,

@@ -308,7 +308,7 @@ def main(targets: Sequence[str], repo_root: Path, *, warmup: int = 1, steps: int
          flops: bool = False, loader_workers: int | None = None, overrides: Sequence[str] = (),
          json_out: Path | None = None, store: bool = False, **switches: Any) -> int:
     """The CLI: table ids (or ``all`` = the efficiency tables), a paper name, or a pretraining recipe name;
-    ``switches``: ``compile``, ``fused_optim``, ``loader`` of ``profile_config``; ``json_out``: every profile
+    ``switches``: ``compile``, ``fused_optim``, ``loader``, ``trace`` of ``profile_config``; ``json_out``: every profile
     measured by this call, in one file; ``store``: replace stored profiles that timed more steps."""
     ids: list[str] = []
     measured: dict[str, Any] = {}
@@ -448,4 +448,5 @@ def cli_main(args: Any) -> int:
                 loader_workers=args.loader_workers, overrides=overrides,
                 json_out=Path(args.json) if getattr(args, "json", None) else None, store=store,
                 compile=switch[getattr(args, "compile", "auto")],
-                fused_optim=switch[getattr(args, "fused_optim", "auto")], loader=not getattr(args, "no_loader", False))
+                fused_optim=switch[getattr(args, "fused_optim", "auto")], loader=not getattr(args, "no_loader", False),
+                trace=Path(args.trace) if getattr(args, "trace", None) else None)
