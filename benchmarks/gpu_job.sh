@@ -3,15 +3,15 @@
 # side by side (bf16, one batch), then what holds the step back (torch.profiler traces, CUDA graphs, a larger batch),
 # the other methods' MFU, and the JPEG loader's images/s. Stages run in priority order, each bounded by `timeout`
 # and by a global deadline (BUDGET seconds from the start): a hang in one stage still returns the others' files.
-# Needs .bench/ (../shared/bench/README.md: bench_official.py + the official export in .bench/export) and, for
-# the LocalMIM rows, .bench/export-localmim (benchmarks/official/export_localmim.sh).
+# Needs .bench/ (../shared/bench/README.md: bench_official.py + the official export in .bench/export, to which
+# `benchmarks/official/export_localmim.sh MIRRORS .bench/export` adds LocalMIM's and SimMIM's).
 # Usage: bash benchmarks/gpu_job.sh OUTDIR
-#   env: B batch (128), BUDGET (480 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
+#   env: B batch (128), BUDGET (510 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
 #   run of the plumbing), COMPILE (on), STEPS (5), WARMUP (2)
 set -u
 O=${1:?usage: gpu_job.sh OUTDIR}
 mkdir -p "$O"
-B=${B:-128}; BUDGET=${BUDGET:-480}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
+B=${B:-128}; BUDGET=${BUDGET:-510}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
 STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -42,29 +42,30 @@ cat "$O/env.txt"
 # 1. the official code at 224 (the ratios of this job), then LocalMIM's
 stage official 75 $PY .bench/bench_official.py .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" \
   --steps "$STEPS" --configs mae-224,lomar-224,extrema-x1 --modes default --json "$O/official.json"
-[ -d .bench/export-localmim ] && stage official-localmim 60 $PY benchmarks/official/bench_localmim.py \
-  .bench/export-localmim --device "$DEVICE" --batch "$B" --warmup "$WARMUP" --steps "$STEPS" \
+[ -d .bench/export/localmim_vit ] && stage official-localmim 90 $PY benchmarks/official/bench_localmim.py \
+  .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" --steps "$STEPS" --timeout 60 \
   --json "$O/official-localmim.json"
 
 # 2. ours as the engine runs on CUDA (blocks compiled, fused AdamW), with a profiler trace of each
-stage repro-on 150 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" \
-  pretrain/mae pretrain/lomar extrema_1mask pretrain/localmim pretrain/localmim_swin_base
+stage repro-on 200 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" \
+  pretrain/mae pretrain/lomar pretrain/localmim pretrain/localmim_swin_base pretrain/simmim pretrain/simmim_swin_base \
+  extrema_1mask
 
 # 3. CUDA graphs (compile mode reduce-overhead): the host's launch time off the step
 stage repro-cudagraphs 80 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-cudagraphs.json" \
   pretrain/mae pretrain/lomar train.compile_mode=reduce-overhead
 
-# 4. a larger per-GPU batch (the paper's effective batch kept by fewer GPUs / accumulation)
+# 4. the input pipeline on real JPEG files: PIL in 12 workers vs nvJPEG + batched transforms on the device
+stage loader 60 $PY -m repro profile --batch "$B" --warmup 1 --steps 1 --compile off --loader-workers 12 \
+  --json "$O/repro-loader.json" pretrain/mae
+
+# 5. a larger per-GPU batch (the paper's effective batch kept by fewer GPUs / accumulation)
 stage repro-b256 60 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" --fused-optim on \
   --no-loader --compile "$COMPILE" --json "$O/repro-b256.json" pretrain/mae pretrain/lomar
 
-# 5. the other methods' pretraining (MFU; no official code timed for them here)
+# 6. the other methods' pretraining (MFU; no official code timed for them here)
 stage repro-others 120 $P --compile "$COMPILE" --json "$O/repro-others.json" \
-  pretrain/beit pretrain/simmim pretrain/greenmim_swin_base pretrain/maskfeat
-
-# 6. the input pipeline on real JPEG files: PIL in 12 workers vs nvJPEG + batched transforms on the device
-stage loader 60 $PY -m repro profile --batch "$B" --warmup 1 --steps 1 --compile off --loader-workers 12 \
-  --json "$O/repro-loader.json" pretrain/mae pretrain/lomar
+  pretrain/beit pretrain/greenmim_swin_base pretrain/maskfeat
 
 tar -czf "$O/tables.tgz" tables plots 2>&1
 echo "### done in $(( $(date +%s) - START ))s"

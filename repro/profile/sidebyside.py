@@ -1,9 +1,10 @@
 """``repro profile --side-by-side DIR``: the official code and ours, per paper pretraining configuration, from one
 GPU job's measured files (no number typed by hand).
 
-DIR holds ``official.json`` (../shared/bench/bench_official.py ``--json``: per configuration the official code's
-median step) and ``repro-*.json`` (``repro profile --json``: our profiles, eager / fused AdamW / compiled, and cost
-tables whose rows carry step times). Writes ``tables/efficiency/side-by-side-<device>.md`` and ``.csv``.
+DIR holds ``official*.json`` (../shared/bench/bench_official.py's or benchmarks/official/bench_localmim.py's
+``--json``: per configuration the official code's median step; e.g. official.json + official-localmim.json) and
+``repro-*.json`` (``repro profile --json``: our profiles, eager / fused AdamW / compiled, and cost tables whose rows
+carry step times). Writes ``tables/efficiency/side-by-side-<device>.md`` and ``.csv``.
 """
 
 from __future__ import annotations
@@ -27,18 +28,36 @@ CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("ExtreMA 80% x1", "extrema-x1", "extrema_1mask"), ("ExtreMA 80% x2", "extrema-x2", "extrema_2mask"),
     ("ExtreMA 80% x5", "extrema-x5", "extrema"),
 )
+# Listed only when DIR measured them (either side): benchmarks/official/bench_localmim.py's configurations.
+LATER_CONFIGS: tuple[tuple[str, str, str], ...] = (
+    ("LocalMIM 224", "localmim-vit-224", "localmim"),
+    ("LocalMIM Swin-B 224", "localmim-swin-224", "localmim_swin_base"),
+    ("SimMIM 224", "simmim-vit-224", "simmim"),
+    ("SimMIM Swin-B 192", "simmim-swin-192", "simmim_swin_base"),
+)
 MODES = ("eager", "eager + fused AdamW", "compiled + fused AdamW")
 
 
-def _official(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Official config -> {s_per_step, batch, peak_gib, runs}, and what the runs share (device, torch, timm, amp)."""
-    data = json.loads(path.read_text())
-    runs = data.get("runs", [])
-    agg = {a["config"]: a for a in data.get("agg", []) if a.get("mode", "default") == "default"}
+def official_files(directory: Path) -> list[Path]:
+    """The official code's benchmark outputs in DIR: official.json first, then the other official*.json by name."""
+    return sorted(Path(directory).glob("official*.json"), key=lambda p: (p.name != "official.json", p.name))
+
+
+def _official(paths: list[Path]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Official config -> {s_per_step, batch, peak_gib, runs} (or {error} for a configuration that failed), and what
+    the runs share (device, torch, timm, amp: several values joined by " / ")."""
+    runs: list[dict[str, Any]] = []
+    aggs: dict[str, list[dict[str, Any]]] = {}
+    errors: dict[str, str] = {}
+    for path in paths:
+        data = json.loads(path.read_text())
+        runs += [r for r in data.get("runs", []) if r.get("mode", "default") == "default" and "error" not in r]
+        for a in data.get("agg", []):
+            if a.get("mode", "default") == "default":
+                aggs.setdefault(a["config"], []).append(a)
+        errors.update({e["config"]: e.get("error", "failed") for e in data.get("errors", [])})
     out: dict[str, dict[str, Any]] = {}
     for r in runs:
-        if r.get("mode", "default") != "default":
-            continue
         o = out.setdefault(r["config"], {"s_per_step": [], "batch": r["batch"], "peak_gib": None,
                                          "warmup": r.get("warmup"), "steps": r.get("steps")})
         o["s_per_step"].append(r["s_per_step"])
@@ -46,9 +65,17 @@ def _official(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
             o["peak_gib"] = max(o["peak_gib"] or 0.0, r["peak_cuda_MiB"] / 1024)
     for c, o in out.items():
         o["runs"] = len(o["s_per_step"])
-        o["s_per_step"] = agg[c]["s_per_step"] if c in agg else float(pd.Series(o["s_per_step"]).median())
-    first = runs[0] if runs else {}
-    return out, {k: first.get(k) for k in ("device", "torch", "timm", "amp")}
+        one = aggs.get(c, [])
+        o["s_per_step"] = one[0]["s_per_step"] if len(one) == 1 else float(pd.Series(o["s_per_step"]).median())
+    for c, err in errors.items():
+        out.setdefault(c, {"error": err})
+    env: dict[str, Any] = {}
+    for k in ("device", "torch", "timm", "amp"):
+        values = list(dict.fromkeys(r.get(k) for r in runs))
+        env[k] = " / ".join(str(v) for v in values) if len(values) > 1 else (values[0] if values else None)
+    env["devices"] = sorted({r["device"] for r in runs if r.get("device")})
+    env["official_files"] = [p.name for p in paths]
+    return out, env
 
 
 def _ours(directory: Path) -> dict[str, dict[str, dict[str, Any]]]:
@@ -71,20 +98,25 @@ def _match(profs: dict[str, dict[str, Any]], key: str, recipe: str) -> dict[str,
 def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One row per configuration: official s/step and img/s; ours per mode (img/s, ratio to official, MFU); the
     compiled run's first-step time, graphs and recompiles. Returns the frame and what the run shares."""
-    official, env = _official(directory / "official.json")
+    official, env = _official(official_files(directory))
     ours = _ours(directory)
     devices = {p["device"] for m in ours.values() for p in m.values()}
-    if env.get("device"):
-        devices.add(env["device"])
+    devices |= set(env.pop("devices"))
     if len(devices) != 1:
         raise ConfigError(f"{directory}: measurements from {len(devices)} devices ({', '.join(sorted(devices))}); a "
                           "side-by-side table compares one device")
     rows: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
-    for label, off_name, recipe in CONFIGS:
+    for label, off_name, recipe in CONFIGS + LATER_CONFIGS:
         key = cost_key(resolve_row(recipe, {}))
         off = official.get(off_name)
+        if (label, off_name, recipe) in LATER_CONFIGS and off is None and not any(
+                _match(ours.get(mode, {}), key, recipe) for mode in MODES):
+            continue  # not measured by this job
         row: dict[str, Any] = {"config": label, "official_config": off_name, "recipe": recipe}
+        if off and "error" in off:
+            row["official_error"] = off["error"]
+            off = None
         if off:
             row.update({"official_batch": off["batch"], "official_s_per_step": off["s_per_step"],
                         "official_img_per_s": off["batch"] / off["s_per_step"], "official_peak_gib": off["peak_gib"]})
@@ -124,30 +156,43 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
         ratio = r.get(f"{tag}_over_official")
         return f"{v:.0f} ({_x(ratio, '.2f')}x)"
 
+    def official_img_per_s(r: pd.Series) -> str:
+        err = r.get("official_error")
+        return "failed" if isinstance(err, str) else _x(r.get("official_img_per_s"), ".0f")
+
     dates = env["dates"]
     steps = ", ".join(f"{w} + {s}" for w, s in env["our_steps"])
+    files = env.get("official_files") or ["official.json"]
+    later = set(df["config"]) & {c[0] for c in LATER_CONFIGS}
+    bench = "../shared/bench/bench_official.py" + (
+        ", benchmarks/official/bench_localmim.py" if later or files != ["official.json"] else "")
+    attention = "authors' explicit softmax attention in LoMaR and ExtreMA"
+    if later:
+        attention += ("; timm's fused SDPA in LocalMIM's ViT and decoders, the authors' explicit softmax (with "
+                      "relative position bias) in LocalMIM's Swin encoder and in SimMIM")
+    named = " unless named" if any("Swin" in c for c in df["config"]) else ""
     lines = [
         f"# Official code vs ours, side by side on {env['device']}", "",
-        f"One GPU job: the official code (../shared/bench/bench_official.py, torch {env['torch']}, timm {env['timm']}, "
+        f"One GPU job: the official code ({bench}, torch {env['torch']}, timm {env['timm']}, "
         f"{env['amp']} autocast) and ours (`repro profile --json`, torch {env['our_torch']}, {env['precision']}; "
         f"attention: {env['attention']}), random images, median step of each ({steps} warm-up + timed steps for "
-        f"ours; the official runs' counts are in official.json), measured {dates[0] if dates else '?'}"
+        f"ours; the official runs' counts are in {', '.join(files)}), measured {dates[0] if dates else '?'}"
         f"{' to ' + dates[-1] if len(dates) > 1 else ''}. Official attention: timm's fused SDPA in MAE (timm 1.x), the "
-        "authors' explicit softmax attention in LoMaR and ExtreMA. Images/s with the ratio to the official code in "
+        f"{attention}. Images/s with the ratio to the official code in "
         f"brackets (target: >= 1.3x); MFU = counted FLOPs per image (fwd+bwd) x images/s / {env['mfu_peak']} "
         "(target: >= 40% for ViT-B at 224). First step: the compiled run's first step (compilation included); "
         "recompiles: graphs made after it. Peak memory: the official runs' (ours in that job were not reset between "
         "configurations of one process, so they are not shown).", "",
         f"Source: `{source}`. Regenerate: `repro profile --side-by-side {source}`.", "",
-        "| config (ViT-B/16) | batch | official s/step | official img/s | ours eager | ours eager + fused AdamW | "
-        "ours compiled + fused AdamW | ours s/step (compiled) | MFU eager | MFU compiled | first step s (compiled) "
-        "| graphs / recompiles | official peak GiB |",
+        f"| config (ViT-B/16{named}) | batch | official s/step | official img/s | ours eager | "
+        "ours eager + fused AdamW | ours compiled + fused AdamW | ours s/step (compiled) | MFU eager | MFU compiled "
+        "| first step s (compiled) | graphs / recompiles | official peak GiB |",
         "|" + "---|" * 13,
     ]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join([
             r["config"], _x(r.get("official_batch"), ".0f"), _x(r.get("official_s_per_step"), ".4f"),
-            _x(r.get("official_img_per_s"), ".0f"), ours(r, "eager"), ours(r, "eager_fused"),
+            official_img_per_s(r), ours(r, "eager"), ours(r, "eager_fused"),
             ours(r, "compiled_fused"), _x(r.get("compiled_fused_s_per_step"), ".4f"),
             _x(r.get("eager_mfu"), ".0%"), _x(r.get("compiled_fused_mfu"), ".0%"),
             _x(r.get("compiled_first_step_s"), ".1f"),
@@ -162,8 +207,8 @@ def write_side_by_side(directory: Path, repo_root: Path) -> list[Path]:
     from repro.profile.run import cost_suffix
 
     directory = Path(directory)
-    if not (directory / "official.json").exists():
-        raise ConfigError(f"{directory}: no official.json (the official code's benchmark output)")
+    if not official_files(directory):
+        raise ConfigError(f"{directory}: no official*.json (the official code's benchmark output)")
     df, env = side_by_side(directory)
     try:
         source = str(directory.resolve().relative_to(Path(repo_root).resolve()))
