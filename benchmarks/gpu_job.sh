@@ -5,12 +5,14 @@
 # and by a global deadline (BUDGET seconds from the start): a hang in one stage still returns the others' files.
 # Needs .bench/ (../shared/bench/README.md: bench_official.py + the official export in .bench/export, to which
 # `benchmarks/official/export_localmim.sh MIRRORS .bench/export` adds LocalMIM's and SimMIM's).
-# Usage: bash benchmarks/gpu_job.sh OUTDIR
+# Usage: bash benchmarks/gpu_job.sh OUTDIR   (everything is packed into OUTDIR/job.tgz at the end: the device tool
+#   brings back only a few files per call, so the job writes into a work folder and ships one archive + the log)
 #   env: B batch (128), BUDGET (510 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
 #   run of the plumbing), COMPILE (on), STEPS (5), WARMUP (2)
 set -u
-O=${1:?usage: gpu_job.sh OUTDIR}
-mkdir -p "$O"
+OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
+O=$(mktemp -d /tmp/gpu-job.XXXXXX)
+mkdir -p "$OUT_DIR"
 B=${B:-128}; BUDGET=${BUDGET:-510}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
 STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 START=$(date +%s)
@@ -71,3 +73,4 @@ tar -czf "$O/tables.tgz" tables plots 2>&1
 echo "### done in $(( $(date +%s) - START ))s"
 ls -la "$O" "$O/traces" 2>/dev/null
 } 2>&1 | tee "$O/log.txt"
+tar -czf "$OUT_DIR/job.tgz" -C "$O" . && cp "$O/log.txt" "$OUT_DIR/log.txt"

@@ -310,3 +310,29 @@ def test_segment_stage_trains_evaluates_and_resumes(mmseg_ready: None, tmp_path:
     assert "resumed epoch: 0, iter: 2" in log
     assert (out / "mmseg" / "iter_3.pth").is_file() and res2["accounting"]["iters"] == 3
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+@pytest.mark.slow
+def test_segment_stage_on_two_processes(mmseg_ready: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun, 2 CPU processes (gloo) through the suite's own ``--devices 2`` path: mmengine's pytorch launcher on
+    the group made by the stage, per-process BN (no SyncBN kernel on the CPU), 2 images per process, mIoU from
+    IoUMetric gathered across the ranks; the accounting counts both processes."""
+    from repro.pipeline.execute import LocalExecutor
+    from repro.pipeline.stage import RESULT, Stage
+    from repro.transfer.tiny import tiny_segment
+
+    monkeypatch.setenv("REPRO_CACHE", str(tmp_path / "cache"))
+    cfg = tiny_segment(recipe("upernet_vit_base"))
+    cfg["data"].update(synthetic_train=16, synthetic_val=4, synthetic_classes=4, num_classes=5)
+    cfg["optim"].update(iters=2, warmup_iters=1, batch_size=4)
+    cfg["train"].update(ckpt_every=2, log_every=1)
+    stage = Stage("segment", cfg)
+    runs = tmp_path / "runs"
+    status = LocalExecutor(devices=2, stream=False, jobs=2).run([stage], runs)
+    d = stage.dir(runs)
+    assert status == {stage.key: "done"}, (d / "log.txt").read_text()[-3000:] if (d / "log.txt").is_file() else status
+    res = json.loads((d / RESULT).read_text())
+    acct = res["accounting"]
+    assert acct["world_size"] == 2 and acct["completed"] and acct["images"] == 8
+    assert acct["device_s"] == pytest.approx(2 * acct["wall_s"])
+    assert 0.0 <= res["metrics"]["miou"] <= 100.0

@@ -4,7 +4,9 @@ The model, data pipeline, optimiser and schedule are an mmengine config built he
 trained by mmengine's own ``Runner``: mmseg's ``EncoderDecoder`` with a ViT backbone (``ReproMAE``, mmseg's ``MAE``
 backbone extended below), its ``Feature2Pyramid`` neck, ``UPerHead`` and an auxiliary ``FCNHead``, AdamW with
 mmseg's layer-wise lr decay constructor, a linear warm-up then ``PolyLR``, single-scale mIoU by mmseg's
-``IoUMetric``. BatchNorm is plain ``BN`` in one process (``SyncBN`` with several).
+``IoUMetric``. BatchNorm is plain ``BN`` in one process (``SyncBN`` with several GPU processes). Several processes
+(torchrun, Slurm tasks: ``WORLD_SIZE`` > 1): mmengine's ``pytorch`` launcher on the process group that
+``repro.engine.dist.setup`` makes first (NCCL on GPUs, gloo on the CPU), no DDP device ids on the CPU.
 
 The pretrained encoder is converted by ``repro.transfer.convert.vit_to_mmseg`` and written to the stage folder;
 the backbone loads it with ``weights_only=True`` and refuses a partial load. mmengine's own checkpoints hold Python
@@ -174,9 +176,13 @@ def _dataset(root: Path, info: Mapping[str, Any], split: str, pipeline: list[dic
 def build_config(cfg: Mapping[str, Any], out_dir: Path, root: Path, info: Mapping[str, Any],
                  init_checkpoint: str | None, world_size: int = 1, precision: str = "fp32") -> dict[str, Any]:
     """The mmengine config dict of a segment stage (``cfg``: the resolved recipe; ``root``/``info``: its data)."""
+    import torch
+
     d, m, o, t, e = cfg["data"], cfg["model"], cfg["optim"], cfg["train"], cfg["eval"]
     crop = d["img_size"]
-    norm = {"type": "SyncBN" if world_size > 1 else "BN", "requires_grad": True}
+    cuda = torch.cuda.is_available()
+    # SyncBN across several GPU processes; torch's SyncBN has no CPU kernel, so CPU processes keep per-process BN
+    norm = {"type": "SyncBN" if world_size > 1 and cuda else "BN", "requires_grad": True}
     dims = backbone_kwargs(m, crop, init_checkpoint)
     dim = dims["embed_dims"]
     nc = len(info["classes"]) if info.get("classes") else d["num_classes"]  # the embedded data knows its classes
@@ -251,12 +257,15 @@ def build_config(cfg: Mapping[str, Any], out_dir: Path, root: Path, info: Mappin
                            "max_keep_ckpts": 1, "save_last": True},
             "sampler_seed": {"type": "DistSamplerSeedHook"},
         },
-        "env_cfg": {"cudnn_benchmark": False, "dist_cfg": {"backend": "nccl"},
+        "env_cfg": {"cudnn_benchmark": False, "dist_cfg": {"backend": "nccl" if cuda else "gloo"},
                     "mp_cfg": {"mp_start_method": "fork", "opencv_num_threads": 0}},
         "log_processor": {"by_epoch": False},
         "log_level": "INFO",
         "randomness": {"seed": int(cfg.get("seed", 0))},
         "launcher": "pytorch" if world_size > 1 else "none",
+        # mmengine passes device_ids=[LOCAL_RANK] unless told: a CPU module takes none
+        **({"model_wrapper_cfg": {"type": "MMDistributedDataParallel", "broadcast_buffers": False,
+                                  **({} if cuda else {"device_ids": None})}} if world_size > 1 else {}),
         "resume": True,  # from the last checkpoint in work_dir, if this stage wrote one
         "load_from": None,
     }
@@ -321,6 +330,7 @@ def run_segment(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     from mmengine.config import Config
 
     from repro.data.dense import constant_miou, dense_root
+    from repro.engine.dist import setup
     from repro.models.vit import arch_dims
     from repro.transfer.convert import vit_to_mmseg
 
@@ -349,6 +359,7 @@ def run_segment(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     seg_cfg = dict(cfg, model=model)
     register_backbone()
     mm = Config(build_config(seg_cfg, out_dir, root, info, init_path, world, precision))
+    env = setup()  # several processes: the group exists before mmengine looks (NCCL on GPUs, gloo on the CPU)
     runner = _runner_class().from_cfg(mm)
     t0 = time.time()
     runner.train()
@@ -358,7 +369,8 @@ def run_segment(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     return {
         "metrics": {"miou": float(metrics["mIoU"]), "aacc": float(metrics["aAcc"]), "macc": float(metrics["mAcc"]),
                     "trivial_miou": constant_miou(root)},  # the floor: the best constant prediction
-        "accounting": {"wall_s": wall, "device_s": wall * world, "world_size": world, "iters": o["iters"],
+        "accounting": {"wall_s": wall, "device_s": wall * env.world_size, "world_size": env.world_size,
+                       "iters": o["iters"],
                        "images": o["iters"] * o["batch_size"], "precision": precision, "completed": True,
                        "device": "cuda" if torch.cuda.is_available() else "cpu"},
         "artifacts": {"work_dir": str(out_dir / WORK_DIR),
