@@ -332,8 +332,8 @@ def test_side_by_side_from_the_committed_h200_job(tmp_path):
     assert mae["compiled_fused_over_official"] == pytest.approx(on["images_per_s"] / mae["official_img_per_s"])
     assert mae["compiled_recompiles"] == 0 and not pd.isna(mae["eager_fused_img_per_s"])
     assert df["compiled_fused_img_per_s"].notna().all() and df["eager_img_per_s"].notna().all()
-    md, csv_path = write_side_by_side(GPU_DIR, tmp_path)
-    assert md.name == "side-by-side-nvidia-h200.md" and "| MAE 224 | 128 |" in md.read_text()
+    md, csv_path, *_ = write_side_by_side(GPU_DIR, tmp_path)
+    assert md.name == "side-by-side-nvidia-h200-h200-2026-11-26.md" and "| MAE 224 | 128 |" in md.read_text()
     assert len(pd.read_csv(csv_path)) == len(CONFIGS)
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -342,6 +342,36 @@ def test_side_by_side_from_the_committed_h200_job(tmp_path):
     (mixed / "repro-x.json").write_text(json.dumps({"pretrain/mae": {**on, "device": "NVIDIA H100"}}))
     with pytest.raises(ConfigError, match="2 devices"):
         side_by_side(mixed)
+
+
+def test_cost_table_rows_carry_the_jpeg_loader_figures(tmp_path):
+    """A measured row carries the loader's three figures into the CSV, the markdown and a derived profile."""
+    prof = {"batch": 2, "step_time_s": 0.5, "images_per_s": 4.0, "s_per_image": 0.25, "mfu": None, "compile": False,
+            "recompiles": None, "flops_per_image": None, "analytic_flops_per_image": None,
+            "loader_images_per_s": 11.0, "loader_jpeg_cpu_images_per_s": 22.0, "loader_jpeg_device_images_per_s": None}
+
+    class _Stub:
+        opts: dict = {}
+
+        def get(self, cfg, log):
+            return prof
+
+    row = run._measure_row(CostRow("MAE", "mae", {}, 10.0), _Stub(), lambda _m: None)
+    assert (row["loader_jpeg_cpu_images_per_s"], row["loader_jpeg_device_images_per_s"]) == (22.0, None)
+    assert {"loader_jpeg_cpu_images_per_s", "loader_jpeg_device_images_per_s"} <= set(run.CSV_FIELDS)
+    meta = {"table": "t", "date": "d", "device": "CPU", "precision": "fp32", "attention": "a", "torch": "2",
+            "warmup": 0, "steps": 1, "batch_rule": "b", "command": "c", "source": "s", "unit": "h", "per_epoch": False,
+            "calibration": {"row": "MAE", "table": "t", "paper": 1.0, "hardware": "hw", "factor": None,
+                            "measured_row": "MAE"}}
+    clean = {k: v for k, v in row.items() if not k.startswith("_")}
+    md = run.render_markdown(meta, [clean], [])
+    assert "| JPEG loader img/s, CPU path | JPEG loader img/s, device path |" in md
+    assert "| 11.0 | 22.0 | — |" in md
+    table = {"t/x": {"meta": {**meta, "table": "t/x", "device": "NVIDIA H200", "precision": "bf16 autocast"},
+                     "rows": [{**clean, "recipe": "mae", "overrides": ""}]}}
+    (tmp_path / "repro-t.json").write_text(json.dumps(table))
+    (derived,) = [p for s in run.profiles_from_json([tmp_path]).values() for p in s.values()]
+    assert derived["loader_jpeg_cpu_images_per_s"] == 22.0 and derived["loader_images_per_s"] == 11.0
 
 
 def test_cost_tables_per_device_named_in_the_efficiency_section(tmp_path):

@@ -50,8 +50,9 @@ def test_rows_from_several_official_files(tmp_path):
     d = _job(tmp_path / "job")
     assert [p.name for p in official_files(d)] == ["official.json", "official-localmim.json"]
     df, env = side_by_side(d)
-    # every first-job row, then only the later rows this job measured (a failed official run counts)
-    assert list(df["config"]) == [c[0] for c in CONFIGS] + ["LocalMIM 224", "LocalMIM Swin-B 224"]
+    # the rows this job measured, in the tables' order (a failed official run counts)
+    assert list(df["config"]) == ["MAE 224", "LocalMIM 224", "LocalMIM Swin-B 224"]
+    assert CONFIGS[0][0] == "MAE 224"
     assert {c[0] for c in LATER_CONFIGS} >= {"LocalMIM 224", "SimMIM 224"}
     rows = df.set_index("config")
     vit = rows.loc["LocalMIM 224"]
@@ -68,8 +69,10 @@ def test_rows_from_several_official_files(tmp_path):
 
 def test_only_the_later_file_and_none(tmp_path):
     d = _job(tmp_path / "job", with_first=False)
-    md, _ = write_side_by_side(d, tmp_path / "out")
-    assert md.name == "side-by-side-nvidia-h200.md" and "| LocalMIM 224 | 128 |" in md.read_text()
+    md, _, index, _ = write_side_by_side(d, tmp_path / "out")
+    assert md.name == "side-by-side-nvidia-h200-job.md" and "| LocalMIM 224 | 128 |" in md.read_text()
+    assert index.name == "side-by-side-nvidia-h200.md" and "| LocalMIM 224 | [job](side-by-side-nvidia-h200-job.md)" \
+        in index.read_text()
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ConfigError, match=r"no official\*\.json"):
@@ -87,3 +90,119 @@ def test_bench_localmim_records_a_failing_config_and_goes_on(tmp_path):
     data = json.loads(out.read_text())
     assert data["runs"] == [] and data["agg"] == []
     assert [e["config"] for e in data["errors"]] == ["localmim-vit-224"] and "models_mim" in data["errors"][0]["error"]
+
+
+# -- modes, traces, logs, loaders, the per-device index ------------------------------------------------------------
+
+def _trace(busy: float, cats: dict[str, float], wall: float) -> dict:
+    return {"label": "t", "steps": 3, "wall_s_per_step": wall, "device_busy_s_per_step": busy,
+            "device_idle_fraction": 1 - busy / wall, "device_s_per_step_by_category": cats,
+            "table": "/root/out/traces/t.txt"}
+
+
+def _modes_job(d: Path) -> Path:
+    """MAE 224 at 0.05 s/step officially; ours compiled (traced), with CUDA graphs, at batch 256, and eager + fused
+    with loader figures; ExtreMA x1 printed in the log only (its --json file is missing)."""
+    d.mkdir()
+    (d / "official.json").write_text(json.dumps({
+        "runs": [_official_run("mae-224", 128, 0.05), _official_run("extrema-x1", 128, 0.1)], "agg": []}))
+    compiled = {**_ours("mae", 3200.0), "trace": _trace(0.030, {"matmul": 0.012, "copy / fill": 0.006,
+                                                                "attention": 0.004}, 0.048)}
+    graphs = {**_ours("mae", 4000.0), "compile_mode": "reduce-overhead"}
+    big = {**_ours("mae", 4800.0), "batch": 256, "step_time_s": 256 / 4800.0}
+    eager = {**_ours("mae", 2800.0), "compile": False, "loader_images_per_s": 1000.0,
+             "loader_jpeg_cpu_images_per_s": 1600.0, "loader_jpeg_device_images_per_s": 9600.0,
+             "loader_jpeg": {"files": 64, "size": "500x375", "quality": 90, "mean_kb": 100.0, "workers": 12}}
+    (d / "repro-a.json").write_text(json.dumps({"pretrain/mae": compiled}))
+    (d / "repro-b256.json").write_text(json.dumps({"pretrain/mae": big}))
+    (d / "repro-cg.json").write_text(json.dumps({"pretrain/mae": graphs}))
+    (d / "repro-loader.json").write_text(json.dumps({"pretrain/mae": eager}))
+    summary = {k: v for k, v in _ours("extrema_1mask", 1920.0).items() if k not in ("cost_key", "date")}
+    (d / "log.txt").write_text("\n".join([
+        "### repro-a: start (limit 9s) :: python3 -m repro profile --warmup 2 --steps 5 --json /root/out/repro-a.json",
+        json.dumps(_ours("mae", 1.0), indent=2),  # its file came back: the file is the record
+        "### repro-a: rc=0",
+        "### repro-lost: start (limit 9s) :: python3 -m repro profile --warmup 2 --steps 5 --compile on "
+        "--json /root/out/repro-lost.json extrema_1mask",
+        "some warning", json.dumps(summary, indent=2), "### repro-lost: rc=0"]) + "\n")
+    return d
+
+
+def test_modes_are_columns_of_their_own_with_traces_and_loaders(tmp_path):
+    d = _modes_job(tmp_path / "job")
+    df, env = side_by_side(d)
+    assert list(df["config"]) == ["MAE 224", "ExtreMA 80% x1"]
+    assert env["modes"] == ["eager", "eager + fused AdamW", "compiled + fused AdamW",
+                            "compiled + CUDA graphs + fused AdamW", "compiled + fused AdamW, batch 256"]
+    mae = df.set_index("config").loc["MAE 224"]
+    official = 128 / 0.05
+    assert mae["compiled_fused_img_per_s"] == 3200.0  # batch 256 and CUDA graphs do not replace it
+    assert mae["compiled_fused_over_official"] == pytest.approx(3200.0 / official)
+    assert mae["compiled_cudagraphs_fused_over_official"] == pytest.approx(4000.0 / official)
+    assert mae["compiled_fused_b256_img_per_s"] == 4800.0 and mae["compiled_fused_b256_batch"] == 256
+    assert mae["eager_fused_img_per_s"] == 2800.0 and mae["eager_fused_from"] == "repro-loader.json"
+    # idle of the timed step (128 / 3200 = 40 ms) from the traced kernels' 30 ms; the traced step's own idle kept
+    assert mae["compiled_fused_device_idle_fraction"] == pytest.approx(1 - 0.030 / 0.040)
+    assert mae["compiled_fused_device_idle_fraction_traced"] == pytest.approx(1 - 0.030 / 0.048)
+    assert mae["compiled_fused_top_non_matmul"] == "copy / fill"
+    assert mae["compiled_fused_top_non_matmul_ms"] == pytest.approx(6.0)
+    ext = df.set_index("config").loc["ExtreMA 80% x1"]
+    assert ext["compiled_fused_img_per_s"] == 1920.0 and ext["compiled_fused_over_official"] == pytest.approx(1.5)
+    assert ext["compiled_fused_from"] == "log.txt (repro-lost.json did not come back)"
+    md = render(df, env, "job")
+    assert "| MAE 224 | 128 | 0.0500 | 2560 | not measured | 2800 (1.09x) | 3200 (1.25x) | 4000 (1.56x) | " \
+           "4800 (1.88x) |" in md
+    assert "| 1920 (1.50x)‡ |" in md and "25% | copy / fill: 6.0 |" in md
+    assert "## Where the device time goes" in md and "t.txt |" in md
+    loader = next(x for x in env["loaders"] if x["config"] == "MAE 224")
+    assert loader["fastest"] == 4800.0 and loader["fastest_mode"] == "compiled + fused AdamW, batch 256"
+    assert "| 1000 | 1600 | 9600 | 2800 | 4800 (compiled + fused AdamW, batch 256) | 0.33 | 2.00 |" in md
+
+
+def test_index_takes_each_row_from_the_newest_job(tmp_path):
+    old = _job(tmp_path / "a-old")
+    new = _modes_job(tmp_path / "b-new")
+    for f in new.glob("repro-*.json"):  # the newer job's profiles carry a later date
+        data = json.loads(f.read_text())
+        f.write_text(json.dumps({k: {**v, "date": "2026-11-27"} for k, v in data.items()}))
+    out = write_side_by_side(old, tmp_path / "out")
+    assert [p.name for p in out] == ["side-by-side-nvidia-h200-a-old.md", "side-by-side-nvidia-h200-a-old.csv",
+                                     "side-by-side-nvidia-h200.md", "side-by-side-nvidia-h200.csv"]
+    index = out[2].read_text()
+    assert "| MAE 224 | [b-new](side-by-side-nvidia-h200-b-new.md) | 128 | 2560 | 3200 (1.25x) |" in index
+    assert "| LocalMIM 224 | [a-old](side-by-side-nvidia-h200-a-old.md) | 128 | 1280 | 1600 (1.25x) |" in index
+    assert "4800 (1.88x, compiled + fused AdamW, batch 256)" in index
+
+
+GPU_B = ROOT / "tables" / "efficiency" / "gpu" / "h200-2026-11-26b"
+
+
+def test_side_by_side_of_the_committed_second_h200_job():
+    """The second H200 job: rows of both official files, ratios from the files, the modes apart, the log's ExtreMA
+    summary, traces and the loader's figures."""
+    df, env = side_by_side(GPU_B)
+    rows = df.set_index("config")
+    assert {"MAE 224", "LoMaR 224 (4 windows)", "ExtreMA 80% x1", "LocalMIM 224", "SimMIM Swin-B 192"} <= set(
+        rows.index)
+    official = {a["config"]: a for f in ("official.json", "official-localmim.json")
+                for a in json.loads((GPU_B / f).read_text())["agg"]}
+    on2 = json.loads((GPU_B / "repro-on2.json").read_text())
+    b256 = json.loads((GPU_B / "repro-b256.json").read_text())
+    cg = json.loads((GPU_B / "repro-cudagraphs.json").read_text())
+    mae = rows.loc["MAE 224"]
+    assert mae["official_img_per_s"] == pytest.approx(128 / official["mae-224"]["s_per_step"])
+    assert mae["compiled_fused_over_official"] == pytest.approx(
+        on2["pretrain/mae"]["images_per_s"] / mae["official_img_per_s"])
+    assert mae["compiled_fused_b256_img_per_s"] == pytest.approx(b256["pretrain/mae"]["images_per_s"])
+    assert mae["compiled_cudagraphs_fused_img_per_s"] == pytest.approx(cg["pretrain/mae"]["images_per_s"])
+    assert mae["compiled_fused_device_idle_fraction"] == pytest.approx(
+        1 - on2["pretrain/mae"]["trace"]["device_busy_s_per_step"] / on2["pretrain/mae"]["step_time_s"])
+    vit = rows.loc["LocalMIM 224"]
+    assert vit["compiled_fused_over_official"] == pytest.approx(
+        on2["pretrain/localmim"]["images_per_s"] * official["localmim-vit-224"]["s_per_step"] / 128)
+    assert rows.loc["ExtreMA 80% x1", "compiled_fused_from"].startswith("log.txt")
+    loader = json.loads((GPU_B / "repro-loader.json").read_text())["pretrain/mae"]
+    (x,) = env["loaders"]
+    assert x["jpeg_cpu"] == loader["loader_jpeg_cpu_images_per_s"] and x["workers"] == 12
+    md = render(df, env, "tables/efficiency/gpu/h200-2026-11-26b")
+    assert "## Input pipeline vs the model" in md and "mae-224-b128-compiled-reduce-overhead.txt" in md

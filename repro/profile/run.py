@@ -35,7 +35,7 @@ from repro.profile.projection import repo_root, store_profiles
 from repro.profile.tables import CALIBRATION, EFFICIENCY_TABLES, CostRow, cost_table, resolve_row
 
 CSV_FIELDS = ("row", "recipe", "overrides", "status", "batch", "step_time_s", "images_per_s", "mfu", "compile",
-              "recompiles", "loader_images_per_s",
+              "recompiles", "loader_images_per_s", "loader_jpeg_cpu_images_per_s", "loader_jpeg_device_images_per_s",
               "gflops_per_image", "analytic_gflops_per_image", "epochs", "dataset_images",
               "measured_h_per_epoch", "measured_total_device_h", "calibrated_h", "paper_time", "reference",
               "measured_speedup", "paper_speedup", "measured_over_paper")
@@ -92,6 +92,8 @@ def _measure_row(row: CostRow, cache: _Cache, log: Any) -> dict[str, Any]:
     proj = project(prof["s_per_image"], images, epochs)
     return {**out, "status": "measured", "batch": prof["batch"], "step_time_s": prof["step_time_s"],
             "images_per_s": prof["images_per_s"], "loader_images_per_s": prof["loader_images_per_s"],
+            "loader_jpeg_cpu_images_per_s": prof.get("loader_jpeg_cpu_images_per_s"),
+            "loader_jpeg_device_images_per_s": prof.get("loader_jpeg_device_images_per_s"),
             "mfu": prof.get("mfu"), "compile": prof.get("compile"), "recompiles": prof.get("recompiles"),
             "gflops_per_image": prof["flops_per_image"] / 1e9 if prof["flops_per_image"] else None,
             "analytic_gflops_per_image": (prof["analytic_flops_per_image"] or 0) / 1e9 or None,
@@ -206,25 +208,31 @@ def render_markdown(meta: dict[str, Any], rows: list[dict[str, Any]], extra: lis
         f"the declared reference row '{cal['row']}' ({cal['table']}, {cal['paper']} {cal['hardware']}) match "
         f"the paper (factor {_fmt(cal['factor'], 4)}; measured in this run as '{cal['measured_row']}').",
         "",
-        "| row | status | batch | s/step | img/s | MFU | loader img/s | GFLOPs/img fwd+bwd (counted) | analytic "
-        "GFLOPs/img (tokens) | measured device-h/epoch | projected device-h total | calibrated " + unit +
-        " | paper " + unit + " | reference | speed-up measured | speed-up paper | measured / paper |",
-        "|" + "---|" * 17,
+        "| row | status | batch | s/step | img/s | MFU | loader img/s | JPEG loader img/s, CPU path | JPEG loader "
+        "img/s, device path | GFLOPs/img fwd+bwd (counted) | analytic GFLOPs/img (tokens) | measured device-h/epoch "
+        "| projected device-h total | calibrated " + unit + " | paper " + unit + " | reference | speed-up measured | "
+        "speed-up paper | measured / paper |",
+        "|" + "---|" * 19,
     ]
     for r in rows + extra:
         lines.append("| " + " | ".join([
             r["row"] + (f" (`{r['recipe']}` {r['overrides']})".rstrip() if r.get("recipe") else ""),
             r.get("status", ""), _fmt(r.get("batch")), _fmt(r.get("step_time_s")), _fmt(r.get("images_per_s")),
             f"{r['mfu']:.0%}" if r.get("mfu") else "—",
-            _fmt(r.get("loader_images_per_s"), 1), _fmt(r.get("gflops_per_image"), 1), r.get("analytic", "—"),
+            _fmt(r.get("loader_images_per_s"), 1), _fmt(r.get("loader_jpeg_cpu_images_per_s"), 1),
+            _fmt(r.get("loader_jpeg_device_images_per_s"), 1), _fmt(r.get("gflops_per_image"), 1),
+            r.get("analytic", "—"),
             _fmt(r.get("measured_h_per_epoch"), 1), _fmt(r.get("measured_total_device_h"), 0),
             _fmt(r.get("calibrated_h"), 2 if meta["per_epoch"] else 1), _fmt(r.get("paper_time")),
             r.get("reference", "—") if r.get("reference") != r["row"] else "(itself)",
             _fmt(r.get("measured_speedup")), _fmt(r.get("paper_speedup")), _fmt(r.get("measured_over_paper")),
         ]) + " |")
     lines += ["", "Loader img/s: the method's own per-image training transform on decoded ImageNet-sized images "
-              "(no JPEG decoding), with the recipe's `train.num_workers` (or `--loader-workers`) workers; when it is "
-              "below the model's img/s, loading would be the bottleneck on this machine.", ""]
+              "(no JPEG decoding), with the recipe's `train.num_workers` (or `--loader-workers`) workers; JPEG "
+              "loader: real JPEG files (ImageNet-sized), decoded by PIL in those workers (CPU path, `data.decode: "
+              "cpu`) or read as bytes and decoded and augmented on the profile's device (device path, `data.decode: "
+              "device`; — where the method's transform has none). When a loader figure is below the model's img/s, "
+              "that loading path would be the bottleneck on this machine.", ""]
     return "\n".join(lines)
 
 
@@ -354,6 +362,7 @@ def _profile_recipe(recipe: str, overrides: Sequence[str], store: bool = False, 
     cfg = resolve(recipe, "paper", list(overrides), kind="pretrain")
     prof = profile_config(cfg, **opts)
     line = {k: prof[k] for k in ("recipe", "img_size", "batch", "step_time_s", "images_per_s", "loader_images_per_s",
+                                 "loader_jpeg_cpu_images_per_s", "loader_jpeg_device_images_per_s",
                                  "flops_per_image", "analytic_flops_per_image", "mfu", "mfu_peak", "device",
                                  "precision", "attention", "compile", "graphs_compiled", "recompiles",
                                  "first_step_s", "fused_optim")}
@@ -394,6 +403,8 @@ def profiles_from_json(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, A
                     "recipe": cfg.get("recipe"), "method": cfg["method"]["name"], "img_size": cfg["data"]["img_size"],
                     "batch": r["batch"], "step_time_s": r["step_time_s"], "s_per_image": r["step_time_s"] / r["batch"],
                     "images_per_s": r["images_per_s"], "mfu": r.get("mfu"), "mfu_peak": meta.get("mfu_peak"),
+                    **{k: r.get(k) for k in ("loader_images_per_s", "loader_jpeg_cpu_images_per_s",
+                                             "loader_jpeg_device_images_per_s")},
                     "flops_per_image": (r.get("gflops_per_image") or 0) * 1e9 or None,
                     "device": meta["device"], "device_type": meta.get("device_type"),
                     "precision": meta["precision"], "attention": meta.get("attention"), "torch": meta.get("torch"),
