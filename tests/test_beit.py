@@ -18,7 +18,7 @@ from repro.engine.train import build_optimizer
 from repro.methods.beit import BEiT, TwoViewCrop
 from repro.models.mim import blockwise_mask
 from repro.models.tokenizer import DalleEncoder, DalleTokenizer, KMeansTokenizer, map_pixels
-from repro.models.vit import create_vit, grid_coords
+from repro.models.vit import create_vit, grid_coords, set_fused_attn
 from repro.resolve import resolve
 from repro.scales import TinyRule
 
@@ -181,6 +181,31 @@ def test_loss_is_cross_entropy_on_masked_tokens() -> None:
     assert torch.allclose(out.loss, expect, atol=1e-6)
     assert abs(out.loss.item() - math.log(64)) < 0.3  # ~uniform over the vocabulary at init
     assert abs(float(out.logs["mask_ratio"]) - float(mask.float().mean())) < 1e-6
+
+
+@pytest.mark.parametrize("recipe", ["beit", "beit_window"])
+def test_attention_masks_reach_sdpa_with_unit_key_stride(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's fused SDPA kernels take a float mask only with unit stride along the keys (otherwise SDPA runs its
+    explicit math path in fp32): the relative bias of every block does, on the full grid and per window, and the
+    loss is the explicit attention's."""
+    masks: list[torch.Tensor] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args: Any, **kw: Any) -> torch.Tensor:
+        masks.append(kw["attn_mask"])
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    m = make(recipe)
+    x = imgs()
+    m.fit_tokenizer(x)
+    with torch.no_grad():
+        m.encoder.blocks[0].attn.rel_table.normal_()  # the shared table, so that positions matter
+    loss = m((x, None), gen(3)).loss
+    assert len(masks) == 2 and all(b.stride(-1) == 1 for b in masks)
+    set_fused_attn(m, False)
+    torch.testing.assert_close(m((x, None), gen(3)).loss, loss, rtol=1e-5, atol=0)
+    assert len(masks) == 2
 
 
 def test_window_geometry_and_token_counts() -> None:

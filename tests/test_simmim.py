@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from repro.config import ConfigError
 from repro.methods.simmim import SimMIM, masked_l1, unit_mask, upsample_mask
-from repro.models.vit import RelPosAttention, create_vit
+from repro.models.vit import RelPosAttention, create_vit, set_fused_attn
 from repro.resolve import resolve
 from repro.scales import TinyRule
 
@@ -127,6 +127,28 @@ def test_shared_relative_bias_and_export() -> None:
     assert torch.equal(vit.blocks[3].attn.rel_table, state["blocks.0.attn.rel_table"])
     unshared = make(shared_rel_pos=False).encoder.blocks
     assert unshared[1].attn.rel_table is not unshared[0].attn.rel_table
+
+
+def test_attention_masks_reach_sdpa_with_unit_key_stride(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA's fused SDPA kernels take a float mask only with unit stride along the keys (otherwise SDPA runs its
+    explicit math path in fp32: the bmm / softmax / fp32 GEMMs of the H200 trace): every block's relative bias does,
+    and the step's loss is the explicit attention's."""
+    masks: list[torch.Tensor] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args: Any, **kw: Any) -> torch.Tensor:
+        masks.append(kw["attn_mask"])
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    m = make()
+    with torch.no_grad():
+        m.encoder.blocks[0].attn.rel_table.normal_()  # the shared table, so that positions matter
+    loss = m((images(), None), gen()).loss
+    assert len(masks) == 4 and all(b.stride(-1) == 1 and b.shape == (1, 2, 65, 65) for b in masks)
+    set_fused_attn(m, False)
+    torch.testing.assert_close(m((images(), None), gen()).loss, loss, rtol=1e-5, atol=0)
+    assert len(masks) == 4
 
 
 @pytest.mark.parametrize(("override", "match"), [

@@ -10,9 +10,12 @@ import timm
 import torch
 
 from repro.models.vit import (
+    attention,
     create_vit,
     encoder_state_dict,
     grid_coords,
+    run_blocks,
+    set_fused_attn,
     sincos_2d,
     timm_kwargs,
     timm_name,
@@ -153,3 +156,91 @@ def test_rel_pos_without_coords_is_refused() -> None:
 def test_unknown_rel_pos_lists_valid() -> None:
     with pytest.raises(ValueError, match="valid: none, bias"):
         create_vit({**MICRO, "rel_pos": "nope"}, 32)
+
+
+def test_rel_pos_bias_is_a_unit_stride_mask_of_the_offsets_table_rows() -> None:
+    """CUDA's fused SDPA kernels take a float mask only with unit stride along the keys (otherwise SDPA falls back to
+    its explicit math path, in fp32): the bias is built so, in fp32 and bf16, on the full grid and on per-sample
+    token subsets, and entry (s, h, i, j) is the table row of the offset between tokens i and j (cls: its own rows)."""
+    torch.manual_seed(0)
+    att = create_vit({**MICRO, "rel_pos": "bias"}, 32).blocks[0].attn
+    with torch.no_grad():
+        att.rel_table.normal_()
+    span = 2 * 8 - 1
+    table = att.rel_table.detach()
+    sub = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:6] for i in range(2)])
+    for xy in (None, grid_coords(8, 8)[sub]):
+        n = 65 if xy is None else 7
+        q = torch.zeros(2, att.num_heads, n, att.head_dim)
+        bias = att.position_term(q, n, xy)
+        assert bias.shape == ((1 if xy is None else 2), att.num_heads, n, n)
+        assert bias.stride(-1) == 1 and bias.to(torch.bfloat16).stride(-1) == 1
+        pos = grid_coords(8, 8)[None] if xy is None else xy
+        for s in range(bias.shape[0]):
+            torch.testing.assert_close(bias[s, :, 0, 0], table[span * span + 2], rtol=0, atol=0)
+            for i in range(1, n, 3):
+                torch.testing.assert_close(bias[s, :, 0, i], table[span * span], rtol=0, atol=0)
+                torch.testing.assert_close(bias[s, :, i, 0], table[span * span + 1], rtol=0, atol=0)
+                for j in range(1, n, 5):
+                    dy, dx = (pos[s, i - 1] - pos[s, j - 1]).tolist()
+                    torch.testing.assert_close(bias[s, :, i, j], table[(dy + 7) * span + dx + 7], rtol=0, atol=0)
+
+
+def test_rel_pos_vit_through_sdpa_equals_the_explicit_product(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative-bias ViT (BEiT / SimMIM) with every attention layer through SDPA (the bias as its float mask) gives
+    the explicit softmax(QK^T / sqrt(d) + bias)V's output and gradients in fp32 on the CPU, on the full grid and on a
+    token subset; every mask SDPA receives has unit stride along the keys (see the test above)."""
+    torch.manual_seed(0)
+    vit = create_vit({**MICRO, "rel_pos": "bias"}, 32)
+    with torch.no_grad():
+        for blk in vit.blocks:
+            blk.attn.rel_table.normal_(0, 1.0)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    keep = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(i))[:16] for i in range(2)])
+    strides: list[int] = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def recording(*args: Any, **kw: Any) -> torch.Tensor:
+        if kw.get("attn_mask") is not None:
+            strides.append(kw["attn_mask"].stride(-1))
+        return sdpa(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+
+    def run(fused: bool) -> list[torch.Tensor]:
+        assert set_fused_attn(vit, fused) == 4
+        vit.zero_grad(set_to_none=True)
+        full = vit.forward_features(x)
+        tok = torch.gather(vit.patch_embed(x), 1, keep[..., None].expand(-1, -1, 64))
+        part = run_blocks(vit, torch.cat([vit.cls_token.expand(2, -1, -1), tok], 1), grid_coords(8, 8)[keep])
+        (full.square().mean() + part.square().mean()).backward()
+        return [full.detach(), part.detach()] + [p.grad.clone() for p in vit.parameters() if p.grad is not None]
+
+    fused, explicit = run(True), run(False)
+    assert len(fused) == len(explicit) > 2 + 4
+    for a, b in zip(fused, explicit, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert len(strides) == 8 and set(strides) == {1}
+    # The helper itself hands SDPA a unit-stride mask whatever the layout it is given.
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    bias = torch.randn(1, 5, 5, 3, generator=g).permute(0, 3, 1, 2)
+    strides.clear()
+    torch.testing.assert_close(attention(q, k, v, bias, 0.0, fused=True), attention(q, k, v, bias, 0.0, fused=False))
+    assert strides == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA's fused SDPA kernels")
+def test_rel_pos_attention_runs_in_cudas_memory_efficient_kernel() -> None:
+    """On a GPU, under bf16 autocast, a relative-bias layer (forward and backward) runs with SDPA restricted to the
+    memory-efficient kernel: SDPA raises instead of falling back to its fp32 math path."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    vit = create_vit({"arch": "vit_base", "patch_size": 16, "rel_pos": "bias"}, 224).cuda()
+    blk = vit.blocks[0]
+    x = torch.randn(4, 197, 768, device="cuda", requires_grad=True)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), torch.autocast("cuda", dtype=torch.bfloat16):
+        out = blk(x)
+    out.float().square().mean().backward()
+    assert blk.attn.rel_table.grad is not None and torch.isfinite(blk.attn.rel_table.grad).all()

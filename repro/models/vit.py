@@ -84,6 +84,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Ten
     ``scaled_dot_product_attention`` call (flash / memory-efficient / CPU kernels, the bias as ``attn_mask``);
     otherwise the explicit product, softmax and dropout (``train.fused_attn=false``, for debugging)."""
     if fused:
+        if bias is not None and bias.stride(-1) != 1:
+            bias = bias.contiguous()  # CUDA's fused kernels refuse a mask without unit last-dim stride
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
     if bias is not None:
@@ -146,7 +148,9 @@ class RelPosAttention(Attention):
         full[:, k:, k:] = idx
         full[:, :k, k:] = span * span
         full[:, k:, :k] = span * span + 1
-        return self.rel_table[full].permute(0, 3, 1, 2)
+        # Gathered from the (H, entries) view: (H, b, N, N) -> (b, H, N, N) keeps unit stride on the key axis, which
+        # the GPU SDPA kernels need of a mask (else they fall back to the explicit, fp32 math path).
+        return self.rel_table.t()[:, full].transpose(0, 1)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, coords: torch.Tensor | None = None,
                 **_: Any) -> torch.Tensor:
