@@ -354,3 +354,71 @@ def test_swin_overfits_fixed_batch() -> None:
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 3, losses[::30]
+
+
+def test_gather_rows_equals_indexing_forward_and_backward() -> None:
+    """gather_rows (backward by the inverse map) = x[:, index] (backward by index_put's scatter), padding slots that
+    repeat row 0 included, up to float rounding."""
+    from repro.models.swin import gather_rows, inverse_index, make_grouping
+
+    g = gen(5)
+    coords = torch.stack(torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij"), -1).reshape(-1, 2)
+    coords = coords[torch.randperm(64, generator=g)[:40].sort().values]
+    grp = make_grouping(coords, 4, 2, mode="group")
+    assert grp.pad.numel() > 0  # the test needs padding slots
+    x = torch.randn(2, coords.shape[0], 6, generator=g, requires_grad=True)
+    w = torch.randn(2, grp.index.numel(), 6, generator=g)
+    ref = x[:, grp.index]
+    got = gather_rows(x, grp.index, grp.restore, grp.pad)
+    assert torch.equal(got, ref)
+    (gr,) = torch.autograd.grad((ref * w).sum(), x)
+    (gg,) = torch.autograd.grad((got * w).sum(), x)
+    torch.testing.assert_close(gg, gr, rtol=1e-6, atol=1e-6)
+    # the way back: slots -> tokens (padding slots get no gradient)
+    y = torch.randn(2, grp.index.numel(), 6, generator=g, requires_grad=True)
+    v = torch.randn(2, coords.shape[0], 6, generator=g)
+    (br,) = torch.autograd.grad((y[:, grp.restore] * v).sum(), y)
+    (bg,) = torch.autograd.grad((gather_rows(y, grp.restore, grp.slot_token) * v).sum(), y)
+    assert torch.equal(bg, br)
+    perm = torch.randperm(10, generator=g)
+    assert torch.equal(inverse_index(perm[:6], 10)[perm[:6]], torch.arange(6))
+    assert (inverse_index(perm[:6], 10)[perm[6:]] == 6).all()
+
+
+def _indexing_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The previous operations: plain advanced indexing for the token gathers, per-bin average pooling for HOG."""
+    import torch.nn.functional as F
+
+    import repro.methods.localmim as lm
+    import repro.models.hog as hog_module
+    import repro.models.swin as swin_module
+
+    def plain(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, pad: Any = None) -> torch.Tensor:
+        return x[:, index]
+
+    def pooled(mag: torch.Tensor, bins: torch.Tensor, nbins: int, cell: int) -> torch.Tensor:
+        return torch.stack([F.avg_pool2d(mag * (bins == b), cell) for b in range(nbins)], dim=2)
+
+    monkeypatch.setattr(swin_module, "gather_rows", plain)
+    monkeypatch.setattr(lm, "gather_rows", plain)
+    monkeypatch.setattr(hog_module, "cell_histograms", pooled)
+
+
+@pytest.mark.parametrize("recipe", ["localmim", "localmim_swin_base"])
+def test_one_step_loss_unchanged_by_the_fast_ops(recipe: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 CPU: the training step's loss is identical with the gather/histogram rewrites and the previous indexing /
+    pooling, the gradients equal up to float rounding."""
+    def step() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        m = LocalMIM(resolve(recipe, "tiny"))
+        out = m((images(4, 1),), gen(2))
+        out.loss.backward()
+        return out.loss.detach(), {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+    loss, grads = step()
+    _indexing_reference(monkeypatch)
+    ref_loss, ref_grads = step()
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)

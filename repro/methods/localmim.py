@@ -59,8 +59,12 @@ from repro.models.hog import HOGLayers
 from repro.models.mim import MaskedDecoder, UnitDecoder, encode_visible, mae_init_, masked_mse, norm_pix, patchify
 from repro.models.swin import (
     SwinTokens,
+    WindowGrouping,
     block_visible,
     create_swin,
+    gather_rows,
+    grouping_to,
+    inverse_index,
     is_swin,
     mask_unit,
     merge_visible,
@@ -345,8 +349,13 @@ class LocalMIMSwin(LocalMIM):
         isolate = bool(self.params["grad_isolation"])
         x = enc.patch_embed(imgs)
         b, h, w, c = x.shape
-        ids = torch.sort(ids.to(x.device)).values
-        level = SwinTokens(x.reshape(b, h * w, c)[:, ids], torch.stack([ids // w, ids % w], dim=1), (h, w))
+        dev = x.device
+        # The coords, merges and window groupings are worked out where ``ids`` lives (the CPU: no host syncs); only
+        # the finished index tensors travel to the device.
+        ids = torch.sort(ids).values
+        inv = inverse_index(ids, h * w)
+        tokens = gather_rows(x.reshape(b, h * w, c), ids.to(dev, non_blocking=True), inv.to(dev, non_blocking=True))
+        level = SwinTokens(tokens, torch.stack([ids // w, ids % w], dim=1), (h, w))
         out: dict[int, SwinTokens] = {}
         for i, stage in enumerate(enc.layers):
             if i > 0:
@@ -359,8 +368,11 @@ class LocalMIMSwin(LocalMIM):
                 if len(out) == len(want):
                     return out
             t = level.tokens
+            moved: dict[int, WindowGrouping] = {}  # blocks with the same (window, shift) share one grouping
             for blk, g in zip(stage.blocks, stage_groupings(stage, level.coords)):
-                t = block_visible(blk, t, g)
+                if id(g) not in moved:
+                    moved[id(g)] = grouping_to(g, dev)
+                t = block_visible(blk, t, moved[id(g)])
             level = SwinTokens(t, level.coords, level.grid)
         out[ends[-1]] = level
         return out
@@ -368,7 +380,8 @@ class LocalMIMSwin(LocalMIM):
     def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         n = imgs.shape[0]
         mask = swin_batch_mask(self.ugrid * self.ugrid, float(self.params["mask_ratio"]), generator).to(imgs.device)
-        ids = visible_ids_from_units((mask == 0).reshape(self.ugrid, self.ugrid), self.unit_patches)
+        # The step's one host sync: the (units,) mask comes to the CPU, where the index bookkeeping runs.
+        ids = visible_ids_from_units((mask == 0).reshape(self.ugrid, self.ugrid).cpu(), self.unit_patches)
         levels = self._swin_levels(imgs, ids)
         normed = {t: SwinTokens(self.norms[str(t)](lv.tokens), lv.coords, lv.grid) for t, lv in levels.items()}
         if self.fuse is not None:
@@ -382,7 +395,7 @@ class LocalMIMSwin(LocalMIM):
         out = []
         for x, dec, head, s, tgt in zip(feats, self.decoders, self.heads, self.scales, targets):
             g = x.grid[0]
-            y = dec(x.tokens, x.ids)  # (N, g*g, d), raster order
+            y = dec(x.tokens, x.ids.to(x.tokens.device, non_blocking=True))  # (N, g*g, d), raster order
             pred = head(y.transpose(1, 2).reshape(n, -1, g, g)).flatten(2).transpose(1, 2)
             m = scale_mask(mask[None].expand(n, -1), self.ugrid, g * s / self.ugrid)
             out.append(masked_mse(pred.float(), tgt.float(), m))
@@ -404,5 +417,6 @@ def _cell_blocks(fine: SwinTokens, top: SwinTokens) -> torch.Tensor:
     pos = top.coords[:, None, :] * r + off.reshape(1, -1, 2)
     idx = slot[pos[..., 0] * w + pos[..., 1]]
     b, _, c = fine.tokens.shape
-    return fine.tokens[:, idx.reshape(-1)].reshape(b, top.coords.shape[0], r * r * c)
+    idx = idx.reshape(-1).to(fine.tokens.device, non_blocking=True)
+    return fine.tokens[:, idx].reshape(b, top.coords.shape[0], r * r * c)
 

@@ -64,17 +64,16 @@ class HOG(nn.Module):
     def multi_cell(self, imgs: torch.Tensor, cells: Sequence[int]) -> list[torch.Tensor]:
         """HOG maps for several cell sizes from one gradient pass: a list of (N, 3 * nbins, H / c, W / c).
 
-        The histogram is pooled once at the greatest common divisor of ``cells`` and average-pooled up from there
-        (exact, since an average over a cell equals the average of its equal-sized sub-cells)."""
+        The histogram is taken once at the greatest common divisor of ``cells`` and average-pooled up from there
+        (exact up to float rounding: an average over a cell equals the average of its equal-sized sub-cells)."""
         with torch.autocast(device_type=imgs.device.type, enabled=False):
-            mag, idx = self.pixel_gradients(imgs)
+            mag, bins = self.pixel_gradients(imgs)
             base = reduce(math.gcd, [int(c) for c in cells])
             n, c, h, w = mag.shape
             for cell in cells:
                 if h % cell or w % cell:
                     raise ValueError(f"HOG cell {cell} px does not divide the {h}x{w} image")
-            # One bin at a time keeps the peak memory at one (N, 3, H, W) map instead of nbins of them.
-            hist = torch.stack([F.avg_pool2d(mag * (idx == b), base) for b in range(self.nbins)], dim=2)
+            hist = cell_histograms(mag, bins, self.nbins, base)
             out = []
             for cell in cells:
                 k = int(cell) // base
@@ -84,6 +83,27 @@ class HOG(nn.Module):
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         return self.multi_cell(imgs, [self.cell])[0]
+
+
+# Elements of the (chunk, 3, nbins, H, W) per-bin maps that cell_histograms holds at a time (512 MiB in fp32).
+HIST_CHUNK = 1 << 27
+
+
+def cell_histograms(mag: torch.Tensor, bins: torch.Tensor, nbins: int, cell: int) -> torch.Tensor:
+    """Mean over every ``cell`` x ``cell`` cell of the magnitude per orientation bin: (N, C, H, W) magnitudes and
+    int64 bin indices -> (N, C, nbins, H / cell, W / cell). Per batch chunk, every pixel's magnitude is written into its
+    bin's plane (a scatter without collisions: deterministic) and the planes are summed over each cell's columns,
+    then rows, then divided by cell**2: average pooling per bin, up to the order of the float additions."""
+    n, c, h, w = mag.shape
+    step = max(1, HIST_CHUNK // max(1, c * nbins * h * w))
+    parts = []
+    for i in range(0, n, step):
+        m, b = mag[i:i + step], bins[i:i + step]
+        planes = m.new_zeros(m.shape[0], c, nbins, h, w).scatter_(2, b.unsqueeze(2), m.unsqueeze(2))
+        cols = planes.view(-1, c, nbins, h, w // cell, cell).sum(dim=5)
+        parts.append(cols.view(-1, c, nbins, h // cell, cell, w // cell).sum(dim=4))
+    hist = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return hist.div_(cell * cell)
 
 
 class HOGLayers(nn.Module):

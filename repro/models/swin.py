@@ -138,17 +138,63 @@ def pack_windows(capacity: int, sizes: Sequence[int]) -> list[list[int]]:
     return groups
 
 
+class _RowGather(torch.autograd.Function):
+    """``x[:, index]`` along dim 1 with a backward that is a gather too: ``inverse[j]`` is the output row holding
+    input row j (``len(index)``: none, zero gradient); ``pad`` lists extra output rows that repeat input row 0 (the
+    padding slots of a grouping), whose gradients are summed into row 0. Index backward would instead scatter with
+    index_put's sort-and-accumulate kernel (slow on a GPU); both give the same sums up to float rounding."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
+                pad: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse, pad)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        inverse, pad = ctx.saved_tensors
+        zero = grad.new_zeros(grad.shape[0], 1, *grad.shape[2:])
+        gx = torch.cat([grad, zero], dim=1).index_select(1, inverse)
+        if pad.numel():
+            gx[:, 0] += grad.index_select(1, pad).sum(dim=1)
+        return gx, None, None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+    """``x[:, index]`` (see ``_RowGather``; ``inverse`` from ``inverse_index``)."""
+    return _RowGather.apply(x, index, inverse, index.new_zeros(0) if pad is None else pad)
+
+
+def inverse_index(index: torch.Tensor, rows: int) -> torch.Tensor:
+    """For an ``index`` that takes each of ``rows`` input rows at most once: the output row of every input row,
+    ``len(index)`` for rows it does not take."""
+    inv = torch.full((rows,), index.numel(), dtype=torch.long, device=index.device)
+    inv[index] = torch.arange(index.numel(), device=index.device)
+    return inv
+
+
 @dataclass
 class WindowGrouping:
     """How the visible tokens of one level are arranged for one (window, shift): ``index`` (nG * G,) token index per
     slot (padding slots point at token 0), ``restore`` (N,) the slot of every token, ``bias_index`` (nG, G, G) into the
-    relative position table (0 where masked), ``blocked`` (nG, G, G) True where the pair must not attend."""
+    relative position table (0 where masked), ``blocked`` (nG, G, G) True where the pair must not attend; ``pad`` the
+    padding slots and ``slot_token`` (nG * G,) the token of every slot (N for padding): the inverse maps that let the
+    backward of both rearrangements gather (``gather_rows``)."""
 
     index: torch.Tensor
     restore: torch.Tensor
     bias_index: torch.Tensor
     blocked: torch.Tensor
     group_size: int
+    pad: torch.Tensor
+    slot_token: torch.Tensor
+
+
+def grouping_to(g: WindowGrouping, device: torch.device) -> WindowGrouping:
+    """``g`` with its tensors on ``device`` (copied without waiting for the device when they are on the CPU)."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in vars(g).items() if isinstance(v, torch.Tensor)}
+    return WindowGrouping(**{**vars(g), **moved})
 
 
 def window_ids(coords: torch.Tensor, window: int, shift: int) -> torch.Tensor:
@@ -187,6 +233,8 @@ def make_grouping(coords: torch.Tensor, window: int, shift: int, mode: str = "au
     real = index >= 0
     restore = torch.empty(n, dtype=torch.long, device=dev)
     restore[index[real]] = torch.nonzero(real).squeeze(1)
+    pad_slots = torch.nonzero(~real).squeeze(1)
+    slot_token = torch.where(real, index, n)
     index = index.clamp_min(0)
     c = coords[index].reshape(-1, gsize, 2)
     rel = c[:, :, None, :] - c[:, None, :, :] + (window - 1)
@@ -194,7 +242,7 @@ def make_grouping(coords: torch.Tensor, window: int, shift: int, mode: str = "au
     pad = gid < 0
     blocked = (gid[:, :, None] != gid[:, None, :]) | (pad[:, :, None] & pad[:, None, :])
     bias_index = bias_index.masked_fill(blocked, 0)
-    return WindowGrouping(index, restore, bias_index, blocked, gsize)
+    return WindowGrouping(index, restore, bias_index, blocked, gsize, pad_slots, slot_token)
 
 
 def grouped_attention(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
@@ -203,11 +251,12 @@ def grouped_attention(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGroup
     attn = blk.attn
     b, _, c = x.shape
     heads = attn.num_heads
-    xg = x[:, g.index].reshape(-1, g.group_size, c)  # (B * nG, G, C)
+    xg = gather_rows(x, g.index, g.restore, g.pad).reshape(-1, g.group_size, c)  # (B * nG, G, C)
     qkv = attn.qkv(xg).reshape(xg.shape[0], g.group_size, 3, heads, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     table = attn.relative_position_bias_table
-    bias = table[g.bias_index].permute(0, 3, 1, 2)  # (nG, H, G, G)
+    # table[bias_index]; embedding's backward sums the duplicates segment-wise (index backward: a slow scatter)
+    bias = F.embedding(g.bias_index, table).permute(0, 3, 1, 2)  # (nG, H, G, G)
     bias = bias.masked_fill(g.blocked[:, None], MASK_VALUE)
     # (B * nG, H, G, d) -> (B, nG * H, G, d): the (nG * H) bias then broadcasts over the batch without a copy.
     q, k, v = (t.reshape(b, -1, g.group_size, t.shape[-1]) for t in (q, k, v))
@@ -217,7 +266,7 @@ def grouped_attention(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGroup
                     fused=not getattr(attn, "explicit_attn", False))
     out = out.reshape(xg.shape[0], heads, g.group_size, -1)
     out = attn.proj_drop(attn.proj(out.transpose(1, 2).reshape(xg.shape[0], g.group_size, -1)))
-    return out.reshape(b, -1, c)[:, g.restore]
+    return gather_rows(out.reshape(b, -1, c), g.restore, g.slot_token)
 
 
 def block_visible(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
@@ -239,7 +288,11 @@ def merge_visible(merge: nn.Module, level: SwinTokens) -> SwinTokens:
     idx = slot[fine[..., 0] * w + fine[..., 1]]
     if (idx < 0).any():
         raise ValueError("visible tokens must cover whole 2x2 cells at every merge (mask on the last stage's grid)")
-    x = level.tokens[:, idx.reshape(-1)].reshape(level.tokens.shape[0], cells.shape[0], -1)
+    flat = idx.reshape(-1)  # every visible token once
+    tdev = level.tokens.device  # the coords may live on the CPU (index bookkeeping without host syncs)
+    inv = inverse_index(flat, flat.numel())
+    x = gather_rows(level.tokens, flat.to(tdev, non_blocking=True), inv.to(tdev, non_blocking=True))
+    x = x.reshape(level.tokens.shape[0], cells.shape[0], -1)
     x = merge.reduction(merge.norm(x))
     return SwinTokens(x, cells, (h // 2, w // 2))
 
@@ -280,7 +333,7 @@ def forward_visible(model: SwinTransformer, imgs: torch.Tensor, visible_ids: tor
         visible_ids = torch.arange(h * w, device=x.device)
     ids = torch.sort(visible_ids.to(x.device)).values
     coords = torch.stack([ids // w, ids % w], dim=1)
-    level = SwinTokens(x.reshape(b, h * w, c)[:, ids], coords, (h, w))
+    level = SwinTokens(gather_rows(x.reshape(b, h * w, c), ids, inverse_index(ids, h * w)), coords, (h, w))
     stages, merged = [], []
     for i, stage in enumerate(model.layers):
         if i > 0:
