@@ -211,3 +211,130 @@ def test_main_job_section_sums_claims_and_all_and_says_interrupted(tmp_path: Pat
     record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 120.0, "ran": 2, "skipped": 8})
     text = "\n".join(main_job_lines(tmp_path))
     assert "Total: **2.0 min wall** for 2 stages run." in text  # the last `all`, complete (no claims run before it)
+
+
+# ---- transfer tables at tiny: the trivial floor, the verdict against it, the budget ----------------------------------
+
+SEG = {"optim": {"iters": 400, "batch_size": 8, "lr": 1e-4},
+       "data": {"dataset": "synthetic", "synthetic_train": 1000, "img_size": 32, "num_classes": 11}}
+SEG_ACCT = {"iters": 400, "images": 3200, "completed": True}
+DET = {"framework": "detectron2", "optim": {"epochs": 3, "batch_size": 4},
+       "data": {"dataset": "synthetic", "synthetic_train": 512, "img_size": 64, "num_classes": 80}}
+DET_ACCT = {"iterations": 384, "images": 1536, "completed": True}
+
+
+def _transfer(runs: Path, kind: str, name: str, seed: int, metrics: dict[str, float], cfg: dict[str, Any],
+              acct: dict[str, Any]) -> str:
+    d = runs / "tiny" / kind / name
+    d.mkdir(parents=True)
+    r = {"status": "done", "kind": kind, "scale": "tiny", "key": name, "inputs": {}, "substitutes": [],
+         "config": {"seed": seed, "kind": kind, **cfg}, "metrics": metrics,
+         "accounting": {"device_hours": 0.01, **acct},
+         "provenance": {"results_version": {kind: KINDS[kind].results_version}, "commit": "0" * 40}}
+    (d / "result.json").write_text(json.dumps(r))
+    return str(d)
+
+
+def _transfer_manifest(runs: Path, table: str, kind: str, rows: dict[str, list[str]]) -> None:
+    p = manifest_path(runs, "tiny", table)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    entries = [{"label": label, "status": "trainable", "reason": "", "stages": {kind: dirs}}
+               for label, dirs in rows.items()]
+    p.write_text(json.dumps({"table": table, "scale": "tiny", "overrides": [], "rows": entries}))
+
+
+def _seg(runs: Path, name: str, mious: list[float], floor: float = 6.8) -> list[str]:
+    return [_transfer(runs, "segment", f"{name}-s{i}", i, {"miou": v, "trivial_miou": floor}, SEG, SEG_ACCT)
+            for i, v in enumerate(mious)]
+
+
+def test_segment_table_shows_the_floor_the_verdict_against_it_and_the_budget(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    _transfer_manifest(runs, "lomar/t4", "segment", {
+        "supervised": _seg(runs, "sup", [12.0, 13.0, 14.0]),  # +6.2 over 6.8, SE 0.58: above (resolved)
+        "BEiT": _seg(runs, "beit", [6.0, 7.5, 7.0]),  # mean 6.83 > 6.8 by 0.03: within noise
+        "MAE": _seg(runs, "mae", [6.5]),  # at or below the floor, one seed
+        "LoMaR": _seg(runs, "lomar", [11.8]),  # one seed above: no verdict
+    })
+    render_all(runs, tmp_path / "repo", ["lomar/t4"])
+    md = tmp_path / "repo" / "tables" / "lomar" / "t4.md"
+    text = md.read_text()
+    assert "| row | paper | ours | vs ref | vs floor |" in text
+    rows = _md_rows(md)
+    assert rows["supervised"][4] == "+6.2 (above)"
+    assert rows["BEiT"][4] == "+0.0 (within noise)"
+    assert rows["MAE"][4] == "-0.3 (**not above**)"
+    assert rows["LoMaR"][4] == "+5.0 (n=1, no verdict)"
+    assert rows["LoMaR384"][2:] == ["not run", "", ""]
+    assert ("- floor: the best constant prediction's mIoU (one class on every pixel), measured on each stage's own "
+            "evaluation data: 6.8.") in text
+    assert ("- tiny budget of the segment stages (from their results): 400 iterations x batch 8 (3,200 images seen) "
+            "over 1,000 embedded training images, 32-px crops.") in text
+    assert "chance level" not in text
+    import csv
+
+    with md.with_suffix(".csv").open() as f:
+        mae = next(r for r in csv.DictReader(f) if r["row"] == "MAE")
+    assert (mae["miou floor"], mae["miou vs floor"], mae["miou floor verdict"]) == ("6.8000", "-0.3000", "not above")
+    assert mae["budget"].startswith("400 iterations x batch 8")
+    # rows on different data: the floor's range
+    _transfer_manifest(runs, "lomar/t4", "segment", {"supervised": _seg(runs, "sup2", [12.0], floor=7.1),
+                                                      "MAE": _seg(runs, "mae2", [12.0])})
+    render_all(runs, tmp_path / "repo", ["lomar/t4"])
+    assert "evaluation data: 6.8-7.1." in md.read_text()
+
+
+def test_detection_table_has_one_floor_column_over_box_and_mask(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+
+    def det(name: str, box: float, mask: float) -> list[str]:
+        m = {"box_ap": box, "mask_ap": mask, "trivial_box_ap": 0.24, "trivial_mask_ap": 0.13}
+        return [_transfer(runs, "detect", name, 0, m, DET, DET_ACCT)]
+
+    _transfer_manifest(runs, "lomar/t3", "detect", {"MAE": det("mae", 10.44, 13.72), "LoMaR": det("lomar", 2.4, 0.05)})
+    render_all(runs, tmp_path / "repo", ["lomar/t3"])
+    md = tmp_path / "repo" / "tables" / "lomar" / "t3.md"
+    text = md.read_text()
+    rows = _md_rows(md)
+    assert text.count("vs floor |") == 1  # one column for both measures
+    assert rows["MAE"][-1] == "+10.2 / +13.6 (n=1, no verdict)"
+    assert rows["LoMaR"][-1] == "+2.2 / -0.1 (**not above: ViTDet AP mask**)"
+    assert "ViTDet AP box 0.2, ViTDet AP mask 0.1." in text and "trivial detector that ignores the image" in text
+    assert "per column (ViTDet AP box / ViTDet AP mask)" in text
+    assert ("- tiny budget of the detect (detectron2) stages (from their results): 3 epochs = 384 iterations x batch 4 "
+            "(1,536 images seen) over 512 embedded training images, 64-px crops.") in text
+
+
+def test_tables_without_transfer_measures_have_no_floor(runs: Path, tmp_path: Path) -> None:
+    render_all(runs, tmp_path / "repo", [TABLE])
+    md = tmp_path / "repo" / "tables" / "extrema" / "t2.md"
+    assert "floor" not in md.read_text() and "budget" not in md.with_suffix(".csv").read_text()
+
+
+def test_a_plot_of_a_transfer_measure_draws_its_floor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    from repro.report.tables import render_plot, row_views
+    from repro.spec import get_spec
+
+    lines: list[tuple[float, str]] = []
+    draw = Axes.axhline
+
+    def spy(self: Axes, y: float = 0, *a: Any, **k: Any) -> Any:
+        lines.append((y, k.get("label", "")))
+        return draw(self, y, *a, **k)
+
+    monkeypatch.setattr(Axes, "axhline", spy)
+    runs = tmp_path / "runs"
+    _transfer_manifest(runs, "localmim/t2", "segment", {"BEiT": _seg(runs, "b", [9.0]), "MAE": _seg(runs, "m", [12.0])})
+    spec = dataclasses.replace(get_spec("localmim/t2"), plot={"x": "epochs", "y": "miou"})
+    from repro.report.tables import load_results, read_manifest
+
+    views = row_views(spec, read_manifest(runs, "tiny", spec.id), load_results(runs))
+    assert render_plot(spec, views, "tiny", tmp_path / "p.png") is not None
+    assert lines == [(6.8, "floor (6.8, best constant prediction)")]

@@ -16,6 +16,8 @@ Seeds: a row's value is mean +- sample std over its seeds (n); each difference a
 the verdict of ``repro.record.compare.verdict`` (the one noise rule of the suite): resolved, within noise, or no
 verdict with one seed on a side. Tiny-scale cost is never wall time (a shared CPU); tables with a cost column show
 the ratio of the tiny models' FLOPs per image instead, and point to ``tables/efficiency`` for paper-scale cost.
+Transfer columns (mIoU, box / mask AP) at tiny: each row against the trivial floor its stages measured on their own
+data (``vs floor``), and the stages' budgets, read from their results.
 Markdown keeps the few columns a reader needs; the csv holds every measure, seed, stage folder and device-hours.
 Rendering is deterministic: same manifests and results in, byte-identical files out.
 """
@@ -25,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,16 @@ COST_MEASURES = ("pretrain.hours", "pretrain.hours_per_epoch", "derived.speedup"
 ACCURACY_MEASURES = ("finetune.top1", "linear.top1", "knn.top1", "knn.top1_k20", "semisup.top1",
                      "pretrain.knn_curve")
 FLOPS_TITLE = "tiny-model FLOPs ratio"
+# Transfer stages record, beside each metric, the same metric of a trivial predictor on the stage's own data
+# ("trivial_<metric key>", repro.transfer): the floor a trained model must beat. What that predictor is, per kind:
+FLOOR_PREFIX = "trivial_"
+FLOOR_KINDS = {
+    "segment": ("the best constant prediction's mIoU (one class on every pixel)", "best constant prediction"),
+    "detect": ("the AP of a trivial detector that ignores the image (each class's mean training box, scored by the "
+               "class's training frequency, its mask the filled box)", "trivial detector"),
+}
+FLOOR_TITLE = "vs floor"
+NOT_ABOVE = "not above"
 # Descriptive columns that split a table into groups with a reference row each (a varied factor never does).
 GROUP_COLUMNS = ("backbone", "dataset")
 NOT_RUN = "not run"
@@ -169,6 +181,15 @@ class RowView:
         kind = MEASURES[column.measure][0]
         out = [measure(column.measure, r) for r in self.results.get(kind, [])]
         return [v for v in out if v is not None]
+
+    def floors(self, column: Any) -> list[float]:
+        """The trivial floor of a measured column, one per seed present (``floor_kind``; [] without one)."""
+        from repro.spec.schema import MEASURES
+
+        if floor_kind(column) is None:
+            return []
+        kind, key = MEASURES[column.measure]
+        return numbers([(r.get("metrics") or {}).get(FLOOR_PREFIX + key) for r in self.results.get(kind, [])])
 
     def flops(self, per_epoch: bool = False) -> float | None:
         """The tiny model's pretraining FLOPs: FLOPs per image of its step (the engine's count) x images seen (per
@@ -379,6 +400,132 @@ def chance(views: Iterable[RowView], columns: Iterable[Any]) -> dict[int, float]
     return {n: 100.0 / n for n in sorted({c for rv in views for c in rv.classes(kinds)}) if n > 0}
 
 
+# ---- trivial floors and budgets of the transfer measures (tiny) ----------------------------------------------------
+
+
+def floor_kind(column: Any) -> str | None:
+    """The stage kind whose trivial floor goes with ``column`` (``FLOOR_KINDS``), None: the column has none."""
+    from repro.spec.schema import MEASURES
+
+    if not column.measure or column.measure in COST_MEASURES or column.measure not in MEASURES:
+        return None
+    kind = MEASURES[column.measure][0]
+    return kind if kind in FLOOR_KINDS else None
+
+
+def floor_columns(spec: Any) -> list[Any]:
+    """The result columns with a trivial floor (mIoU, box / mask AP)."""
+    return [c for c in result_columns(spec) if floor_kind(c)]
+
+
+def floor_word(floors: Sequence[float], vals: Sequence[Any]) -> tuple[float, str] | None:
+    """(ours - floor, verdict) over seeds: ``NOT_ABOVE`` at or below it, else the suite's noise verdict of the
+    difference (the floor of one seed's data stands for every seed's when only one is recorded)."""
+    f, v = numbers(floors), numbers(vals)
+    if not f or not v:
+        return None
+    d = compare_values(f if len(f) > 1 else f * 2, v)
+    if d is None:
+        return None
+    if d.diff <= 0:
+        return d.diff, NOT_ABOVE
+    return d.diff, {RESOLVED: "above", WITHIN: WITHIN}.get(d.word, NO_VERDICT)
+
+
+def floor_cell(checks: Sequence[tuple[str, tuple[float, str] | None]], digits: int) -> str:
+    """The ``vs floor`` cell of a row: ours - floor per floor column (" / " between columns) and one verdict, the
+    columns not above their floor in bold."""
+    if not any(c for _, c in checks):
+        return ""
+    diffs = " / ".join(f"{c[0]:+.{digits}f}" if c else "n/a" for _, c in checks)
+    below = [t for t, c in checks if c and c[1] == NOT_ABOVE]
+    if below:
+        return f"{diffs} (**{NOT_ABOVE}" + (f": {', '.join(below)}" if len(checks) > 1 else "") + "**)"
+    words = [(t, c[1]) for t, c in checks if c]
+    noisy = [t for t, w in words if w == WITHIN]
+    if noisy:
+        return f"{diffs} ({WITHIN}" + (f": {', '.join(noisy)}" if len(checks) > 1 else "") + ")"
+    return f"{diffs} ({'above' if all(w == 'above' for _, w in words) else NO_VERDICT})"
+
+
+def floor_range(values: Iterable[float], digits: int) -> str:
+    """One floor value, or the range of the rows' floors when their data differ."""
+    xs = sorted({fmt(v, digits) for v in values}, key=float)
+    return xs[0] if len(xs) == 1 else f"{xs[0]}-{xs[-1]}"
+
+
+def budget(result: Mapping[str, Any]) -> str | None:
+    """A transfer stage's training budget from its result (accounting and resolved config), e.g. "3 epochs = 384
+    iterations x batch 4 (1,536 images seen) over 512 embedded training images, 64-px crops"; None without an
+    iteration count."""
+    acct, cfg = result.get("accounting") or {}, result.get("config") or {}
+    iters = acct.get("iterations", acct.get("iters"))
+    if not isinstance(iters, int):
+        return None
+    o, d = cfg.get("optim") or {}, cfg.get("data") or {}
+    text = f"{iters:,} iterations"
+    if isinstance(o.get("batch_size"), int):
+        text += f" x batch {o['batch_size']}"
+    if isinstance(o.get("epochs"), (int, float)):
+        text = f"{o['epochs']:g} epochs = {text}"
+    if isinstance(acct.get("images"), int):
+        text += f" ({acct['images']:,} images seen)"
+    if acct.get("completed") is False:
+        text += " (stopped before the schedule's end)"
+    if d.get("dataset") == "synthetic" and isinstance(d.get("synthetic_train"), int):
+        text += f" over {d['synthetic_train']:,} embedded training images"
+    elif d.get("dataset"):
+        text += f" over {d['dataset']}"
+    if isinstance(d.get("img_size"), int):
+        text += f", {d['img_size']}-px crops"
+    return text
+
+
+def budget_lines(spec: Any, views: Iterable[RowView]) -> list[str]:
+    """Per transfer kind of the floor columns, the legend line of its stages' budgets (rows named where they
+    differ)."""
+    out = []
+    views = list(views)
+    for kind in dict.fromkeys(floor_kind(c) for c in floor_columns(spec)):
+        rows: dict[str, list[str]] = {}
+        frameworks: set[str] = set()
+        for rv in views:
+            for r in rv.results.get(str(kind), []):
+                if (b := budget(r)) is not None and rv.row.label not in rows.setdefault(b, []):
+                    rows[b].append(rv.row.label)
+                if isinstance(fw := (r.get("config") or {}).get("framework"), str):
+                    frameworks.add(fw)
+        if not rows:
+            continue
+        name = f"{kind} ({', '.join(sorted(frameworks))})" if frameworks else str(kind)
+        text = next(iter(rows)) if len(rows) == 1 else "; ".join(f"{b} ({', '.join(ls)})" for b, ls in rows.items())
+        out.append(f"- tiny budget of the {name} stages (from their results): {text}.")
+    return out
+
+
+def floor_legend(spec: Any, views: Iterable[RowView]) -> list[str]:
+    """The tiny legend's lines on the transfer columns: each kind's floor (value, or range over the rows' data) and
+    the budget of its stages; [] when no row recorded a floor."""
+    views = list(views)
+    cols = floor_columns(spec)
+    found = {c.id: [f for rv in views for f in rv.floors(c)] for c in cols}
+    if not any(found.values()):
+        return []
+    out = []
+    for kind in dict.fromkeys(floor_kind(c) for c in cols):
+        mine = [c for c in cols if floor_kind(c) == kind and found[c.id]]
+        if not mine:
+            continue
+        what = FLOOR_KINDS[str(kind)][0]
+        vals = ", ".join((f"{c.title} " if len(mine) > 1 else "") + floor_range(found[c.id], digits_for(c))
+                         for c in mine)
+        out.append(f"- floor: {what}, measured on each stage's own evaluation data: {vals}.")
+    order = f" per column ({' / '.join(c.title for c in cols)})" if len(cols) > 1 else ""
+    out.append(f"- `{FLOOR_TITLE}`: ours minus the floor of the row's own stages{order}, with the seed-noise verdict "
+               f"(above: resolved; **{NOT_ABOVE}**: at or below the floor).")
+    return out + budget_lines(spec, views)
+
+
 @dataclass
 class Frame:
     """A table at one scale: the readable markdown frame and the full-detail csv frame."""
@@ -388,11 +535,13 @@ class Frame:
     chance: dict[int, float]
     flops: bool  # the markdown shows the tiny-model FLOPs ratio
     reference: str | None
+    floor: list[str] = field(default_factory=list)  # legend lines on the transfer floors and budgets (tiny)
 
 
 def table_frame(spec: Any, views: list[RowView], scale: str) -> Frame:
     """Markdown: row, then per result column the paper's value, ours (mean ± std, n) and the difference against the
-    row's reference row with its verdict (at paper scale: ours - paper), then cost. CSV: every number."""
+    row's reference row with its verdict (at paper scale: ours - paper), at tiny ``vs floor`` where columns have a
+    trivial floor (``floor_legend``), then cost. CSV: every number."""
     refs = references(spec, views)
     by_label = {rv.row.label: rv for rv in views}
     results = result_columns(spec)
@@ -400,6 +549,8 @@ def table_frame(spec: Any, views: list[RowView], scale: str) -> Frame:
     multi = len(results) > 1
     tiny = scale != "paper"
     flops = tiny and bool(costs) and any(rv.flops() for rv in views)
+    floor = floor_legend(spec, views) if tiny else []
+    floor_cols = floor_columns(spec) if floor else []
     md_records, csv_records = [], []
     for rv in views:
         row, label = rv.row, rv.row.label
@@ -412,6 +563,7 @@ def table_frame(spec: Any, views: list[RowView], scale: str) -> Frame:
         for c in spec.columns:
             if not c.measure:
                 csv[c.id] = _paper_cell(row.cells.get(c.id))
+        checks: list[tuple[str, tuple[float, str] | None]] = []
         for c in results:
             t = f" {c.title}" if multi else ""
             digits = digits_for(c)
@@ -437,6 +589,17 @@ def table_frame(spec: Any, views: list[RowView], scale: str) -> Frame:
             csv[f"{c.id} diff"] = f"{d.diff:.4f}" if d else ""
             csv[f"{c.id} tolerance"] = f"{d.tolerance:.4f}" if d and d.tolerance is not None else ""
             csv[f"{c.id} verdict"] = d.word if d else ""
+            if c in floor_cols:
+                fl = rv.floors(c) if status is None else []
+                check = floor_word(fl, vals)
+                checks.append((c.title, check))
+                csv[f"{c.id} floor"] = fmt(sum(fl) / len(fl), 4) if fl else ""
+                csv[f"{c.id} vs floor"] = f"{check[0]:.4f}" if check else ""
+                csv[f"{c.id} floor verdict"] = check[1] if check else ""
+        if floor_cols:
+            md[FLOOR_TITLE] = floor_cell(checks, min(digits_for(c) for c in floor_cols))
+            csv["budget"] = " | ".join(dict.fromkeys(b for c in floor_cols for r in rv.results.get(
+                str(floor_kind(c)), []) if (b := budget(r)) is not None))
         for c in costs:
             md[f"{c.title}, paper"] = _paper_cell(row.cells.get(c.id))
             csv[f"{c.id} paper"] = _paper_cell(row.cells.get(c.id))
@@ -461,7 +624,7 @@ def table_frame(spec: Any, views: list[RowView], scale: str) -> Frame:
         csv_records.append(csv)
     first_ref = next((r for r in refs.values() if r), None)
     return Frame(pd.DataFrame.from_records(md_records).fillna(""), pd.DataFrame.from_records(csv_records).fillna(""),
-                 chance(views, results), flops, first_ref)
+                 chance(views, results), flops, first_ref, floor)
 
 
 def paper_frame(spec: Any) -> pd.DataFrame:
@@ -518,6 +681,8 @@ def legend(spec: Any, frame: Frame, scale: str, cost_link: str | None) -> list[s
         out.append("- ours: mean ± std over seeds (n); `vs paper`: ours minus the paper's value.")
     if frame.chance and any(c.measure in ACCURACY_MEASURES for c in result_columns(spec)):
         out.append("- chance level: " + ", ".join(f"{v:.1f}% ({n} classes)" for n, v in frame.chance.items()) + ".")
+    if scale != "paper":
+        out += frame.floor
     if cost_columns(spec) and scale != "paper":
         where = f"[`{cost_link}`]({Path(cost_link).name})" if cost_link else "[`tables/efficiency`](../efficiency)"
         out.append("- cost: the paper's columns only; no time is measured from tiny runs on a shared CPU. "
@@ -634,8 +799,8 @@ def _curves(views: list[RowView]) -> dict[str, list[Point]]:
 
 def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path | None:
     """Figures: the paper's points and ours at ``scale`` (error bars: std over seeds; the chance level on accuracy
-    axes at tiny), a panel only where there is something to draw; kNN-curve tables: our kNN-vs-epoch curves.
-    Returns the path, or None (and no file) when nothing can be drawn."""
+    axes at tiny, the trivial floor on mIoU / AP axes), a panel only where there is something to draw; kNN-curve
+    tables: our kNN-vs-epoch curves. Returns the path, or None (and no file) when nothing can be drawn."""
     import io
     import textwrap
 
@@ -665,6 +830,8 @@ def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path
     accuracy = curves or (ycol is not None and ycol.measure in ACCURACY_MEASURES)
     levels = chance(views, [c for c in spec.columns if c.measure in ACCURACY_MEASURES and (
         c.measure == "pretrain.knn_curve" if curves else c is ycol)])
+    # the trivial floors of a transfer measure on the y axis (one line per distinct value of the rows' data)
+    floors = sorted({round(f, 4) for rv in views for f in rv.floors(ycol)}) if ycol is not None and not curves else []
     for ax, (which, series) in zip(axes[0], panels):
         for name, pts in series.items():
             xs, ms, ss = [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
@@ -675,6 +842,10 @@ def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path
         if which == "ours" and accuracy and scale != "paper":
             for n, v in levels.items():
                 ax.axhline(v, color="gray", linestyle=":", linewidth=1, label=f"chance ({v:.0f}%, {n} classes)")
+        if which == "ours" and scale != "paper":
+            for f in floors:
+                ax.axhline(f, color="gray", linestyle=":", linewidth=1,
+                           label=f"floor ({f:.1f}, {FLOOR_KINDS[str(floor_kind(ycol))][1]})")
         title = "paper" if which == "paper" else f"ours, {scale} scale" + (
             " (mean ± std over seeds; not comparable with the paper)" if scale != "paper" else "")
         ax.set_title(title, fontsize=9)
