@@ -149,6 +149,11 @@ def test_loss_is_weighted_sum_and_logged_per_scale() -> None:
     assert torch.allclose(out.loss, expect)
     assert set(out.logs) == {"loss", "loss_x4", "loss_x2", "loss_x1", "loss_x0.5"}
     assert torch.allclose(out.logs["loss_x2"], parts[1].detach())
+    m = make(scales=[1, 1, 1, 1])  # as the Swin recipes: one scale at every tap -> one log key per tap, none lost
+    parts = m.losses(images(), gen(3))
+    out = m((images(), None), gen(3))
+    assert set(out.logs) == {"loss", "loss_t0", "loss_t1", "loss_t2", "loss_t3"}
+    assert torch.allclose(out.logs["loss_t2"], parts[2].detach())
 
 
 @pytest.mark.parametrize(("override", "match"), [

@@ -148,12 +148,28 @@ def test_claims_reference_existing_tables_rows_and_measures() -> None:
     good = {"id": "x", "paper": "lomar", "text": "t", "table": "lomar/t2", "rows": ["MAE", "LoMaR"],
             "measure": "top1", "paper_direction": "higher"}
     claims_mod.parse({"claims": [good]})
+    (noted,), _ = claims_mod.parse({"claims": [{**good, "tiny_note": "why  tiny\n cannot"}]})
+    assert noted.tiny_note == "why tiny cannot"
+    with pytest.raises(ConfigError, match="unknown key 'if_missed'"):  # signal bars' key, not a claim's
+        claims_mod.parse({"claims": [{**good, "if_missed": "x"}]})
     for bad, msg in (({"rows": ["MAE", "Nope"]}, "has no row 'Nope'"), ({"table": "lomar/zz"}, "unknown table"),
                      ({"measure": "epochs"}, "not a measured column"), ({"paper_direction": "up"}, "paper_direction"),
                      ({"paper": "extrema"}, "is lomar's")):
         with pytest.raises(ConfigError, match=msg) as e:
             claims_mod.parse({"claims": [{**good, **bad}]})
         assert "\n" not in str(e.value)
+
+
+def test_claims_section_prints_the_tiny_notes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = {"id": "x", "paper": "lomar", "text": "t", "table": "lomar/t2", "rows": ["MAE", "LoMaR"],
+            "measure": "top1", "paper_direction": "higher"}
+    parsed = claims_mod.parse({"claims": [good, {**good, "id": "y", "tiny_note": "HOG at 32 px is flat"}]})
+    monkeypatch.setattr(claims_mod, "load", lambda: parsed)
+    text = "\n".join(claims_mod.claims_section(tmp_path, {}))
+    assert "What limits some claims at this scale (measured):" in text and "- y: HOG at 32 px is flat" in text
+    assert "- x:" not in text
+    monkeypatch.setattr(claims_mod, "load", lambda: claims_mod.parse({"claims": [good]}))
+    assert "What limits" not in "\n".join(claims_mod.claims_section(tmp_path, {}))
 
 
 def test_signal_aims_parse_and_verdicts() -> None:

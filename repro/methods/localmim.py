@@ -180,8 +180,9 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
         parts = self.losses(batch[0], generator)
         loss = sum(w * part for w, part in zip(self.weights, parts))
         logs: dict[str, torch.Tensor | float] = {"loss": loss.detach()}
-        for s, part in zip(self.scales, parts):
-            logs[f"loss_x{s:g}"] = part.detach()
+        repeated = len(set(self.scales)) < len(self.scales)  # Swin: scale 1 at every tap -> key by tap
+        for i, (s, part) in enumerate(zip(self.scales, parts)):
+            logs[f"loss_t{i}" if repeated else f"loss_x{s:g}"] = part.detach()
         return StepOutput(loss, logs)
 
 

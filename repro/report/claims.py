@@ -118,7 +118,8 @@ def claims_section(runs_root: Path, results: Mapping[str, Any], scale: str = "ti
         cells = [f"{c.id}: {c.text}", c.paper_direction, f"[{c.table}](tables/{c.table}.md)", rows, ours, paper,
                  f"**{outcome(c.paper_direction, comps)}**"]
         lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
-    return [*lines, ""]
+    notes = [f"- {c.id}: {c.tiny_note}" for c in claims if c.tiny_note]
+    return [*lines, *(["", "What limits some claims at this scale (measured):", "", *notes] if notes else []), ""]
 
 
 def signal_lines(runs_root: Path, results: Mapping[str, Any], scale: str = "tiny") -> list[str]:

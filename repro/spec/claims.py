@@ -12,6 +12,7 @@ Schema of ``claims.yaml``::
         rows: [MAE, LoMaR]        # row labels: each row after the first is compared with the first
         measure: top1             # a measured column id of the table
         paper_direction: not lower   # of (row - first row): higher | lower | not lower | not higher | similar
+        tiny_note: ...            # optional: what limits the claim at tiny scale, with the measured numbers
     signal:                       # the tiny-scale bars: is there anything to measure at all?
       - id: scratch-finetune
         text: ...
@@ -39,6 +40,7 @@ DIRECTIONS = ("higher", "lower", "not lower", "not higher", "similar")
 CLAIM_KEYS = ("id", "paper", "text", "table", "rows", "measure", "paper_direction")
 SIGNAL_KEYS = ("id", "text", "table", "rows", "measure")
 SIGNAL_OPTIONAL = ("aim", "if_missed")
+CLAIM_OPTIONAL = ("tiny_note",)
 AIMS = ("at_least", "std_above", "not_worse")
 CLAIMS_FILE = "claims.yaml"
 
@@ -54,6 +56,7 @@ class Claim:
     paper_direction: str = ""
     aim: tuple[str, float] | None = None  # signal bars: (one of AIMS, its value)
     if_missed: str = ""
+    tiny_note: str = ""  # claims: what limits the claim at tiny scale (printed under the claims table)
 
 
 def claims_path() -> Path:
@@ -76,7 +79,7 @@ def _aim(raw: Any, where: str) -> tuple[str, float] | None:
 def _entry(raw: Any, keys: tuple[str, ...], where: str, specs: Mapping[str, Any], signal: bool) -> Claim:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    bad = [k for k in raw if k not in keys + (SIGNAL_OPTIONAL if signal else ())]
+    bad = [k for k in raw if k not in keys + (SIGNAL_OPTIONAL if signal else CLAIM_OPTIONAL)]
     missing = [k for k in keys if raw.get(k) in (None, "", [])]
     if bad:
         raise ConfigError(f"{where}: unknown key '{bad[0]}'; valid keys: {', '.join(keys)}")
@@ -107,7 +110,8 @@ def _entry(raw: Any, keys: tuple[str, ...], where: str, specs: Mapping[str, Any]
     return Claim(id=str(raw["id"]), text=str(raw["text"]), table=spec.id, rows=tuple(rows),
                  measure=str(raw["measure"]), paper=str(raw.get("paper", "")),
                  paper_direction=str(raw.get("paper_direction", "")), aim=_aim(raw.get("aim"), where),
-                 if_missed=" ".join(str(raw.get("if_missed") or "").split()))
+                 if_missed=" ".join(str(raw.get("if_missed") or "").split()),
+                 tiny_note=" ".join(str(raw.get("tiny_note") or "").split()))
 
 
 def parse(data: Any, where: str = CLAIMS_FILE) -> tuple[list[Claim], list[Claim]]:
