@@ -224,9 +224,15 @@ def test_main_job_section_sums_claims_and_all_and_says_interrupted(tmp_path: Pat
     assert "`repro run claims --scale tiny`: 10.0 min wall, measured: 4 stages run" in text
     assert "`repro run all --scale tiny`: interrupted after 5.0 min wall: 3 stages run, 2 of its 10 still" in text
     assert "Total: **incomplete: 15.0 min wall** for 7 stages run; 2 stages of `all` are still to run." in text
+    # tables run between two segments of `all` did stages of the job: they count too
+    record_run(tmp_path, {**base, "tables": ["claims", "lomar/t3"], "wall_s": 60.0, "ran": 1, "skipped": 9})
     record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 120.0, "ran": 2, "skipped": 8})
     text = "\n".join(main_job_lines(tmp_path))
-    assert "Total: **2.0 min wall** for 2 stages run." in text  # the last `all`, complete (no claims run before it)
+    assert "Total: **18.0 min wall** for 10 stages run." in text  # complete: every segment since the last complete
+    assert "Runs recorded after it" not in text
+    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 30.0, "ran": 0, "skipped": 10})
+    text = "\n".join(main_job_lines(tmp_path))
+    assert "Total: **0.5 min wall** for 0 stages run." in text  # a new job starts after a complete `all`
 
 
 # ---- transfer tables at tiny: the trivial floor, the verdict against it, the budget ----------------------------------

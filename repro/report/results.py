@@ -203,11 +203,15 @@ def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None)
     alls = [i for i, h in enumerate(hist) if h.get("tables") == ["all"]]
     lines = ["## The main job", ""]
     if alls:
+        # The job: every run since the previous complete `all` (claims, resumed segments of `all`, tables run in
+        # between: stages a later `all` finds done), up to the last `all`.
         i = alls[-1]
-        first = i - 1 if i > 0 and hist[i - 1].get("tables") == ["claims"] else i
+        first = i
+        while first > 0 and not (hist[first - 1].get("tables") == ["all"] and not hist[first - 1].get("interrupted")):
+            first -= 1
         job = hist[first:i + 1]
         lines.append("`make reproduce` (`repro run claims`, then `repro run all`), as `repro run` measured it "
-                     "(first stage start to last stage end):")
+                     "(first stage start to last stage end), every run since the last complete `repro run all`:")
         lines.append("")
         lines += [f"- {_run_line(h)}" for h in job]
         total = sum(float(h.get("wall_s", 0)) for h in job)
