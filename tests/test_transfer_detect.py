@@ -353,3 +353,21 @@ def test_batch_not_divisible_by_the_world_is_one_line(tmp_path: Path, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"^optim.batch_size=4 is not divisible by the world size 3$"):
         run_detect(tiny(name, **SMALL), tmp_path / "stage")
+
+
+def test_mmdet_vit_layer_decay_keys() -> None:
+    """ViTDet's layer-wise lr decay for the mmdet ViT (used at tiny): block i of D at decay ** (D - i), the patch /
+    position / class embeddings at decay ** (D + 1), zero weight decay kept for norms and position tables."""
+    pytest.importorskip("mmengine")
+    from repro.transfer.mmdet import vit_layer_decay_keys
+
+    state = encoder_state_dict(create_vit({"arch": "vit_nano", "patch_size": 4}, 32))
+    keys = vit_layer_decay_keys(state, 0.5)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    for name, tensor_keys in (("blocks.0.attn.qkv.weight", 0.5 ** depth),
+                              (f"blocks.{depth - 1}.mlp.fc1.weight", 0.5), ("patch_embed.proj.weight",
+                                                                             0.5 ** (depth + 1))):
+        assert keys[f"backbone.vit.{name}"] == {"lr_mult": pytest.approx(tensor_keys), "decay_mult": 1.0}
+    assert keys["backbone.vit.blocks.0.norm1.weight"]["decay_mult"] == 0.0
+    assert keys["backbone.vit.pos_embed"] == {"lr_mult": pytest.approx(0.5 ** (depth + 1)), "decay_mult": 0.0}
+    assert not any(k.startswith("backbone.vit.norm") for k in keys)  # the final norm: the heads' lr
