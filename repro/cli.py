@@ -162,11 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  repro profile all --flops          every cost table + tables/efficiency/"
                               "flops.md\n  repro profile lomar/t1 --steps 5\n  repro profile mae data.img_size=384\n"
                               "  repro profile pretrain/mae train.compile_mode=reduce-overhead --compile on --trace "
-                              "traces/",
+                              "traces/\n  repro profile finetune/vit_base@mae linear/mae@mae knn/default   evaluation steps (Slurm --time of "
+                              "those stages)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="*", metavar="TARGET",
-                   help="efficiency table ids (lomar/t1 ...), a paper, `all`, or a pretraining recipe; key=value "
-                        "items are overrides of a recipe target")
+                   help="efficiency table ids (lomar/t1 ...), a paper, `all`, a pretraining recipe, or an "
+                        "evaluation step KIND/RECIPE[@PRETRAIN] (finetune/vit_base@mae, linear/mae@mae, "
+                        "knn/default: configured as a plan configures it after that pretraining); key=value items "
+                        "are overrides of a recipe target")
     p.add_argument("--steps", type=int, default=3, help="timed steps per configuration (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--batch", type=int, help="fixed batch (default: 8 / 4 images at <=224 / >224 px on a CPU; the "

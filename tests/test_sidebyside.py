@@ -1,11 +1,12 @@
 """`repro profile --side-by-side DIR` over several official*.json files (LocalMIM / SimMIM rows), from fabricated
-measurements, and benchmarks/official/bench_localmim.py's record of a configuration that fails."""
+measurements, and benchmarks/official/bench_extra.py's record of a configuration that fails."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from repro.config import ConfigError
@@ -64,7 +65,7 @@ def test_rows_from_several_official_files(tmp_path):
     md = render(df, env, "job")
     assert "| LocalMIM 224 | 128 | 0.1000 | 1280 | not measured | not measured | 1600 (1.25x) |" in md
     assert "| LocalMIM Swin-B 224 | — | — | failed |" in md and "config (ViT-B/16 unless named)" in md
-    assert "official.json, official-localmim.json" in md and "bench_localmim.py" in md
+    assert "official.json, official-localmim.json" in md and "bench_extra.py" in md
 
 
 def test_only_the_later_file_and_none(tmp_path):
@@ -79,10 +80,10 @@ def test_only_the_later_file_and_none(tmp_path):
         write_side_by_side(empty, tmp_path / "out")
 
 
-def test_bench_localmim_records_a_failing_config_and_goes_on(tmp_path):
+def test_bench_extra_records_a_failing_config_and_goes_on(tmp_path):
     """Without an export the configuration fails in its child process; the parent records it under errors[]."""
     out = tmp_path / "o.json"
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official" / "bench_localmim.py"),
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "official" / "bench_extra.py"),
                         str(tmp_path / "no-export"), "--configs", "localmim-vit-224", "--batch", "1", "--warmup", "0",
                         "--steps", "1", "--json", str(out)], capture_output=True, text=True, timeout=300,
                        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
@@ -90,6 +91,33 @@ def test_bench_localmim_records_a_failing_config_and_goes_on(tmp_path):
     data = json.loads(out.read_text())
     assert data["runs"] == [] and data["agg"] == []
     assert [e["config"] for e in data["errors"]] == ["localmim-vit-224"] and "models_mim" in data["errors"][0]["error"]
+
+
+def test_beit_and_greenmim_rows_pair_with_our_recipes(tmp_path):
+    """bench_extra.py's BEiT (ids given / + dVAE) and GreenMIM configurations pair with pretrain/beit and
+    pretrain/greenmim_swin_base; MaskFeat (no official code timed) stays ours only; a BEiT official variant that the
+    job did not measure adds no second row of ours."""
+    d = tmp_path / "job"
+    d.mkdir()
+    (d / "official-extra.json").write_text(json.dumps({
+        "runs": [{**_official_run("beit-224", 128, 0.08), "notes": "token ids given"},
+                 _official_run("beit-224-dvae", 128, 0.1), _official_run("greenmim-swin-224", 128, 0.16)],
+        "agg": []}))
+    (d / "repro-others.json").write_text(json.dumps({"pretrain/beit": _ours("beit", 1920.0),
+                                                      "pretrain/greenmim_swin_base": _ours("greenmim_swin_base", 960.0),
+                                                      "pretrain/maskfeat": _ours("maskfeat", 2000.0)}))
+    df, env = side_by_side(d)
+    rows = df.set_index("config")
+    assert list(df["config"]) == ["BEiT 224", "BEiT 224 (official + its dVAE)", "GreenMIM Swin-B 224", "MaskFeat 224"]
+    assert rows.loc["BEiT 224", "official_img_per_s"] == pytest.approx(1600.0)
+    assert rows.loc["BEiT 224", "compiled_fused_over_official"] == pytest.approx(1.2)
+    assert rows.loc["BEiT 224 (official + its dVAE)", "compiled_fused_over_official"] == pytest.approx(1.5)
+    assert rows.loc["GreenMIM Swin-B 224", "compiled_fused_over_official"] == pytest.approx(1.2)
+    assert pd.isna(rows.loc["MaskFeat 224", "official_config"])
+    md = render(df, env, "job")
+    assert "| MaskFeat 224 | — | — | no official benchmark |" in md and "DALL-E dVAE" in md
+    (d / "official-extra.json").write_text(json.dumps({"runs": [_official_run("beit-224", 128, 0.08)], "agg": []}))
+    assert list(side_by_side(d)[0]["config"]) == ["BEiT 224", "GreenMIM Swin-B 224", "MaskFeat 224"]
 
 
 # -- modes, traces, logs, loaders, the per-device index ------------------------------------------------------------

@@ -6,6 +6,10 @@ A stage's ``--time`` (``TimePlan.limit``): ``--res time_min``, else the time its
 projected wall time (``repro.profile.projection``: the stored device-hours of its configuration on the one profile set
 chosen for the whole submission, divided by its GPUs) x the profile's ``time_margin`` + ``time_startup_min``, else
 the scale's default; always capped by the profile's ``max_time_min`` (a longer stage requeues itself at the limit).
+A stage whose exact configuration was not measured on that set is estimated from its FLOPs and the FLOP/s of the
+nearest measured profile (named in the rule), with ``ESTIMATE_MARGIN`` more margin. Segmentation and detection are
+not profiled, and a kNN stage's profiled forward leaves out what bounds it (its CPU vote, its worker-less loader):
+those keep the cap, and the rule says why.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import yaml
 from repro.config import ConfigError, Rule, parse_value, short
 from repro.pipeline.sbatch import safe_text
 from repro.pipeline.stage import Stage
-from repro.profile.projection import Projector, projector
+from repro.profile.projection import ESTIMATE_MARGIN, Projector, projector, stage_work
 
 
 def slurm_dir() -> Path:
@@ -264,9 +268,9 @@ class TimePlan:
     @classmethod
     def for_stages(cls, stages: Iterable[Stage], profile: Profile, device: str | None = None) -> TimePlan:
         """The plan's one profile set: the one ``device`` names (refused when it names none or several devices),
-        else the GPU set (on a cluster with GPUs) that covers most of its paper-scale pretraining stages. No set is
-        read when there are none and no device is named."""
-        cfgs = [s.cfg for s in stages if s.kind == "pretrain" and s.cfg.get("scale") == "paper"]
+        else the GPU set (on a cluster with GPUs) that covers most of its paper-scale stages of profiled kinds. No
+        set is read when there are none and no device is named."""
+        cfgs = [s.cfg for s in stages if s.cfg.get("scale") == "paper" and stage_work(s.cfg) is not None]
         if not cfgs and not device:
             return cls(profile)
         proj, sets = projector(cfgs, device, gpu=profile.gpus_per_node > 0)
@@ -276,7 +280,8 @@ class TimePlan:
         """The dry run's lines on time limits: the rule (margin, start-up, cap) and the projection's device."""
         p = self.profile
         rule = (f"stage time = projected wall time x {p.time_margin:g} + {p.time_startup_min} min start-up, at most "
-                f"{p.max_time_min} min (cluster '{p.name}')")
+                f"{p.max_time_min} min (cluster '{p.name}'); x {ESTIMATE_MARGIN:g} more where the wall time is "
+                "estimated from FLOPs (no profile of the stage's exact configuration on the projection's device)")
         if self.projector is None:
             return rule
         out = f"{rule}\n{self.projector.describe(self.sets)}"
@@ -290,19 +295,25 @@ class TimePlan:
         proj = self.projector
         if proj is None or proj.set_name is None:
             return None, "no stored profiles: run `repro profile` on the GPU"
-        hours = proj(stage.cfg)
-        if hours is None:
-            return None, "no stored profile covers this stage"
+        init = stage.deps.get("init")
+        found, why = proj.projection(stage.cfg, init.cfg if init is not None else None)
+        if found is None:
+            return None, why
         gpus = res.nodes * res.gpus_per_node
         if not gpus:
             return None, "a CPU-only stage: projections are per GPU"
         if not proj.on_gpu:
             return None, f"the projection's device {proj.device} is not a GPU"
-        wall_h = hours / gpus
         p = self.profile
-        minutes = math.ceil(wall_h * 60 * p.time_margin + p.time_startup_min)
-        return minutes, (f"projected {wall_h:.1f} h on {proj.device} x {gpus} GPUs x {p.time_margin:g} "
-                         f"+ {p.time_startup_min} min start-up")
+        wall_h = found.device_hours / gpus if found.split else found.device_hours
+        if not found.split:  # kNN: the profiled forward is not what bounds the stage
+            return None, (f"not projected: kNN's encoder forward is {wall_h:.1f} h on {proj.device} "
+                          f"({found.basis}), but its vote on the CPU (val x train similarities, per k) and its "
+                          "loader (no workers) are not profiled")
+        minutes = math.ceil(wall_h * 60 * p.time_margin * found.margin + p.time_startup_min)
+        margin = f"x {p.time_margin:g}" + (f" x {found.margin:g}" if found.margin != 1 else "")
+        how = f"{wall_h:.1f} h on {proj.device} x {gpus} GPUs {margin} + {p.time_startup_min} min start-up"
+        return minutes, (f"{found.basis}: {how}" if found.estimated else f"projected {how}")
 
     def limit(self, stage: Stage, res: Resources, overrides: Mapping[str, Any] | None = None) -> TimeLimit:
         """The ``--time`` of ``stage`` asking for ``res``: ``--res time_min`` (checked, not capped), else the time

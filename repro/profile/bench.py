@@ -12,6 +12,13 @@ images/s is measured beside the model's, so a table shows when loading would be 
 per-image transform on decoded images (``loader_images_per_s``, no JPEG decoding: an upper bound), and on real JPEG
 files written for the benchmark (``jpeg_loader_bench``) both ways a recipe can load them: decoded by PIL in the
 ``train.num_workers`` workers (``data.decode: cpu``) and decoded and augmented on the device (``data.decode: device``).
+
+Evaluation steps (``profile_config`` of a finetune / linear / knn config), built by the evaluations' own code
+(``repro.evals``): fine-tuning, the ``Classifier``'s forward + backward + the recipe's optimizer step at the recipe's
+resolution (Mixup/CutMix left out, like the loader: the step gets the soft targets they would give); linear probing,
+the ``LinearProbe``'s step (frozen encoder forward, BatchNorm + linear head trained by the recipe's optimizer); kNN,
+the feature extraction of ``run_knn``: the encoder's (+ instance head's) forward, in fp32 and eager as that runner
+does it whatever the speed switches (no autocast, nothing compiled). No loader figures for these.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from repro.config import ConfigError
 
 # The pure arithmetic (dataset sizes, cost key, projection) is torch-free, for planning; re-exported here.
-from repro.profile.projection import DATASET_SIZES, cost_key, project, train_images  # noqa: F401
+from repro.profile.projection import DATASET_SIZES, cost_key, project, step_kind, train_images  # noqa: F401
 
 GPU_BATCHES = (256, 128, 64, 48, 32)
 
@@ -131,7 +138,7 @@ class _Steps:
     """Forward / backward / AdamW / after_step on one fixed random batch."""
 
     def __init__(self, method: Any, cfg: Mapping[str, Any], batch_size: int, device: torch.device, seed: int = 0,
-                 compile: bool | None = None, fused_optim: bool | None = None):
+                 compile: bool | None = None, fused_optim: bool | None = None, batch: Any = None):
         from repro.engine.train import (
             apply_fused_attn,
             auto_switch,
@@ -150,13 +157,14 @@ class _Steps:
         self.compile_mode = tcfg.get("compile_mode") if self.compile else None
         self.compiled_blocks = compile_blocks(self.method, mode=self.compile_mode) if self.compile else 0
         optim = dict(cfg["optim"])
-        if optim.get("name") != "adamw":
+        if "method" in cfg and optim.get("name") != "adamw":  # pretraining; an evaluation keeps its recipe's
             optim["name"] = "adamw"
         groups = (method.param_groups(optim) if hasattr(method, "param_groups")
                   else default_param_groups(method, optim))
         # a tiny lr: random inputs must not blow the weights up
         self.opt = build_optimizer(groups, optim, 1e-6, fused=self.fused_optim)
-        self.batch = random_batch(method, cfg, batch_size, device, seed)
+        self.batch = random_batch(method, cfg, batch_size, device, seed) if batch is None else _to_device(batch,
+                                                                                                          device)
         self.gen = torch.Generator(device=device).manual_seed(seed)
         self.amp = torch.bfloat16 if device.type == "cuda" else None
         self.step_no = 0
@@ -171,9 +179,114 @@ class _Steps:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_no += 1
-        self.method.after_step(self.step_no, 10**6)
+        if hasattr(self.method, "after_step"):
+            self.method.after_step(self.step_no, 10**6)
         sync()
         return time.perf_counter() - t0
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+# -- evaluation steps -------------------------------------------------------------------------------------------------
+
+
+class KnnFeatures(torch.nn.Module):
+    """``run_knn``'s feature extractor: the evaluation encoder (+ the input's instance head) in eval mode."""
+
+    def __init__(self, cfg: Mapping[str, Any]):
+        super().__init__()
+        from repro.evals.features import eval_encoder, feature_kind, instance_head
+
+        self.encoder = eval_encoder(cfg, cfg.get("init")).eval()
+        self.kind = feature_kind(cfg)
+        self.head = instance_head(cfg, cfg.get("init"))
+        if self.head is not None:
+            self.head.eval()
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from repro.evals.features import features
+
+        return features(self.encoder, x, self.kind, self.head)
+
+
+def build_eval_task(cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """The module an evaluation stage trains (or, kNN, runs), built by its own runner's code: ``Classifier``
+    (fine-tuning: Mixup/CutMix off, ``eval_batch`` gives the soft targets they would), ``LinearProbe``, or
+    ``KnnFeatures``. ``cfg["init"]``: the input encoder (random when absent)."""
+    step = step_kind(cfg)
+    if step == "finetune":
+        from repro.evals.finetune import Classifier
+
+        task: torch.nn.Module = Classifier(cfg, cfg["data"]["num_classes"])
+        task.soft_targets = task.mixup is not None  # type: ignore[assignment]
+        task.mixup = None  # type: ignore[assignment]
+        return task
+    if step == "linear":
+        from repro.evals.linear import LinearProbe
+
+        return LinearProbe(cfg, cfg["data"]["num_classes"])
+    if step == "knn":
+        return KnnFeatures(cfg)
+    raise ConfigError(f"repro profile times pretraining, finetune, linear and knn steps, not {cfg.get('kind')}")
+
+
+def eval_batch(task: torch.nn.Module, cfg: Mapping[str, Any], n: int, seed: int = 0) -> Any:
+    """Random images at the recipe's resolution (CPU) and labels: class 0, as soft targets where the fine-tuning
+    trains on Mixup's (one-hot, label-smoothed), none for kNN."""
+    from timm.data.mixup import one_hot
+
+    size = cfg["data"]["img_size"]
+    x = torch.randn((n, 3, size, size), generator=torch.Generator().manual_seed(seed))
+    if isinstance(task, KnnFeatures):
+        return x
+    y = torch.zeros(n, dtype=torch.long)
+    if getattr(task, "soft_targets", False):
+        c = cfg["data"]["num_classes"]
+        s = float(cfg["aug"]["smoothing"])
+        y = one_hot(y, c, on_value=1.0 - s + s / c, off_value=s / c)
+    return (x, y)
+
+
+class _Forward:
+    """kNN feature extraction on one fixed batch, as ``run_knn`` runs it (fp32, eager, no gradients)."""
+
+    def __init__(self, task: KnnFeatures, batch: torch.Tensor, device: torch.device):
+        self.task, self.device = task.to(device), device
+        self.batch = batch.to(device)
+        self.compile, self.fused_optim, self.fused_attn, self.compile_mode, self.compiled_blocks = (False, False, None,
+                                                                                                    None, 0)
+
+    def __call__(self) -> float:
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        self.task(self.batch)
+        sync()
+        return time.perf_counter() - t0
+
+
+def eval_flops_per_image(task: torch.nn.Module, batch: Any) -> dict[str, float]:
+    """Counted FLOPs per image of an evaluation step on ``batch`` (CPU): forward + backward (``flops_per_image``) for
+    a trained task, the forward only for kNN."""
+    from repro.profile.flops import batch_size_of, flops_per_image, register_attention_formulas
+
+    if not isinstance(task, KnnFeatures):
+        task.train()
+        return flops_per_image(task, batch, torch.Generator().manual_seed(0))
+    from torch.utils import flop_counter as fc
+
+    register_attention_formulas()
+    with fc.FlopCounterMode(display=False) as mode:
+        task(batch)
+    f = mode.get_total_flops() / batch_size_of((batch,))
+    return {"forward": f, "backward": 0.0, "total": f}
 
 
 # Kernel-name parts -> category of device time in a trace (first match wins; the rest is "other").
@@ -226,14 +339,17 @@ def trace_steps(run: Any, steps: int, out: Path, label: str, rows: int = 30) -> 
             "table": f"{out / label}.txt"}
 
 
-def choose_batch(cfg: Mapping[str, Any], device: torch.device, build: Any = build_method) -> tuple[int, str]:
-    """(batch, why): the CPU rule, or on a GPU the largest of GPU_BATCHES for which two steps fit in memory."""
+def choose_batch(cfg: Mapping[str, Any], device: torch.device, build: Any = build_method,
+                 steps_for: Any = None) -> tuple[int, str]:
+    """(batch, why): the CPU rule, or on a GPU the largest of GPU_BATCHES for which two steps fit in memory
+    (``steps_for(batch)``: the eager step to probe with; default: the pretraining method's)."""
     if device.type != "cuda":
         b = cpu_batch(cfg["data"]["img_size"])
         return b, f"CPU: small batch ({b} at {cfg['data']['img_size']} px), not the paper's"
     for b in GPU_BATCHES:
         try:
-            steps = _Steps(build(cfg), cfg, b, device, compile=False)  # memory probe: eager
+            steps = (steps_for(b) if steps_for is not None
+                     else _Steps(build(cfg), cfg, b, device, compile=False))  # memory probe: eager
             steps()
             steps()
             del steps
@@ -407,16 +523,19 @@ def jpeg_loader_bench(method: Any, cfg: Mapping[str, Any], batch_size: int, *, n
 def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None, warmup: int = 1, steps: int = 3,
                    batch: int | None = None, count_flops: bool = True, loader: bool = True,
                    loader_workers: int | None = None, compile: bool | None = None,
-                   fused_optim: bool | None = None, trace: Path | None = None) -> dict[str, Any]:
+                   fused_optim: bool | None = None, trace: Path | None = None,
+                   input_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Measure one resolved pretraining config: batch, step times, images/s, FLOPs per image (counted and analytic),
     MFU, loader images/s, device, attention implementation, and the engine's speed switches (``compile`` /
     ``fused_optim``: None = the recipe's, i.e. on for CUDA) with the graphs compiled and recompiles after the first
-    step. No projection (see ``project``)."""
+    step. No projection (see ``project``). An evaluation config (finetune / linear / knn): ``profile_eval_config``
+    (``input_cfg``: the pretraining it evaluates, if known)."""
     from repro.profile.cost import analytic_flops
     from repro.profile.flops import flops_per_image
 
-    if cfg.get("kind", "pretrain") != "pretrain":
-        raise ConfigError("repro profile measures pretraining recipes; pass a pretrain recipe")
+    if step_kind(cfg) != "pretrain":
+        return profile_eval_config(cfg, input_cfg, device=device, warmup=warmup, steps=steps, batch=batch,
+                                   count_flops=count_flops, compile=compile, fused_optim=fused_optim, trace=trace)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if batch is None:
         batch, why = choose_batch(cfg, device)
@@ -478,6 +597,124 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     with contextlib.suppress(Exception):
         torch.cuda.empty_cache()
     return prof
+
+
+@contextlib.contextmanager
+def _eval_input(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None) -> Any:
+    """``cfg`` with the input it needs to be built: an instance feature reads the input's head from its exported
+    files, so the input method (random weights) is exported to a temporary folder as a pretraining stage exports it;
+    any other feature starts from a random encoder (the weights do not change the cost)."""
+    import tempfile
+
+    from repro.profile.projection import eval_feature
+
+    if step_kind(cfg) not in ("linear", "knn") or eval_feature(cfg) != "instance":
+        yield {**cfg, "init": "random", "feature": eval_feature(cfg)}
+        return
+    if input_cfg is None:
+        raise ConfigError(f"feature=instance reads the instance head of the pretraining it evaluates: name that "
+                          f"pretraining, e.g. `repro profile {cfg.get('kind')}/{cfg.get('recipe')}@PRETRAIN`")
+    from repro.engine.pretrain import ENCODER_FILE, export_encoder
+
+    with tempfile.TemporaryDirectory(prefix="repro-profile-input-") as folder:
+        export_encoder(build_method(input_cfg), input_cfg, Path(folder))
+        yield {**cfg, "init": str(Path(folder) / ENCODER_FILE)}
+
+
+def profile_eval_config(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None, *,
+                        device: torch.device | None = None, warmup: int = 1, steps: int = 3, batch: int | None = None,
+                        count_flops: bool = True, compile: bool | None = None, fused_optim: bool | None = None,
+                        trace: Path | None = None) -> dict[str, Any]:
+    """Measure one evaluation step (finetune / linear / knn; see the module's docstring) of a resolved config, as
+    ``profile_config`` measures a pretraining step. Batch: the CPU rule; on a GPU, kNN's own ``batch_size``, else
+    the largest of GPU_BATCHES that fits."""
+    from repro.engine.train import peak_memory_mb
+    from repro.profile.cost import eval_flops
+    from repro.profile.projection import eval_feature, instance_head
+
+    step = step_kind(cfg)
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with _eval_input(cfg, input_cfg) as run_cfg:
+        knn = step == "knn"
+
+        def make(b: int, compile_: bool | None = None) -> Any:
+            task = build_eval_task(run_cfg)
+            data = eval_batch(task, run_cfg, b)
+            if knn:
+                return _Forward(task, data, device)  # type: ignore[arg-type]
+            return _Steps(task, run_cfg, b, device, compile=compile_, fused_optim=fused_optim, batch=data)
+
+        if batch is not None:
+            why = f"fixed by --batch ({batch})"
+        elif knn and device.type == "cuda":
+            batch, why = int(cfg["batch_size"]), "the kNN stage's own batch_size"
+        else:
+            batch, why = choose_batch(cfg, device, steps_for=lambda b: make(b, False))
+        torch.manual_seed(0)
+        flops = None
+        if count_flops:  # two images on the CPU in fp32 (BatchNorm trains on more than one)
+            task = build_eval_task(run_cfg)
+            flops = eval_flops_per_image(task, eval_batch(task, run_cfg, 2))
+            del task
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        graphs0 = dynamo_graphs()
+        run = make(batch, compile)
+        first = [run() for _ in range(min(1, warmup))]
+        graphs1 = dynamo_graphs()
+        for _ in range(warmup - len(first)):
+            run()
+        times = [run() for _ in range(steps)]
+    step_s = float(np.median(times))
+    traced = None
+    if trace is not None:
+        mode = "compiled" if run.compile else "eager"
+        label = f"{step}-{cfg.get('recipe')}-{cfg['data']['img_size']}-b{batch}-{mode}"
+        traced = trace_steps(run, min(steps, 3), Path(trace), label)
+    peak = peak_flops(device)
+    mfu = flops["total"] * batch / step_s / peak[0] if (flops and peak) else None
+    head = instance_head(cfg, input_cfg)
+    prof = {
+        "kind": step, "recipe": cfg.get("recipe"), "input": (input_cfg or {}).get("recipe"), "method": None,
+        "img_size": cfg["data"]["img_size"], "arch": cfg["model"]["arch"], "patch_size": cfg["model"]["patch_size"],
+        "feature": eval_feature(cfg) if step != "finetune" else None, "instance_head": head,
+        "batch": batch, "batch_rule": why, "warmup_steps": warmup, "timed_steps": steps,
+        "step_times_s": times, "step_time_s": step_s, "s_per_image": step_s / batch, "images_per_s": batch / step_s,
+        "flops_per_image": flops["total"] if flops else None,
+        "flops_forward_per_image": flops["forward"] if flops else None,
+        "analytic_flops_per_image": eval_flops(cfg, head),
+        "loader_images_per_s": None, "loader_jpeg_cpu_images_per_s": None, "loader_jpeg_device_images_per_s": None,
+        "loader_jpeg": None,
+        "device": device_name(device), "device_type": device.type, "device_count": 1,
+        # the set's precision and switches (the set a projection reads); kNN runs fp32 eager under every one
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        "step_runs": ("fp32, eager, no gradients (run_knn: no autocast, nothing compiled, under every mode)" if knn
+                      else None),
+        "attention": attention_impl(device), "torch": torch.__version__,
+        "compile": auto_switch_of(compile, cfg, device) if knn else run.compile,
+        "compile_mode": None if knn else run.compile_mode, "compiled_blocks": run.compiled_blocks,
+        "fused_optim": auto_switch_of(fused_optim, cfg, device, "fused_optim") if knn else run.fused_optim,
+        "fused_attn": run.fused_attn, "trace": traced,
+        "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
+        "first_step_s": first[0] if first else None,
+        "mfu": mfu, "mfu_peak": peak[1] if peak else None,
+        "peak_memory_mb": peak_memory_mb(device),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cost_key": cost_key(cfg, input_cfg),
+    }
+    del run
+    with contextlib.suppress(Exception):
+        torch.cuda.empty_cache()
+    return prof
+
+
+def auto_switch_of(value: bool | None, cfg: Mapping[str, Any], device: torch.device, key: str = "compile") -> bool:
+    """A speed switch as the engine would set it for ``cfg`` (the caller's value, else the recipe's, else on for
+    CUDA): the set a kNN profile is stored in, though kNN itself uses none."""
+    from repro.engine.train import auto_switch
+
+    return auto_switch(cfg.get("train", {}).get(key) if value is None else value, device)
 
 
 # -- projection to the paper's schedule ---------------------------------------------------------------------------

@@ -103,6 +103,33 @@ def visible_encoder_flops(g: ViTGeometry, mask_ratio: float) -> tuple[dict[str, 
     return parts, {"encoder": f"{n}"}, n
 
 
+def eval_flops(cfg: Mapping[str, Any], head: Mapping[str, Any] | None = None) -> float | None:
+    """Per-image FLOPs of the step ``repro profile`` times for an evaluation config of a ViT (None for a Swin, or an
+    instance head of unknown design): fine-tuning, forward + backward of the encoder (all L patches + cls) and its
+    classifier; linear probing, the frozen encoder's forward, the instance head's forward (``head``: design and
+    depth, ``repro.profile.projection.instance_head``) and the trained linear head (no input gradient); kNN, the
+    forward only."""
+    g = vit_geometry(cfg)
+    kind = cfg.get("kind")
+    if g is None or kind not in ("finetune", "semisup", "linear", "knn"):
+        return None
+    n = g.length + g.cls
+    trained = kind in ("finetune", "semisup")
+    f = (linear_flops(g.length, g.pix, g.dim, trained, input_grad=False)
+         + g.depth * block_flops(n, g.dim, g.mlp, trained=trained, rel_buckets=g.rel))
+    if head is not None:
+        if head.get("design") is None:
+            return None
+        if head["design"] == "cait":
+            f += int(head["depth"]) * class_attention_flops(n, g.dim, g.mlp, trained=False)
+    classes = int(cfg["data"].get("num_classes") or 0)
+    if trained:
+        f += linear_flops(1, g.dim, classes)
+    elif kind == "linear":
+        f += linear_flops(1, g.dim, classes, input_grad=False)
+    return f
+
+
 def analytic_flops(cfg: Mapping[str, Any]) -> dict[str, Any] | None:
     """Per-image forward + backward FLOPs of one training step of the method of a resolved pretraining config,
     split into parts, with the token counts; None for a method the model does not cover. Each method's spec gives

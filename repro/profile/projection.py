@@ -8,15 +8,25 @@ CPU one and an eager one never replaces a compiled one. A projection uses one se
 
 Pure arithmetic, no torch (planning imports it): the dataset sizes, the cost key of a configuration and the
 projection of a measured time per image to a schedule live here; ``repro.profile.bench`` re-exports them.
+
+Which stages project: pretraining and the evaluations whose step ``repro profile`` times (``STEP_KINDS``): fine-tuning
+(semi-supervised too), linear probing and kNN; each stored profile says its step kind (``kind``; none: pretraining).
+A stage whose exact cost key is stored in the chosen set is *measured*: images through its step (epochs x the
+dataset's training images; kNN: one pass over train + val) x the measured time per image. Else it is *estimated*:
+its FLOPs per image (counted for its cost key in any stored set, else ``repro.profile.cost``'s analytic count)
+divided by the FLOP/s the nearest measured profile of the same step kind and architecture family achieved on the
+chosen set's device, with ``ESTIMATE_MARGIN`` on top; the estimate names that profile. Segmentation and detection
+are not profiled: they get no projection.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +44,70 @@ DATASET_SIZES = {
     "inat2018": 437_513,       # iNaturalist 2018 train
     "inat2019": 265_213,       # iNaturalist 2019 train
 }
+# Validation images of each dataset (a kNN stage embeds train + val once).
+VAL_SIZES = {
+    "imagenet1k": 50_000,      # ILSVRC-2012 val
+    "inat2018": 24_426,        # iNaturalist 2018 val
+    "inat2019": 3_030,         # iNaturalist 2019 val
+}
+# Stage kind -> the step ``repro profile`` times for it (semi-supervised stages run the fine-tuning recipe).
+STEP_KINDS = {"pretrain": "pretrain", "finetune": "finetune", "semisup": "finetune", "linear": "linear",
+              "knn": "knn"}
+# An estimate from FLOPs (no measurement of the exact configuration) gets this factor over the cluster's margin.
+ESTIMATE_MARGIN = 1.5
+# What an evaluation step's cost depends on in its model section (drop path: element-wise, left out).
+EVAL_MODEL_KEYS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "window_size", "pos_embed",
+                   "rel_pos", "layer_scale", "class_token")
 
 
-def cost_key(cfg: Mapping[str, Any]) -> str:
-    """What a step's cost depends on: the method section, the model and the resolution (not epochs, data, lr)."""
-    from repro.methods.registry import get_spec
+def step_kind(cfg: Mapping[str, Any]) -> str | None:
+    """The profiled step a stage's config runs (``STEP_KINDS``), None for a kind that is not profiled."""
+    return STEP_KINDS.get(str(cfg.get("kind", "pretrain")))
 
-    free = get_spec(cfg["method"]["name"]).cost_free
-    method = {k: v for k, v in cfg["method"].items() if k not in free}
-    key = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
+
+def eval_feature(cfg: Mapping[str, Any]) -> str:
+    """The feature a linear / kNN stage reads; ``auto`` without an input is the cls token (as the worker sets it)."""
+    f = cfg.get("feature", "auto")
+    return "cls" if f == "auto" else str(f)
+
+
+def instance_head(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """For ``feature: instance``: the head the evaluation rebuilds from its input (ExtreMA's class-attention head:
+    design and depth from the input's method section); ``{"method": None}`` when the input is not known; None for
+    other features."""
+    if step_kind(cfg) not in ("linear", "knn") or eval_feature(cfg) != "instance":
+        return None
+    method = (input_cfg or {}).get("method")
+    if not method:
+        return {"method": None}
+    return {"method": method.get("name"), "design": method.get("cls_design"), "depth": method.get("ca_blocks")}
+
+
+def cost_key(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None) -> str:
+    """What a step's cost depends on (not epochs, data sizes, lr). Pretraining: the method section, the model and the
+    resolution. An evaluation: its step kind, the model's shape keys (``EVAL_MODEL_KEYS``) and the resolution;
+    fine-tuning adds the pool and the classes, linear probing the classes and the feature, kNN the feature (an
+    instance feature: the head of ``input_cfg``, its pretraining)."""
+    step = step_kind(cfg)
+    if step == "pretrain" or "method" in cfg:
+        from repro.methods.registry import get_spec
+
+        free = get_spec(cfg["method"]["name"]).cost_free
+        method = {k: v for k, v in cfg["method"].items() if k not in free}
+        key: dict[str, Any] = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
+    else:
+        model = cfg["model"]
+        key = {"kind": step or cfg.get("kind"), "model": {k: model.get(k) for k in EVAL_MODEL_KEYS},
+               "img_size": cfg["data"]["img_size"]}
+        if step == "finetune":
+            key["global_pool"] = model.get("global_pool")
+        if step in ("finetune", "linear"):
+            key["num_classes"] = cfg["data"].get("num_classes")
+        if step in ("linear", "knn"):
+            key["feature"] = eval_feature(cfg)
+            head = instance_head(cfg, input_cfg)
+            if head is not None:
+                key["head"] = head
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -54,6 +119,31 @@ def train_images(cfg: Mapping[str, Any]) -> int:
         raise ConfigError(f"no known size for data.dataset={name}; profile a paper-scale recipe "
                           f"({', '.join(DATASET_SIZES)})")
     return int(round(DATASET_SIZES[name] * float(data.get("train_fraction", 1.0))))
+
+
+def val_images(cfg: Mapping[str, Any]) -> int:
+    """Validation images of the config's dataset (the paper's)."""
+    name = cfg["data"]["dataset"]
+    if name not in VAL_SIZES:
+        raise ConfigError(f"no known validation size for data.dataset={name}; known: {', '.join(VAL_SIZES)}")
+    return VAL_SIZES[name]
+
+
+def stage_work(cfg: Mapping[str, Any]) -> tuple[int, float] | None:
+    """(images per pass, passes) through the profiled step of a paper-scale stage: epochs of the training set
+    (pretraining, fine-tuning, linear probing), one pass over train + val (kNN); None for a kind that is not
+    profiled, a config without a schedule or a dataset of unknown size (tiny / synthetic data)."""
+    step = step_kind(cfg)
+    if step is None or (step == "pretrain" and "method" not in cfg):
+        return None
+    try:
+        if step == "knn":
+            return train_images(cfg) + val_images(cfg), 1.0
+        if "optim" not in cfg:
+            return None
+        return train_images(cfg), float(cfg["optim"]["epochs"])
+    except Exception:  # noqa: BLE001 - tiny / synthetic data: no paper-scale projection
+        return None
 
 
 def project(s_per_image: float, images_per_epoch: int, epochs: float, devices: int = 1) -> dict[str, float]:
@@ -145,20 +235,11 @@ def store_profiles(new: Mapping[str, Mapping[str, Any]], path: Path | None = Non
     return p
 
 
-def _stage_images(stage_cfg: Mapping[str, Any]) -> int | None:
-    if stage_cfg.get("kind", "pretrain") != "pretrain" or "method" not in stage_cfg or "optim" not in stage_cfg:
-        return None
-    try:
-        return train_images(stage_cfg)
-    except Exception:  # noqa: BLE001 - tiny / synthetic data: no paper-scale projection
-        return None
-
-
 def choose_set(sets: Mapping[str, Mapping[str, Any]], cfgs: Iterable[Mapping[str, Any]] = (),
                device: str | None = None) -> str | None:
     """The one profile set a projection uses. ``device``: a case-insensitive part of a set's name (``H200``,
     ``CPU``, ``H200 | bf16 autocast | eager``); it must not name sets of more than one device. Among the candidates:
-    the set that covers most of ``cfgs`` (pretraining configs), then one of the papers' GPU classes, then the set
+    the set that covers most of ``cfgs`` (stage configs), then one of the papers' GPU classes, then the set
     with most profiles. None when nothing is stored."""
     names = list(sets)
     if device:
@@ -174,7 +255,7 @@ def choose_set(sets: Mapping[str, Mapping[str, Any]], cfgs: Iterable[Mapping[str
         names = exact or names
     if not names:
         return None
-    keys = [cost_key(c) for c in cfgs if _stage_images(c) is not None]
+    keys = [cost_key(c) for c in cfgs if stage_work(c) is not None]
 
     def score(n: str) -> tuple[int, bool, int]:
         return (sum(k in sets[n] for k in keys), any(g in set_device(n) for g in PAPER_GPUS), len(sets[n]))
@@ -182,18 +263,114 @@ def choose_set(sets: Mapping[str, Mapping[str, Any]], cfgs: Iterable[Mapping[str
     return max(names, key=score)
 
 
+def arch_family(arch: str | None) -> str | None:
+    """``vit_base`` -> ``vit``, ``swin_large`` -> ``swin``."""
+    return str(arch).split("_", 1)[0] if arch else None
+
+
+def profile_flops(prof: Mapping[str, Any]) -> float | None:
+    """FLOPs per image of a profile's step: counted, else analytic (the same conventions, ``repro.profile.cost``)."""
+    return prof.get("flops_per_image") or prof.get("analytic_flops_per_image") or None
+
+
+def stage_flops(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None) -> float | None:
+    """Analytic FLOPs per image of a stage's profiled step (``repro.profile.cost``); None where no formula covers it
+    (a Swin, a method without a cost model)."""
+    from repro.profile.cost import analytic_flops, eval_flops
+
+    step = step_kind(cfg)
+    try:
+        if step == "pretrain":
+            return (analytic_flops(cfg) or {}).get("total")
+        if step is not None:
+            return eval_flops(cfg, instance_head(cfg, input_cfg))
+    except (KeyError, ValueError, ConfigError):
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class Projection:
+    """A stage's device-hours on the projection's device (one device doing all its images), how they were found
+    and the extra margin that goes with that."""
+
+    device_hours: float
+    split: bool  # the stage's GPUs share its images (False: kNN, where every rank embeds every image)
+    basis: str  # "measured" or "estimated from FLOPs vs <recipe> (<TFLOP/s>)"
+    margin: float = 1.0  # over the cluster's time_margin (ESTIMATE_MARGIN for an estimate)
+
+    @property
+    def estimated(self) -> bool:
+        return self.basis != "measured"
+
+
 @dataclass
 class Projector:
-    """Projected device-hours of pretraining stages from one profile set (``set_name``; None: nothing stored)."""
+    """Projected device-hours of stages from one profile set (``set_name``; None: nothing stored). ``flops``: counted
+    FLOPs per image by cost key, from every stored set (a count does not depend on the device)."""
     set_name: str | None
     profiles: Mapping[str, Any]
+    flops: Mapping[str, float] = field(default_factory=dict)
 
-    def __call__(self, stage_cfg: Mapping[str, Any]) -> float | None:
-        images = _stage_images(stage_cfg)
-        prof = self.profiles.get(cost_key(stage_cfg)) if images is not None else None
-        if not prof:
-            return None
-        return project(prof["s_per_image"], images, float(stage_cfg["optim"]["epochs"]))["total_device_hours"]
+    def __call__(self, stage_cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None) -> float | None:
+        """Device-hours of a stage whose exact configuration was measured in this set; else None."""
+        p, _ = self.projection(stage_cfg, input_cfg, estimate=False)
+        return p.device_hours if p is not None else None
+
+    def projection(self, stage_cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None,
+                   estimate: bool = True) -> tuple[Projection | None, str]:
+        """(the stage's projection, "") or (None, why there is none). ``input_cfg``: its input's pretraining config
+        (the instance head of a linear / kNN stage). Measured when this set holds its cost key; else, with
+        ``estimate``, from FLOPs (``estimate_from_flops``)."""
+        step = step_kind(stage_cfg)
+        if step is None:
+            return None, f"no profile: {stage_cfg.get('kind')} steps are not profiled yet"
+        work = stage_work(stage_cfg)
+        if work is None:
+            return None, "no stored profile covers this stage (no paper-scale dataset size or schedule)"
+        images, passes = work
+        key = cost_key(stage_cfg, input_cfg)
+        prof = self.profiles.get(key)
+        if prof:
+            hours = project(prof["s_per_image"], images, passes)["total_device_hours"]
+            return Projection(hours, split=step != "knn", basis="measured"), ""
+        if not estimate:
+            return None, "no stored profile covers this stage"
+        return self.estimate_from_flops(stage_cfg, input_cfg, key, images * passes)
+
+    def estimate_from_flops(self, stage_cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None, key: str,
+                            images: float) -> tuple[Projection | None, str]:
+        """The stage's FLOPs per image (counted for ``key`` in any stored set, else analytic) over the FLOP/s of the
+        nearest measured profile of its step kind and architecture family in this set: the same method (pretraining)
+        first, then the same architecture, then the closest FLOPs per image."""
+        step = step_kind(stage_cfg)
+        family, arch = arch_family(stage_cfg["model"].get("arch")), stage_cfg["model"].get("arch")
+        same_kind = [p for p in self.profiles.values()
+                     if isinstance(p, Mapping) and p.get("kind", "pretrain") == step and p.get("s_per_image")]
+        if not same_kind:
+            return None, "no stored profile covers this stage"
+        target = self.flops.get(key) or stage_flops(stage_cfg, input_cfg)
+        if not target:
+            return None, (f"no stored profile covers this stage, and its FLOPs per image are not known (no stored "
+                          f"count, no analytic formula for a {arch} {step} step)")
+        refs = [p for p in same_kind if profile_flops(p) and arch_family(p.get("arch")) == family]
+        if not refs:
+            return None, (f"no stored profile covers this stage, and no measured {step} profile of a {family} with a "
+                          f"FLOPs count on {self.device} to estimate from")
+        method = (stage_cfg.get("method") or {}).get("name")
+
+        def nearness(p: Mapping[str, Any]) -> tuple[bool, bool, float]:
+            return (step == "pretrain" and p.get("method") == method, p.get("arch") == arch,
+                    -abs(math.log(float(profile_flops(p)) / target)))
+
+        ref = max(refs, key=nearness)
+        rate = float(profile_flops(ref)) / float(ref["s_per_image"])  # FLOP/s achieved by the reference
+        hours = project(target / rate, int(images), 1.0)["total_device_hours"]
+        name = f"{step}/{ref.get('recipe')}" if step != "pretrain" else str(ref.get("recipe"))
+        if ref.get("img_size") and ref.get("img_size") != stage_cfg["data"]["img_size"]:
+            name += f" at {ref['img_size']} px"
+        return Projection(hours, split=step != "knn", margin=ESTIMATE_MARGIN,
+                          basis=f"estimated from FLOPs vs {name} ({rate / 1e12:.1f} TFLOP/s)"), ""
 
     @property
     def device(self) -> str | None:
@@ -213,19 +390,30 @@ class Projector:
                 + ("; ".join(others) or "none") + " (choose with --device NAME)")
 
 
+def counted_flops(sets: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """Counted FLOPs per image by cost key over every stored set (full profiles first, then derived ones)."""
+    out: dict[str, float] = {}
+    for derived in (False, True):
+        for profs in sets.values():
+            for k, p in profs.items():
+                if isinstance(p, Mapping) and p.get("flops_per_image") and bool(p.get("derived_from")) == derived:
+                    out.setdefault(k, float(p["flops_per_image"]))
+    return out
+
+
 def projector(cfgs: Iterable[Mapping[str, Any]] = (), device: str | None = None,
               path: Path | None = None, gpu: bool = False) -> tuple[Projector, list[str]]:
-    """The projector for a plan's pretraining configs (see ``choose_set``) and every stored set's name. ``gpu``:
+    """The projector for a plan's stage configs (see ``choose_set``) and every stored set's name. ``gpu``:
     without ``device``, only sets measured on a GPU are candidates (a Slurm submission to GPU nodes)."""
     sets = load_profiles(path)
     pool = {n: v for n, v in sets.items() if set_on_gpu(n, v)} if gpu and not device else sets
     name = choose_set(pool, cfgs, device)
-    return Projector(name, sets.get(name, {}) if name else {}), list(sets)
+    return Projector(name, sets.get(name, {}) if name else {}, counted_flops(sets)), list(sets)
 
 
 def projected_hours(stage_cfg: Mapping[str, Any], path: Path | None = None, device: str | None = None,
                     ) -> float | None:
-    """Projected device-hours of one pretraining stage (same method, model and resolution) from the stored set
-    ``choose_set`` picks; None when it is not a pretraining stage, its dataset has no known size, or that set has
-    no profile of its configuration."""
+    """Projected device-hours of one stage (pretraining, or an evaluation whose step is profiled) measured at its
+    exact configuration (cost key) in the stored set ``choose_set`` picks; None when its kind is not profiled, its
+    dataset has no known size, or that set has no profile of its configuration (no FLOPs estimate here)."""
     return projector([stage_cfg], device, path)[0](stage_cfg)

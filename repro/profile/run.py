@@ -1,6 +1,8 @@
 """``repro profile``: measure every row of an efficiency table (or one named recipe) at its paper configuration and
 write ``tables/<paper>/<id>-cost.{md,csv,json}``, ``plots/<paper>/<id>-cost.png`` and the stored profiles; and the
-FLOPs benchmark ``tables/efficiency/flops.md``.
+FLOPs benchmark ``tables/efficiency/flops.md``. Evaluation steps too, for the Slurm time of those stages:
+``finetune/RECIPE``, ``linear/RECIPE``, ``knn/RECIPE`` (the recipe at paper scale), or ``KIND/RECIPE@PRETRAIN`` (as a
+plan configures it after that pretraining recipe: the architecture, resolution, pool and feature it inherits).
 
 Every number of a table comes from one run of this module (one process, rows measured back to back); rows with the
 same step cost (same method, model and resolution: e.g. MAE 800 and 1600 epochs) share one measurement.
@@ -312,10 +314,68 @@ def describe_analytic(r: dict[str, Any]) -> str:
     return r["tokens"] if r.get("tokens") else "n/a"
 
 
+EVAL_TARGETS = ("finetune", "linear", "knn")
+
+
+def is_recipe_target(t: str) -> bool:
+    """A pretraining recipe (``mae``, ``pretrain/lomar``) or an evaluation target (``finetune/vit_base@mae``), not a
+    table or a paper."""
+    head = t.split("/", 1)[0]
+    return ("/" not in t and t not in ("all", "lomar", "localmim", "extrema")) or head in ("pretrain", *EVAL_TARGETS)
+
+
+def resolve_eval_target(target: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """(config, input pretraining config or None) of ``KIND/RECIPE`` (the recipe at paper scale) or
+    ``KIND/RECIPE@PRETRAIN`` (``KIND/@PRETRAIN``: the pretraining's own ``evals`` recipe), configured as a plan
+    configures that evaluation after the pretraining (``repro.pipeline.plan.eval_overrides``); ``overrides`` last."""
+    from repro.config import deep_merge
+    from repro.kinds import get_kind
+    from repro.resolve import nested, resolve
+
+    kind, _, rest = target.partition("/")
+    recipe, _, after = rest.partition("@")
+    sk = get_kind(kind)
+    if not after:
+        if not recipe:
+            raise ConfigError(f"'{target}': name a {kind} recipe (see `repro recipes`), e.g. {kind}/RECIPE or "
+                              f"{kind}/RECIPE@PRETRAIN")
+        return resolve(recipe, "paper", list(overrides), kind=sk.recipes), None
+    from repro.pipeline.plan import eval_overrides, input_eval_defaults
+
+    pre = resolve(after, "paper", [], kind="pretrain")
+    recipe = recipe or (pre.get("evals") or {}).get(kind) or sk.default_recipe or ""
+    if not recipe:
+        raise ConfigError(f"'{target}': pretraining {after} names no {kind} recipe; use {kind}/RECIPE@{after}")
+    row = input_eval_defaults(after, kind=kind)
+    ov = deep_merge(eval_overrides(pre, kind, recipe, row), nested(list(overrides)))
+    return resolve(recipe, "paper", ov, kind=sk.recipes, paper_overrides=row), pre
+
+
+def _profile_eval(target: str, overrides: Sequence[str], store: bool = False, **opts: Any) -> dict[str, Any]:
+    """One evaluation target (``resolve_eval_target``): print the measurement and the projection of the stage's
+    device-hours; store the profile in its set."""
+    from repro.profile.projection import stage_work
+
+    cfg, pre = resolve_eval_target(target, overrides)
+    opts.pop("loader", None)
+    opts.pop("loader_workers", None)
+    prof = profile_config(cfg, input_cfg=pre, **opts)
+    line = {k: prof[k] for k in ("kind", "recipe", "input", "img_size", "feature", "batch", "step_time_s",
+                                 "images_per_s", "flops_per_image", "analytic_flops_per_image", "mfu", "device",
+                                 "precision", "step_runs", "compile", "recompiles", "fused_optim", "cost_key")}
+    work = stage_work(cfg)
+    line["projection"] = (project(prof["s_per_image"], work[0], work[1]) if work
+                          else "no paper-scale dataset size or schedule")
+    print(json.dumps(line, indent=2, default=str), flush=True)
+    store_profiles({prof["cost_key"]: prof}, replace=store)
+    return prof
+
+
 def main(targets: Sequence[str], repo_root: Path, *, warmup: int = 1, steps: int = 3, batch: int | None = None,
          flops: bool = False, loader_workers: int | None = None, overrides: Sequence[str] = (),
          json_out: Path | None = None, store: bool = False, **switches: Any) -> int:
-    """The CLI: table ids (or ``all`` = the efficiency tables), a paper name, or a pretraining recipe name;
+    """The CLI: table ids (or ``all`` = the efficiency tables), a paper name, a pretraining recipe name, or an
+    evaluation target (``finetune/RECIPE[@PRETRAIN]``, ``linear/...``, ``knn/...``: ``resolve_eval_target``);
     ``switches``: ``compile``, ``fused_optim``, ``loader``, ``trace`` of ``profile_config``; ``json_out``: every profile
     measured by this call, in one file; ``store``: replace stored profiles that timed more steps."""
     ids: list[str] = []
@@ -325,11 +385,16 @@ def main(targets: Sequence[str], repo_root: Path, *, warmup: int = 1, steps: int
             ids += list(EFFICIENCY_TABLES)
         elif t in ("lomar", "localmim", "extrema"):
             ids += [i for i in EFFICIENCY_TABLES if i.startswith(t + "/")]
+        elif t.split("/", 1)[0] in EVAL_TARGETS and "/" in t:
+            measured[t] = _profile_eval(t, overrides, warmup=warmup, steps=steps, batch=batch,
+                                        loader_workers=loader_workers, store=store, **switches)
+            _dump(json_out, measured)
         elif "/" in t and not t.startswith("pretrain/"):
             if t not in EFFICIENCY_TABLES:
                 raise ConfigError(f"'{t}' is not an efficiency table; valid: all, lomar, localmim, extrema, "
-                                  f"{', '.join(EFFICIENCY_TABLES)}, or a pretraining recipe (pretrain/NAME for "
-                                  "one named as a paper)")
+                                  f"{', '.join(EFFICIENCY_TABLES)}, a pretraining recipe (pretrain/NAME for "
+                                  "one named as a paper), or an evaluation: finetune/RECIPE, linear/RECIPE, "
+                                  "knn/RECIPE (@PRETRAIN: as planned after that pretraining)")
             ids.append(t)
         else:  # a recipe; `pretrain/lomar` is the recipe where `lomar` alone is the paper
             measured[t] = _profile_recipe(t.removeprefix("pretrain/"), overrides, warmup=warmup, steps=steps,
@@ -449,8 +514,7 @@ def cli_main(args: Any) -> int:
     if not targets and not args.flops:
         raise ConfigError("name what to profile: an efficiency table (e.g. lomar/t1), a paper, `all`, a pretraining "
                           "recipe, or --flops")
-    if overrides and any(("/" in t and not t.startswith("pretrain/")) or t in ("all", "lomar", "localmim", "extrema")
-                         for t in targets):
+    if overrides and not all(is_recipe_target(t) for t in targets):
         raise ConfigError("key=value overrides apply to a recipe target only; tables use their paper configurations")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")

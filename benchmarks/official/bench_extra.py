@@ -1,21 +1,25 @@
 #!/usr/bin/env python
-"""Time full pretraining steps of the OFFICIAL LocalMIM (ViT-B, Swin-B) and SimMIM (ViT-B, Swin-B) code.
+"""Time full pretraining steps of the OFFICIAL LocalMIM (ViT-B, Swin-B), SimMIM (ViT-B, Swin-B), BEiT (ViT-B) and
+GreenMIM (Swin-B) code. (MaskFeat has none: SlowFast's model does not import without packages the GPU image lacks;
+see export_extra.sh.)
 
-The official code is not in this repository: export_localmim.sh writes it at run time into EXPORT_DIR
-(localmim_vit/, localmim_swin/, simmim/), and each configuration imports it from there in its own process (the repos
-share module names such as models_mim and util.pos_embed; a fresh process also gives per-config peak memory).
+The official code is not in this repository: export_extra.sh writes it at run time into EXPORT_DIR (localmim_vit/,
+localmim_swin/, simmim/, beit/, greenmim/), and each configuration imports it from there in its own process (the
+repos share module names such as models_mim and util.pos_embed; a fresh process also gives per-config peak memory).
 
-One step = forward (the model's own loss) + backward + AdamW step (torch's default implementation: foreach on CUDA,
-as the official scripts construct it) + zero_grad, on fixed random images; the official loops' GradScaler / apex amp
-and SimMIM's grad clipping are left out, as in ../shared/bench/bench_official.py. CPU: fp32; --device cuda: bf16
-autocast with torch.cuda.synchronize around every timed phase. Writes the runs[] / agg[] JSON of bench_official.py
-(`repro profile --side-by-side DIR` reads every official*.json in DIR); a configuration that fails or times out is
-recorded under errors[] and the others still run.
+One step = [the official loop's no-grad target step, timed as tok_s] + forward (the model's own loss) + backward +
+AdamW step (torch's default implementation: foreach on CUDA, as the official scripts construct it) + zero_grad, on
+fixed random images; the official loops' GradScaler / apex amp and grad clipping are left out, as in
+../shared/bench/bench_official.py. Masks the official loaders make in their workers (SimMIM, BEiT) are made once,
+outside the step. CPU: fp32; --device cuda: bf16 autocast with torch.cuda.synchronize around every timed phase.
+Writes the runs[] / agg[] JSON of bench_official.py (`repro profile --side-by-side DIR` reads every official*.json in
+DIR), each run with `notes` saying what its step includes; a configuration that fails or times out is recorded under
+errors[] and the others still run.
 
 Usage:
-    python bench_localmim.py EXPORT_DIR [--device cpu|cuda] [--batch N] [--warmup 2] [--steps 5]
-                             [--configs all|NAME,...] [--timeout 600] [--json OUT.json]
-    python bench_localmim.py EXPORT_DIR --list
+    python bench_extra.py EXPORT_DIR [--device cpu|cuda] [--batch N] [--warmup 2] [--steps 5]
+                          [--configs all|NAME,...] [--timeout 600] [--json OUT.json]
+    python bench_extra.py EXPORT_DIR --list
 """
 
 from __future__ import annotations
@@ -47,6 +51,22 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # SimMIM configs/swin_base__800ep/simmim_pretrain__swin_base__img192_window6__800ep.yaml
     "simmim-swin-192": dict(repo="simmim", img=192, type="swin", drop_path=0.0, mask_patch=32, mask_ratio=0.6,
                             window=6),
+    # BEiT README (ImageNet-1k pretraining) + run_beit_pretraining.py defaults: beit_base_patch16_224_8k_vocab,
+    # --num_mask_patches 75, min 16 per block, --drop_path 0.1, --layer_scale_init_value 0.1, shared relative
+    # position bias on, no absolute positions, AdamW (0.9, 0.999), eps 1e-8, wd 0.05, 128 per GPU. The targets are
+    # given (random token ids): the DALL-E dVAE forward that makes them is not in this step
+    "beit-224": dict(repo="beit", img=224, num_mask=75, min_block=16, drop_path=0.1, init_values=0.1,
+                     tokenizer=False),
+    # the same step with the official tokenizer forward: Dalle_VAE.get_codebook_indices on the 112-px second view
+    # (OpenAI's dVAE encoder from beit/dall_e with random weights; fp16 convs on CUDA as its Conv2d does; outside
+    # autocast and under no_grad as engine_for_pretraining.py runs it)
+    "beit-224-dvae": dict(repo="beit", img=224, num_mask=75, min_block=16, drop_path=0.1, init_values=0.1,
+                          tokenizer=True, second_size=112),
+    # GreenMIM scripts/run_greenmim_swin_base.sh / srun_greenmim_swin_base.sh: green_mim_swin_base_patch4_dec512b1
+    # (Swin-B 224, window 7, grouped window attention over the visible patches; decoder 512 x 1 block over the 7 x 7
+    # grid of 32-px units), --mask_ratio 0.75, --norm_pix_loss; main_pretrain.py: AdamW (0.9, 0.95), wd 0.05
+    "greenmim-swin-224": dict(repo="greenmim", img=224, model="green_mim_swin_base_patch4_dec512b1",
+                              mask_ratio=0.75, norm_pix_loss=True),
 }
 DEFAULT_BATCH = 8  # CPU default, as bench_official.py at 224 px
 
@@ -88,14 +108,17 @@ def _simmim_config(cfg: dict[str, Any]) -> SimpleNamespace:
 
 
 def _build(export_dir: str, name: str, batch: int, dev: Any) -> tuple[Any, list[dict[str, Any]], dict[str, Any],
-                                                                        Callable[[], Any], dict[str, Any], Any]:
-    """The official model, its optimizer groups, optimizer kwargs, a forward giving the loss, provenance, module."""
+                                                                        Callable[[], Any], dict[str, Any], Any,
+                                                                        Callable[[], None] | None]:
+    """The official model, its optimizer groups, optimizer kwargs, a forward giving the loss, provenance, module, and
+    the official loop's no-grad target step that runs before the forward (None where there is none)."""
     import torch
 
     cfg = CONFIGS[name]
     S = cfg["img"]
     x = torch.randn(batch, 3, S, S, device=dev)
     info: dict[str, Any] = {}
+    prepare: Callable[[], None] | None = None
     if cfg["repo"] == "localmim_vit":
         import models_mim as mod
         model = getattr(mod, cfg["model"])(hog_nbins=cfg["hog_nbins"], hog_bias=cfg["hog_bias"])
@@ -145,9 +168,96 @@ def _build(export_dir: str, name: str, batch: int, dev: Any) -> tuple[Any, list[
             return model(x, mask)
         info["recipe"] = (f"build_simmim({cfg['type']}, img {S}, mask {cfg['mask_patch']} px x {cfg['mask_ratio']}, "
                           f"drop_path {cfg['drop_path']}); AdamW(0.9, 0.999), wd 0.05; clip 5.0 and apex amp left out")
+        info["notes"] = "masks from the official MaskGenerator, made once outside the step (the loader's work)"
+    elif cfg["repo"] == "beit":
+        model, groups, opt_kw, forward, prepare, mod = _build_beit(cfg, x, batch, dev, info)
+    elif cfg["repo"] == "greenmim":
+        from modeling import model_factory as mod
+        model = mod.get_pretrain_model(cfg["model"], norm_pix_loss=cfg["norm_pix_loss"])
+        # main_pretrain.py: no decay for names with 'position_bias' or 'token' (+ timm's 1-D / bias rule)
+        skip = {n for n, _ in model.named_parameters() if "position_bias" in n or "token" in n}
+        groups = _param_groups(model, 0.05, skip)
+        opt_kw = dict(lr=1e-4 * batch / 256, betas=(0.9, 0.95))
+
+        def forward() -> Any:
+            loss, _, _ = model(x, mask_ratio=cfg["mask_ratio"])
+            return loss
+        info["recipe"] = (f"{cfg['model']}(norm_pix_loss={cfg['norm_pix_loss']}), mask_ratio={cfg['mask_ratio']}; "
+                          "AdamW(0.9, 0.95), wd 0.05")
+        info["notes"] = ("the step includes the official per-batch mask (drawn on the device) and its host-side "
+                         "grouping of windows (knapsack DP) inside the forward, as the official loop runs them")
     else:
         raise ValueError(cfg["repo"])
-    return model, groups, opt_kw, forward, info, mod
+    return model, groups, opt_kw, forward, info, mod, prepare
+
+
+def _build_beit(cfg: dict[str, Any], x: Any, batch: int, dev: Any, info: dict[str, Any]) -> tuple[
+        Any, list[dict[str, Any]], dict[str, Any], Callable[[], Any], Callable[[], None], Any]:
+    """BEiT: run_beit_pretraining.py's model and optimizer groups, the loader's block-wise masks (official
+    MaskingGenerator, made once), and engine_for_pretraining.py's step: token ids (given, or from the dVAE on the
+    second view) -> labels at the masked positions (no grad) -> LM-head logits of the masked positions under
+    autocast -> cross-entropy."""
+    import random
+
+    import modeling_pretrain as mod
+    import numpy as np
+    import torch
+    from masking_generator import MaskingGenerator
+    from torch import nn
+
+    model = mod.beit_base_patch16_224_8k_vocab(
+        pretrained=False, drop_path_rate=cfg["drop_path"], drop_block_rate=None, use_shared_rel_pos_bias=True,
+        use_abs_pos_emb=False, init_values=cfg["init_values"])
+    grid = model.patch_embed.patch_shape
+    random.seed(0)
+    np.random.seed(0)
+    gen = MaskingGenerator(grid, num_masking_patches=cfg["num_mask"], max_num_patches=None,
+                           min_num_patches=cfg["min_block"])
+    masks = torch.from_numpy(np.stack([gen() for _ in range(batch)])).to(dev).flatten(1).to(torch.bool)
+    # optim_factory.get_parameter_groups: no decay for 1-D, biases and model.no_weight_decay()
+    groups = _param_groups(model, 0.05, set(model.no_weight_decay()))
+    opt_kw = dict(lr=1.5e-3, betas=(0.9, 0.999), eps=1e-8)
+    vocab = model.lm_head.out_features
+    state: dict[str, Any] = {}
+    if cfg["tokenizer"]:
+        from dall_e.encoder import Encoder
+        from dall_e.utils import map_pixels
+        from modeling_discrete_vae import Dalle_VAE
+
+        d_vae = Dalle_VAE(cfg["second_size"])
+        d_vae.encoder = Encoder(device=dev)  # random weights in place of encoder.pkl (load_model)
+        # the loader's second view: ToTensor + map_pixels of the crop resized to second_size
+        g = torch.Generator().manual_seed(1)
+        images = map_pixels(torch.rand(batch, 3, cfg["second_size"], cfg["second_size"], generator=g)).to(dev)
+
+        def token_ids() -> Any:
+            return d_vae.get_codebook_indices(images).flatten(1)
+        info["tokenizer"] = (f"Dalle_VAE({cfg['second_size']}).get_codebook_indices (dall_e Encoder, random "
+                             f"weights, {'fp16 convs' if dev.type == 'cuda' else 'fp32'}) in the step")
+    else:
+        ids = torch.randint(0, vocab, (batch, grid[0] * grid[1]), generator=torch.Generator().manual_seed(1)).to(dev)
+
+        def token_ids() -> Any:
+            return ids
+        info["tokenizer"] = "none in the step: token ids given (the dVAE forward excluded)"
+
+    def prepare() -> None:
+        with torch.no_grad():
+            state["labels"] = token_ids()[masks]
+
+    def forward() -> Any:
+        outputs = model(x, bool_masked_pos=masks, return_all_tokens=False)
+        return nn.CrossEntropyLoss()(input=outputs, target=state["labels"])
+    info["recipe"] = (f"beit_base_patch16_224_8k_vocab(drop_path {cfg['drop_path']}, layer scale "
+                      f"{cfg['init_values']}, shared rel-pos bias, no abs pos), {cfg['num_mask']} of "
+                      f"{grid[0] * grid[1]} patches block-masked (min {cfg['min_block']}); AdamW(0.9, 0.999), "
+                      "wd 0.05; clip 3.0 and the GradScaler left out")
+    info["notes"] = ("official step: " + info["tokenizer"] + "; masks from the official MaskingGenerator, made once "
+                     "outside the step (the loader's work). Ours (pretrain/beit) runs its tokenizer (the k-means "
+                     "substitute for the dVAE: patch features + nearest of 8192 centroids) and draws its block "
+                     "masks inside its step: beit-224 compares the model steps with ours doing that extra work; "
+                     "beit-224-dvae is what the official pipeline pays with its real tokenizer")
+    return model, groups, opt_kw, forward, prepare, mod
 
 
 def run_child(export_dir: str, name: str, warmup: int, steps: int, threads: int, device: str, batch: int) -> None:
@@ -163,7 +273,7 @@ def run_child(export_dir: str, name: str, warmup: int, steps: int, threads: int,
     torch.manual_seed(0)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    model, groups, opt_kw, forward, info, mod = _build(export_dir, name, batch, dev)
+    model, groups, opt_kw, forward, info, mod, prepare = _build(export_dir, name, batch, dev)
     cfg = CONFIGS[name]
     info.update({"config": name, "repo": cfg["repo"], "img": cfg["img"], "batch": batch, "mode": "default",
                  "TIMM_FUSED_ATTN": os.environ.get("TIMM_FUSED_ATTN"), "timm_use_fused_attn": bool(use_fused_attn()),
@@ -192,6 +302,7 @@ def run_child(export_dir: str, name: str, warmup: int, steps: int, threads: int,
 
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     t_step: list[float] = []
+    t_tok: list[float] = []
     t_fwd: list[float] = []
     t_bwd: list[float] = []
     t_opt: list[float] = []
@@ -199,6 +310,10 @@ def run_child(export_dir: str, name: str, warmup: int, steps: int, threads: int,
     for i in range(warmup + steps):
         sync()
         t0 = time.perf_counter()
+        if prepare is not None:  # outside autocast, as the official loops run it
+            prepare()
+            sync()
+        tp = time.perf_counter()
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
             loss = forward()
         sync()
@@ -213,13 +328,15 @@ def run_child(export_dir: str, name: str, warmup: int, steps: int, threads: int,
         losses.append(float(loss.detach()))
         if i >= warmup:
             t_step.append(t3 - t0)
-            t_fwd.append(t1 - t0)
+            t_tok.append(tp - t0)
+            t_fwd.append(t1 - tp)
             t_bwd.append(t2 - t1)
             t_opt.append(t3 - t2)
     med = statistics.median(t_step)
     info.update({
         "warmup": warmup, "steps": steps, "step_times_s": t_step, "s_per_step": med, "s_per_img": med / batch,
-        "fwd_s": statistics.median(t_fwd), "bwd_s": statistics.median(t_bwd), "opt_s": statistics.median(t_opt),
+        "tok_s": statistics.median(t_tok), "fwd_s": statistics.median(t_fwd), "bwd_s": statistics.median(t_bwd),
+        "opt_s": statistics.median(t_opt),
         "losses": losses, "peak_rss_MiB": _rss_mib("VmHWM"),
         "peak_cuda_MiB": torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else None,
         "imgs_per_s": batch / med,
@@ -264,7 +381,7 @@ def run_parent(args: argparse.Namespace) -> int:
         res["repeat"] = 0
         runs.append(res)
         print(f"{n:18s} batch {batch:4d} {res['s_per_step']:8.4f} s/step {res['imgs_per_s']:8.1f} img/s  "
-              f"(fwd {res['fwd_s']:.3f} bwd {res['bwd_s']:.3f} opt {res['opt_s']:.3f})  loss[0] "
+              f"(tok {res['tok_s']:.3f} fwd {res['fwd_s']:.3f} bwd {res['bwd_s']:.3f} opt {res['opt_s']:.3f})  loss[0] "
               f"{res['losses'][0]:.4f}  wall {res['wall_s']:.0f} s", flush=True)
     agg = [dict(config=r["config"], mode="default", s_per_step=r["s_per_step"], s_per_img=r["s_per_img"],
                 peak_rss_MiB=r["peak_rss_MiB"], peak_cuda_MiB=r["peak_cuda_MiB"], batch=r["batch"], n_runs=1,
