@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  repro profile all --flops          every cost table + tables/efficiency/"
                               "flops.md\n  repro profile lomar/t1 --steps 5\n  repro profile mae data.img_size=384\n"
                               "  repro profile pretrain/mae train.compile_mode=reduce-overhead --compile on --trace "
-                              "traces/\n  repro profile finetune/vit_base@mae linear/mae@mae knn/default   evaluation steps (Slurm --time of "
-                              "those stages)",
+                              "traces/\n  repro profile finetune/vit_base@mae linear/mae@mae knn/default   "
+                              "evaluation steps (Slurm --time of those stages)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help="efficiency table ids (lomar/t1 ...), a paper, `all`, a pretraining recipe, or an "

@@ -1,4 +1,5 @@
-"""Weighted kNN (DINO protocol) and top-k accuracy on hand-made examples with known answers."""
+"""Weighted kNN (DINO protocol) and top-k accuracy on hand-made examples with known answers; the vote bit-identical
+to the original CPU code; the shards of a multi-process extraction put back in dataset order."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from repro.evals.knn import knn_accuracy, knn_predict, topk_accuracy
+from repro.evals.knn import (
+    VOTE_BYTES,
+    VOTE_CHUNK,
+    extract,
+    interleave,
+    knn_accuracy,
+    knn_predict,
+    shard_sizes,
+    topk_accuracy,
+    vote_chunk,
+)
 
 
 def at(*degrees: float, scale: float = 1.0) -> torch.Tensor:
@@ -94,3 +106,80 @@ def test_topk_accuracy_known_values() -> None:
     assert topk_accuracy(logits, labels, ks=(2,)) == {"top2": 50.0}
     # k is capped at the number of classes (and the key says so).
     assert topk_accuracy(logits[:, :3], torch.tensor([0, 1, 2, 2]), ks=(1, 5)) == {"top1": 50.0, "top3": 100.0}
+
+
+# ---------------------------------------------------------------------------------- the vote as it was (reference)
+@torch.no_grad()
+def _old_knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                     num_classes: int, k: int, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """The CPU vote before the kNN stage moved to the GPU, kept verbatim as the reference."""
+    train = F.normalize(train_feats, dim=1)
+    test = F.normalize(test_feats, dim=1)
+    k = min(k, train.shape[0])
+    out = []
+    for i in range(0, test.shape[0], chunk):
+        sim = test[i : i + chunk] @ train.T
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=top.dtype)
+        votes.scatter_add_(1, train_labels[idx], (top / temperature).exp())
+        out.append(votes)
+    return torch.cat(out)
+
+
+def _old_knn_accuracy(train_feats, train_labels, test_feats, test_labels, num_classes, ks, temperature=0.07):
+    res = {}
+    for k in ks:
+        pred = _old_knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature).argmax(1)
+        res[f"knn_top1_k{k}"] = 100.0 * (pred == test_labels).float().mean().item()
+    return res
+
+
+@pytest.mark.parametrize("n_train,n_test,dim,classes", [(5000, 1000, 64, 10), (300, 2500, 16, 7), (40, 3, 8, 3)])
+def test_vote_on_the_cpu_is_bit_identical_to_the_original(n_train: int, n_test: int, dim: int, classes: int) -> None:
+    """The tiny stage's sizes (5000 gallery, 1000 queries: one 1024-row chunk), several chunks, k above the
+    gallery: the same scores to the bit and the same accuracies."""
+    g = torch.Generator().manual_seed(n_train)
+    train, test = torch.randn(n_train, dim, generator=g), torch.randn(n_test, dim, generator=g)
+    labels = torch.randint(0, classes, (n_train,), generator=g)
+    test_labels = torch.randint(0, classes, (n_test,), generator=g)
+    for k in (1, 20, 200):
+        assert torch.equal(knn_predict(train, labels, test, classes, k), _old_knn_predict(train, labels, test,
+                                                                                          classes, k))
+    ks = (20, 200)
+    assert knn_accuracy(train, labels, test, test_labels, classes, ks) == _old_knn_accuracy(
+        train, labels, test, test_labels, classes, ks)
+
+
+def test_vote_chunk_bounds_the_similarity_memory() -> None:
+    assert vote_chunk(5000) == VOTE_CHUNK == 1024  # tiny: unchanged
+    imagenet = vote_chunk(1_281_167)
+    assert imagenet == 209 and imagenet * 1_281_167 * 4 <= VOTE_BYTES
+    assert vote_chunk(10**12) == 1
+
+
+# ------------------------------------------------------------------------------------------- shards and gathering
+@pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (7, 2), (5, 5), (1, 1), (1281, 8)])
+def test_interleave_puts_the_shards_back_in_dataset_order(n: int, world: int) -> None:
+    rows = torch.arange(n * 2).view(n, 2)
+    sizes = shard_sizes(n, world)
+    assert sum(sizes) == n and sizes[0] == max(sizes) and max(sizes) - min(sizes) <= 1
+    # each rank's shard (items rank::world), padded at its end as all_gather needs it
+    parts = []
+    for r in range(world):
+        shard = rows[r::world]
+        parts.append(torch.cat([shard, torch.full((sizes[0] - len(shard), 2), -1)]))
+    assert torch.equal(interleave(parts, n), rows)
+
+
+def test_extract_keeps_the_order_and_the_device_path_is_the_same() -> None:
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(11, 3, 4, 4, generator=g), torch.randint(0, 5, (11,), generator=g)
+    ds = TensorDataset(x, y)
+    w = torch.randn(48, 6, generator=g)
+    fn = lambda t: t.flatten(1) @ w  # noqa: E731
+    f, lab = extract(fn, ds, 4, torch.device("cpu"))
+    assert torch.equal(f, fn(x).float()) and torch.equal(lab, y)
+    f2, lab2 = extract(fn, ds, 4, torch.device("cpu"), num_workers=1, to_cpu=False)
+    assert torch.equal(f2, f) and torch.equal(lab2, lab)

@@ -13,9 +13,9 @@ import pytest
 from repro.config import ConfigError
 from repro.pipeline import slurm
 from repro.pipeline.plan import chain, eval_overrides
-from repro.pipeline.slurm_resources import TimePlan
+from repro.pipeline.slurm_resources import TimePlan, wall_text
 from repro.pipeline.stage import Stage
-from repro.profile.projection import ESTIMATE_MARGIN, cost_key, instance_head, store_profiles
+from repro.profile.projection import ESTIMATE_MARGIN, KNN_VOTE_FLOPS, cost_key, instance_head, store_profiles
 from repro.resolve import resolve
 
 IN1K, VAL = 1_281_167, 50_000
@@ -64,14 +64,25 @@ def test_finetune_and_knn_stages_projected_from_their_profiles(env: Path) -> Non
     lim = _limit(st, "finetune")
     wall = 0.002 * IN1K * 100 / 3600 / 8  # 100 epochs of ImageNet-1K on the stage's 8 GPUs
     assert lim.minutes == math.ceil(wall * 60 * 1.25 + 15)
-    assert lim.rule == f"projected {wall:.1f} h on NVIDIA H200 x 8 GPUs x 1.25 + 15 min start-up"
-    # kNN: one pass over train + val on one GPU (every rank embeds every image), said, but not its time: the CPU
-    # vote and the loader, which bound the stage, are not profiled
+    assert lim.rule == f"projected {wall_text(wall)} on NVIDIA H200 x 8 GPUs x 1.25 + 15 min start-up"
+    # kNN: one pass over train + val plus the vote (2 x val x train x 768 per k, k = 20 and 200: 2e14 FLOPs), both
+    # shared by the stage's 8 GPUs; no kNN profile with a FLOPs count: the vote at the stated conservative fp32 rate
     lim = _limit(st, "knn")
-    wall = 0.0005 * (IN1K + VAL) / 3600
-    assert lim.minutes == 4320
-    assert f"not projected: kNN's encoder forward is {wall:.1f} h on NVIDIA H200 (measured)" in lim.rule
-    assert "vote on the CPU" in lim.rule
+    forward = 0.0005 * (IN1K + VAL) / 3600
+    vote_flops = 2 * VAL * IN1K * 768 * 2
+    vote = vote_flops / KNN_VOTE_FLOPS / 3600
+    wall = (forward + vote) / 8
+    assert lim.minutes == math.ceil(wall * 60 * 1.25 + 15)
+    assert lim.rule.startswith(f"projected {wall_text(wall)} on NVIDIA H200 x 8 GPUs x 1.25 + 15 min start-up (kNN "
+                               f"device-hours: encoder forward {forward:.2f} h (measured) + vote {vote * 60:.1f} min "
+                               f"({vote_flops:.3g} FLOPs at 10.0 TFLOP/s, a stated conservative fp32 rate")
+    # a kNN profile with a FLOPs count: the vote at that forward's measured fp32 rate (here 40 TFLOP/s)
+    store_profiles({_key(knn): _prof("NVIDIA H200", "knn", 0.0005, _key(knn), 20e9, recipe="default")}, env,
+                   log=lambda _: None, replace=True)
+    lim = _limit(st, "knn")
+    wall = (forward + vote_flops / 40e12 / 3600) / 8
+    assert lim.minutes == math.ceil(wall * 60 * 1.25 + 15)
+    assert "at 40.0 TFLOP/s, the fp32 rate of this kNN forward, measured)" in lim.rule
     # the linear stage: no linear profile on the device, nothing to estimate from
     assert str(_limit(st, "linear")) == "time 4320 min = cluster cap of 'gpu8' (no stored profile covers this stage)"
 
@@ -93,7 +104,7 @@ def test_an_unmeasured_configuration_is_estimated_from_flops_and_says_so(env: Pa
     lim = _limit(st, "finetune")
     wall = target / 150e12 * IN1K * 100 / 3600 / 8
     assert lim.minutes == math.ceil(wall * 60 * 1.25 * ESTIMATE_MARGIN + 15)
-    assert lim.rule == (f"estimated from FLOPs vs finetune/vit_base at 384 px (150.0 TFLOP/s): {wall:.1f} h on "
+    assert lim.rule == (f"estimated from FLOPs vs finetune/vit_base at 384 px (150.0 TFLOP/s): {wall_text(wall)} on "
                         "NVIDIA H200 x 8 GPUs x 1.25 x 1.5 + 15 min start-up")
     # a counted FLOPs figure of the stage's own configuration (any device's set) wins over the analytic one
     store_profiles({_key(ft): _prof("CPU (x86_64, 2 threads)", "finetune", 1.0, _key(ft), 2 * target)}, env,

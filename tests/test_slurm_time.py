@@ -17,7 +17,7 @@ from repro.cli import main
 from repro.config import ConfigError
 from repro.pipeline import slurm
 from repro.pipeline.plan import chain
-from repro.pipeline.slurm_resources import TimePlan, slurm_dir
+from repro.pipeline.slurm_resources import TimePlan, slurm_dir, wall_text
 from repro.profile.projection import cost_key, store_profiles
 
 LOMAR_IMAGES_EPOCHS = 1_281_167 * 400  # lomar: ImageNet-1K, 400 epochs
@@ -67,8 +67,8 @@ def test_time_is_the_projection_on_the_stages_gpus_with_a_margin(profiles: Path)
     hours = 0.0005 * LOMAR_IMAGES_EPOCHS / 3600 / 4
     lim = plan.limit(pre, res)
     assert lim.minutes == _minutes(0.0005, 4) < gpu8.max_time_min
-    assert str(lim) == f"time {lim.minutes} min = projected {hours:.1f} h on NVIDIA H200 x 4 GPUs x 1.25 + 15 min " \
-                       "start-up"
+    assert str(lim) == (f"time {lim.minutes} min = projected {wall_text(hours)} on NVIDIA H200 x 4 GPUs x 1.25 "
+                        "+ 15 min start-up")
     # more GPUs, less wall time
     assert plan.limit(pre, slurm.Resources(nodes=2, gpus_per_node=8)).minutes == _minutes(0.0005, 16)
     # no profile of a fine-tuning stage: the cluster's cap, said so

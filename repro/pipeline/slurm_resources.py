@@ -7,9 +7,10 @@ projected wall time (``repro.profile.projection``: the stored device-hours of it
 chosen for the whole submission, divided by its GPUs) x the profile's ``time_margin`` + ``time_startup_min``, else
 the scale's default; always capped by the profile's ``max_time_min`` (a longer stage requeues itself at the limit).
 A stage whose exact configuration was not measured on that set is estimated from its FLOPs and the FLOP/s of the
-nearest measured profile (named in the rule), with ``ESTIMATE_MARGIN`` more margin. Segmentation and detection are
-not profiled, and a kNN stage's profiled forward leaves out what bounds it (its CPU vote, its worker-less loader):
-those keep the cap, and the rule says why.
+nearest measured profile (named in the rule), with ``ESTIMATE_MARGIN`` more margin. A kNN stage's device-hours are
+its encoder forward over gallery + query plus its vote's FLOPs (``repro.profile.projection.knn_vote_flops``), both
+shared by its GPUs; the rule names the two. Segmentation and detection are not profiled: they keep the cap, and the
+rule says why.
 """
 
 from __future__ import annotations
@@ -245,6 +246,11 @@ def slurm_params(res: Resources, prof: Profile, name: str) -> dict[str, Any]:
     return p
 
 
+def wall_text(hours: float) -> str:
+    """A projected wall time as the dry run prints it: hours to one decimal, minutes below an hour."""
+    return f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.1f} min"
+
+
 @dataclass(frozen=True)
 class TimeLimit:
     """A stage's ``--time`` in minutes and the rule that set it (what a dry run prints)."""
@@ -305,14 +311,12 @@ class TimePlan:
         if not proj.on_gpu:
             return None, f"the projection's device {proj.device} is not a GPU"
         p = self.profile
-        wall_h = found.device_hours / gpus if found.split else found.device_hours
-        if not found.split:  # kNN: the profiled forward is not what bounds the stage
-            return None, (f"not projected: kNN's encoder forward is {wall_h:.1f} h on {proj.device} "
-                          f"({found.basis}), but its vote on the CPU (val x train similarities, per k) and its "
-                          "loader (no workers) are not profiled")
+        wall_h = found.device_hours / gpus
         minutes = math.ceil(wall_h * 60 * p.time_margin * found.margin + p.time_startup_min)
         margin = f"x {p.time_margin:g}" + (f" x {found.margin:g}" if found.margin != 1 else "")
-        how = f"{wall_h:.1f} h on {proj.device} x {gpus} GPUs {margin} + {p.time_startup_min} min start-up"
+        how = f"{wall_text(wall_h)} on {proj.device} x {gpus} GPUs {margin} + {p.time_startup_min} min start-up"
+        if found.parts:  # kNN: its encoder forward and its vote, named
+            how += f" ({found.parts})"
         return minutes, (f"{found.basis}: {how}" if found.estimated else f"projected {how}")
 
     def limit(self, stage: Stage, res: Resources, overrides: Mapping[str, Any] | None = None) -> TimeLimit:

@@ -15,8 +15,9 @@ A stage whose exact cost key is stored in the chosen set is *measured*: images t
 dataset's training images; kNN: one pass over train + val) x the measured time per image. Else it is *estimated*:
 its FLOPs per image (counted for its cost key in any stored set, else ``repro.profile.cost``'s analytic count)
 divided by the FLOP/s the nearest measured profile of the same step kind and architecture family achieved on the
-chosen set's device, with ``ESTIMATE_MARGIN`` on top; the estimate names that profile. Segmentation and detection
-are not profiled: they get no projection.
+chosen set's device, with ``ESTIMATE_MARGIN`` on top; the estimate names that profile. A kNN stage adds its vote:
+``knn_vote_flops`` at the fp32 FLOP/s of a measured kNN forward on that device (else ``KNN_VOTE_FLOPS``). Segmentation
+and detection are not profiled: they get no projection.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ STEP_KINDS = {"pretrain": "pretrain", "finetune": "finetune", "semisup": "finetu
               "knn": "knn"}
 # An estimate from FLOPs (no measurement of the exact configuration) gets this factor over the cluster's margin.
 ESTIMATE_MARGIN = 1.5
+# FLOP/s of a kNN vote's fp32 matrix products where the set has no kNN profile with a FLOPs count: conservative,
+# below the fp32 (no TF32) GEMM rate of a V100 (15.7 TFLOP/s peak) or any later data-centre GPU.
+KNN_VOTE_FLOPS = 10e12
 # What an evaluation step's cost depends on in its model section (drop path: element-wise, left out).
 EVAL_MODEL_KEYS = ("arch", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "window_size", "pos_embed",
                    "rel_pos", "layer_scale", "class_token")
@@ -144,6 +148,34 @@ def stage_work(cfg: Mapping[str, Any]) -> tuple[int, float] | None:
         return train_images(cfg), float(cfg["optim"]["epochs"])
     except Exception:  # noqa: BLE001 - tiny / synthetic data: no paper-scale projection
         return None
+
+
+def knn_feature_dim(cfg: Mapping[str, Any]) -> int | None:
+    """Width of the feature a kNN stage compares: a ViT's embedding (cls, average or instance head), a Swin's last
+    stage; None for an unknown architecture."""
+    from repro.models.archs import arch_dims, is_swin, swin_dims
+
+    model = cfg["model"]
+    try:
+        if is_swin(str(model.get("arch"))):
+            d = swin_dims(model)
+            return int(d["embed_dim"]) * 2 ** (len(d["depths"]) - 1)
+        return int(arch_dims(model)["embed_dim"])
+    except (ValueError, KeyError, ConfigError):
+        return None
+
+
+def knn_vote_flops(cfg: Mapping[str, Any]) -> float | None:
+    """FLOPs of a paper-scale kNN stage's vote: the query x gallery similarities, 2 x N_query x N_gallery x dim per
+    k (``run_knn`` votes once per k; top-k and the weighted sums are left out); None without known sizes."""
+    dim = knn_feature_dim(cfg)
+    try:
+        gallery, query = train_images(cfg), val_images(cfg)
+    except ConfigError:
+        return None
+    ks = cfg.get("k") or ()
+    ks = [ks] if isinstance(ks, int) else list(ks)
+    return 2.0 * query * gallery * dim * len(ks) if dim and ks else None
 
 
 def project(s_per_image: float, images_per_epoch: int, epochs: float, devices: int = 1) -> dict[str, float]:
@@ -294,10 +326,10 @@ class Projection:
     """A stage's device-hours on the projection's device (one device doing all its images), how they were found
     and the extra margin that goes with that."""
 
-    device_hours: float
-    split: bool  # the stage's GPUs share its images (False: kNN, where every rank embeds every image)
+    device_hours: float  # shared by the stage's GPUs (kNN too: each rank embeds and votes for its shard)
     basis: str  # "measured" or "estimated from FLOPs vs <recipe> (<TFLOP/s>)"
     margin: float = 1.0  # over the cluster's time_margin (ESTIMATE_MARGIN for an estimate)
+    parts: str = ""  # what the device-hours are made of, where there are several (kNN: forward + vote)
 
     @property
     def estimated(self) -> bool:
@@ -333,10 +365,46 @@ class Projector:
         prof = self.profiles.get(key)
         if prof:
             hours = project(prof["s_per_image"], images, passes)["total_device_hours"]
-            return Projection(hours, split=step != "knn", basis="measured"), ""
-        if not estimate:
+            found: Projection | None = Projection(hours, basis="measured")
+            why = ""
+        elif not estimate:
             return None, "no stored profile covers this stage"
-        return self.estimate_from_flops(stage_cfg, input_cfg, key, images * passes)
+        else:
+            found, why = self.estimate_from_flops(stage_cfg, input_cfg, key, images * passes)
+        if found is not None and step == "knn":
+            found = self.with_knn_vote(found, stage_cfg, key)
+        return found, why
+
+    def knn_vote_rate(self, key: str) -> tuple[float, str]:
+        """(FLOP/s, its source) of a kNN vote's fp32 matrix products on this set's device: the fp32 forward rate of
+        the kNN profile of ``key`` when it has a FLOPs count, else the slowest such kNN profile in the set, else the
+        stated ``KNN_VOTE_FLOPS``."""
+        def rate(p: Any) -> float | None:
+            ok = isinstance(p, Mapping) and p.get("kind") == "knn" and p.get("s_per_image") and profile_flops(p)
+            return float(profile_flops(p)) / float(p["s_per_image"]) if ok else None
+
+        own = rate(self.profiles.get(key))
+        if own:
+            return own, "the fp32 rate of this kNN forward, measured"
+        rates = [r for r in map(rate, self.profiles.values()) if r]
+        if rates:
+            return min(rates), "the slowest fp32 rate of a measured kNN forward on this device"
+        return KNN_VOTE_FLOPS, "a stated conservative fp32 rate: no kNN profile with a FLOPs count on this device"
+
+    def with_knn_vote(self, forward: Projection, stage_cfg: Mapping[str, Any], key: str) -> Projection:
+        """A kNN stage's projection: its encoder forward over gallery + query (``forward``) plus its vote
+        (``knn_vote_flops`` at ``knn_vote_rate``), both shared by the stage's GPUs; the parts are named."""
+        vote = knn_vote_flops(stage_cfg)
+        if vote is None:
+            return Projection(forward.device_hours, forward.basis, forward.margin,
+                              f"kNN device-hours: encoder forward {forward.device_hours:.2f} h + a vote of unknown "
+                              "feature width (not counted)")
+        rate, source = self.knn_vote_rate(key)
+        vote_h = vote / rate / 3600.0
+        how = "estimated" if forward.estimated else "measured"
+        return Projection(forward.device_hours + vote_h, forward.basis, forward.margin,
+                          f"kNN device-hours: encoder forward {forward.device_hours:.2f} h ({how}) + vote "
+                          f"{vote_h * 60:.1f} min ({vote:.3g} FLOPs at {rate / 1e12:.1f} TFLOP/s, {source})")
 
     def estimate_from_flops(self, stage_cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None, key: str,
                             images: float) -> tuple[Projection | None, str]:
@@ -369,7 +437,7 @@ class Projector:
         name = f"{step}/{ref.get('recipe')}" if step != "pretrain" else str(ref.get("recipe"))
         if ref.get("img_size") and ref.get("img_size") != stage_cfg["data"]["img_size"]:
             name += f" at {ref['img_size']} px"
-        return Projection(hours, split=step != "knn", margin=ESTIMATE_MARGIN,
+        return Projection(hours, margin=ESTIMATE_MARGIN,
                           basis=f"estimated from FLOPs vs {name} ({rate / 1e12:.1f} TFLOP/s)"), ""
 
     @property
