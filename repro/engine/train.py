@@ -89,14 +89,26 @@ def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None 
     state dict are unchanged); returns how many. Blocks are the members of any ``blocks`` container (ViT, Swin stages,
     decoders, heads): identical blocks share one graph, and the masking, gathers and losses between them stay eager,
     so the masking generator never enters a graph. Static shapes: a recipe's token counts are fixed. ``mode``:
-    torch.compile's (``train.compile_mode``; None: its default)."""
+    torch.compile's (``train.compile_mode``; None: its default). Swin blocks also get their visible-only forward
+    compiled (``repro.models.swin.compile_visible``: GreenMIM's and LocalMIM's encoder on the visible tokens), and a
+    module with a ``compile_extra(backend, mode)`` method compiles what it names there (counted in the return)."""
+    from timm.models.swin_transformer import SwinTransformerBlock
+
+    from repro.models.swin import compile_visible
+
     n = 0
     for m in task.modules():
         blocks = getattr(m, "blocks", None)
         if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             for b in blocks:
                 b.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
+                if isinstance(b, SwinTransformerBlock):
+                    compile_visible(b, backend, mode)
                 n += 1
+    for m in task.modules():  # a method's own compiled units (e.g. LocalMIM's decoders, heads and losses)
+        extra = getattr(m, "compile_extra", None)
+        if callable(extra):
+            n += extra(backend, mode)
     return n
 
 

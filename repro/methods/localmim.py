@@ -133,6 +133,13 @@ def _detach_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].detach(), *args[1:])
 
 
+def _decode_losses(method: LocalMIM, *args: Any) -> list[torch.Tensor]:
+    return method.decode_losses(*args)
+
+
+_COMPILED: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> torch.compile(_decode_losses)
+
+
 class LocalMIM(LocalMIMSpec, PretrainMethod):
     """What the ViT and Swin variants share: the per-scale targets, the weighted loss and its logs. ``LocalMIM(cfg)``
     builds the class of ``cfg``'s arch (``LocalMIMViT`` or ``LocalMIMSwin``)."""
@@ -175,6 +182,28 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
     def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         """The masked MSE of every decoder (unweighted), in ``scales`` order."""
         raise NotImplementedError
+
+    def decode_losses(self, *args: Any) -> list[torch.Tensor]:
+        """Everything after the encoder (tap norms, fusion, targets, decoders, heads, masked MSEs): one graph under
+        ``compile_extra``. Its inputs' shapes are fixed per recipe (the visible count is)."""
+        raise NotImplementedError
+
+    def compile_extra(self, backend: str = "inductor", mode: str | None = None) -> int:
+        """``train.compile`` (the engine's ``compile_blocks``): run ``decode_losses`` through torch.compile, so the
+        per-scale glue between the compiled blocks (embeddings, mask tokens, rescale heads, HOG targets, losses and
+        their backward) is fused instead of launched op by op. Returns 1 (compiled units)."""
+        self.tail_compile = (backend, mode)
+        return 1
+
+    def _decode(self, *args: Any) -> list[torch.Tensor]:
+        key = getattr(self, "tail_compile", None)
+        if key is None or torch.compiler.is_compiling():
+            return self.decode_losses(*args)
+        fn = _COMPILED.get(key)
+        if fn is None:
+            fn = _COMPILED[key] = torch.compile(_decode_losses, backend=key[0], dynamic=False,
+                                                **({"mode": key[1]} if key[1] else {}))
+        return fn(self, *args)
 
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
         parts = self.losses(batch[0], generator)
@@ -237,19 +266,19 @@ class LocalMIMViT(LocalMIM):
         tokens are decayed)."""
         return param_groups_weight_decay(self, optim["weight_decay"], no_weight_decay_list=[])
 
-    def _features(self, imgs: torch.Tensor, generator: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor,
-                                                                                    torch.Tensor]:
-        """Encoder pass; returns the (normalised, or fused) input of every decoder, the mask and ids_restore."""
+    def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
         _, mask, ids_restore, hidden = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator)
-        normed = {t: norm(hidden[int(t)]) for t, norm in self.norms.items()}
+        return self._decode([hidden[int(t)] for t in self.norms], mask, ids_restore, imgs)
+
+    def decode_losses(self, tapped: list[torch.Tensor], mask: torch.Tensor, ids_restore: torch.Tensor,
+                      imgs: torch.Tensor) -> list[torch.Tensor]:
+        """``tapped``: the hidden states of the tapped blocks (``norms`` order, before their norms)."""
+        normed = {t: norm(h) for (t, norm), h in zip(self.norms.items(), tapped)}
         if self.fuse is not None:
             top = str(self.sources[0])
-            fused = normed[top] + sum(proj(normed[t]) for t, proj in self.fuse.items())
-            return [fused], mask, ids_restore
-        return [normed[str(s)] for s in self.sources], mask, ids_restore
-
-    def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        feats, mask, ids_restore = self._features(imgs, generator)
+            feats = [normed[top] + sum(proj(normed[t]) for t, proj in self.fuse.items())]
+        else:
+            feats = [normed[str(s)] for s in self.sources]
         with torch.no_grad():
             targets = self.targets(imgs)
         out = []
@@ -379,24 +408,36 @@ class LocalMIMSwin(LocalMIM):
         return out
 
     def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        n = imgs.shape[0]
         mask = swin_batch_mask(self.ugrid * self.ugrid, float(self.params["mask_ratio"]), generator).to(imgs.device)
         # The step's one host sync: the (units,) mask comes to the CPU, where the index bookkeeping runs.
         ids = visible_ids_from_units((mask == 0).reshape(self.ugrid, self.ugrid).cpu(), self.unit_patches)
         levels = self._swin_levels(imgs, ids)
-        normed = {t: SwinTokens(self.norms[str(t)](lv.tokens), lv.coords, lv.grid) for t, lv in levels.items()}
+        dev = imgs.device
+        slots = [levels[t].ids.to(dev, non_blocking=True) for t in self.tapped]
+        cells = [] if self.fuse is None else [
+            _cell_index(levels[int(t)], levels[self.sources[0]]).to(dev, non_blocking=True) for t in self.fuse]
+        return self._decode([levels[t].tokens for t in self.tapped], slots, cells, mask, imgs)
+
+    def decode_losses(self, tapped: list[torch.Tensor], slots: list[torch.Tensor], cells: list[torch.Tensor],
+                      mask: torch.Tensor, imgs: torch.Tensor) -> list[torch.Tensor]:
+        """``tapped``: the tapped levels' tokens (``self.tapped`` order, before their norms) at grid ids ``slots``;
+        ``cells``: for feature fusion, each lower tap's ``_cell_index``; ``mask`` (units,) 1 = masked."""
+        n = imgs.shape[0]
+        normed = {t: self.norms[str(t)](x) for t, x in zip(self.tapped, tapped)}
+        ids = dict(zip(self.tapped, slots))
         if self.fuse is not None:
             top = normed[self.sources[0]]
-            fused = top.tokens + sum(proj(_cell_blocks(normed[int(t)], top)) for t, proj in self.fuse.items())
-            feats = [SwinTokens(fused, top.coords, top.grid)]
+            fused = top + sum(proj(normed[int(t)][:, idx].reshape(n, top.shape[1], -1))
+                              for (t, proj), idx in zip(self.fuse.items(), cells))
+            feats = [(fused, self.sources[0])]
         else:
-            feats = [normed[t] for t in self.sources]
+            feats = [(normed[t], t) for t in self.sources]
         with torch.no_grad():
             targets = self.targets(imgs)
         out = []
-        for x, dec, head, s, tgt in zip(feats, self.decoders, self.heads, self.scales, targets):
-            g = x.grid[0]
-            y = dec(x.tokens, x.ids.to(x.tokens.device, non_blocking=True))  # (N, g*g, d), raster order
+        for (x, t), dec, head, s, tgt in zip(feats, self.decoders, self.heads, self.scales, targets):
+            g = self.tap_grid[t]
+            y = dec(x, ids[t])  # (N, g*g, d), raster order
             pred = head(y.transpose(1, 2).reshape(n, -1, g, g)).flatten(2).transpose(1, 2)
             m = scale_mask(mask[None].expand(n, -1), self.ugrid, g * s / self.ugrid)
             out.append(masked_mse(pred.float(), tgt.float(), m))
@@ -406,9 +447,10 @@ class LocalMIMSwin(LocalMIM):
         return swin_state_dict(self.encoder)
 
 
-def _cell_blocks(fine: SwinTokens, top: SwinTokens) -> torch.Tensor:
-    """For every top-level cell, the r x r block of ``fine`` tokens it covers, concatenated in raster order:
-    (B, M, r * r * C) (a stride-r convolution is a linear map of this). Visible cells are whole at every level."""
+def _cell_index(fine: SwinTokens, top: SwinTokens) -> torch.Tensor:
+    """For every top-level cell, the rows of the r x r block of ``fine`` tokens it covers, in raster order: (M * r * r,)
+    (``tokens[:, idx].reshape(B, M, r * r * C)``, of which a stride-r convolution is a linear map). Visible cells are
+    whole at every level."""
     r = fine.grid[0] // top.grid[0]
     w = fine.grid[1]
     dev = fine.coords.device
@@ -416,8 +458,4 @@ def _cell_blocks(fine: SwinTokens, top: SwinTokens) -> torch.Tensor:
     slot[fine.ids] = torch.arange(fine.ids.numel(), device=dev)
     off = torch.stack(torch.meshgrid(torch.arange(r, device=dev), torch.arange(r, device=dev), indexing="ij"), -1)
     pos = top.coords[:, None, :] * r + off.reshape(1, -1, 2)
-    idx = slot[pos[..., 0] * w + pos[..., 1]]
-    b, _, c = fine.tokens.shape
-    idx = idx.reshape(-1).to(fine.tokens.device, non_blocking=True)
-    return fine.tokens[:, idx].reshape(b, top.coords.shape[0], r * r * c)
-
+    return slot[pos[..., 0] * w + pos[..., 1]].reshape(-1)

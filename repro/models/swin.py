@@ -141,8 +141,9 @@ def pack_windows(capacity: int, sizes: Sequence[int]) -> list[list[int]]:
 class _RowGather(torch.autograd.Function):
     """``x[:, index]`` along dim 1 with a backward that is a gather too: ``inverse[j]`` is the output row holding
     input row j (``len(index)``: none, zero gradient); ``pad`` lists extra output rows that repeat input row 0 (the
-    padding slots of a grouping), whose gradients are summed into row 0. Index backward would instead scatter with
-    index_put's sort-and-accumulate kernel (slow on a GPU); both give the same sums up to float rounding."""
+    padding slots of a grouping), whose gradients are summed into row 0: their indices, or (bool) a mask over the
+    output rows (the compiled path: no tensor whose size depends on the mask). Index backward would instead scatter
+    with index_put's sort-and-accumulate kernel (slow on a GPU); both give the same sums up to float rounding."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor,
@@ -155,7 +156,9 @@ class _RowGather(torch.autograd.Function):
         inverse, pad = ctx.saved_tensors
         zero = grad.new_zeros(grad.shape[0], 1, *grad.shape[2:])
         gx = torch.cat([grad, zero], dim=1).index_select(1, inverse)
-        if pad.numel():
+        if pad.dtype == torch.bool:
+            gx[:, 0] += torch.where(pad[None, :, None], grad, 0).sum(dim=1)
+        elif pad.numel():
             gx[:, 0] += grad.index_select(1, pad).sum(dim=1)
         return gx, None, None, None
 
@@ -179,8 +182,8 @@ class WindowGrouping:
     """How the visible tokens of one level are arranged for one (window, shift): ``index`` (nG * G,) token index per
     slot (padding slots point at token 0), ``restore`` (N,) the slot of every token, ``bias_index`` (nG, G, G) into the
     relative position table (0 where masked), ``blocked`` (nG, G, G) True where the pair must not attend; ``pad`` the
-    padding slots and ``slot_token`` (nG * G,) the token of every slot (N for padding): the inverse maps that let the
-    backward of both rearrangements gather (``gather_rows``)."""
+    padding slots (or a bool mask of them, see ``_RowGather``) and ``slot_token`` (nG * G,) the token of every slot (N
+    for padding): the inverse maps that let the backward of both rearrangements gather (``gather_rows``)."""
 
     index: torch.Tensor
     restore: torch.Tensor
@@ -269,10 +272,47 @@ def grouped_attention(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGroup
     return gather_rows(out.reshape(b, -1, c), g.restore, g.slot_token)
 
 
-def block_visible(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
-    """One Swin block on visible tokens (pre-norm attention + MLP, the block's own drop paths)."""
+def _block_visible(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
     x = x + blk.drop_path1(grouped_attention(blk, blk.norm1(x), g))
     return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+
+
+def _block_visible_graph(blk: SwinTransformerBlock, x: torch.Tensor, index: torch.Tensor, restore: torch.Tensor,
+                         slot_token: torch.Tensor, bias_index: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """``_block_visible`` on a grouping's tensors (the function ``compile_visible`` compiles): ``index`` and
+    ``slot_token`` (nG, G); the padding slots are a mask (slot_token == N), so every size is nG, G or fixed."""
+    slots = slot_token.reshape(-1)
+    g = WindowGrouping(index.reshape(-1), restore, bias_index, blocked, bias_index.shape[-1], slots == x.shape[1],
+                       slots)
+    return _block_visible(blk, x, g)
+
+
+_COMPILED: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> torch.compile(_block_visible_graph)
+
+
+def compile_visible(blk: SwinTransformerBlock, backend: str = "inductor", mode: str | None = None) -> None:
+    """Run ``block_visible(blk, ...)`` through torch.compile (``train.compile``; the engine's ``compile_blocks``).
+    All blocks share one compiled function: one graph per stage shape, as the group count and size of a grouping
+    (which change with the mask) are dynamic dimensions; no recompile across masks."""
+    blk.visible_compile = (backend, mode)
+
+
+def block_visible(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping) -> torch.Tensor:
+    """One Swin block on visible tokens (pre-norm attention + MLP, the block's own drop paths); compiled after
+    ``compile_visible(blk)``."""
+    key = getattr(blk, "visible_compile", None)
+    if key is None or torch.compiler.is_compiling():
+        return _block_visible(blk, x, g)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(_block_visible_graph, backend=key[0], dynamic=None,
+                                            **({"mode": key[1]} if key[1] else {}))
+    groups = g.bias_index.shape[0]
+    index, slot_token = g.index.view(groups, -1), g.slot_token.view(groups, -1)
+    if groups > 1 and g.group_size > 1:  # 'group' packing: nG and G change with the mask ('single' is fixed)
+        for t in (index, slot_token, g.bias_index, g.blocked):
+            torch._dynamo.mark_dynamic(t, list(range(t.dim())))
+    return fn(blk, x, index, g.restore, slot_token, g.bias_index, g.blocked)
 
 
 def merge_visible(merge: nn.Module, level: SwinTokens) -> SwinTokens:
