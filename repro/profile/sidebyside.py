@@ -237,8 +237,8 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         key = cost_key(resolve_row(recipe, {}))
         off = official.get(off_name)
         found = [p for mode in modes if (p := _match(ours.get(mode, {}), key, recipe))]
-        if off is None and not (found if off_name else [p for p in found if not p.get("derived_from")]):
-            continue  # not measured by this job (ours only: a recipe target, not a cost table's row)
+        if off is None and not [p for p in found if not p.get("derived_from")]:
+            continue  # no official run and ours only from a cost table's row: not measured by this job
         if off is None and any(r["recipe"] == recipe for r in rows):
             continue  # ours is in an earlier row already; this one only adds an official variant
         row: dict[str, Any] = {"config": label, "official_config": off_name or None, "recipe": recipe}
@@ -334,14 +334,17 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
     def official_img_per_s(r: pd.Series) -> str:
         if isinstance(_get(r, "official_error"), str):
             return "failed"
-        return _x(_get(r, "official_img_per_s"), ".0f") if _get(r, "official_config") else "no official benchmark"
+        if not _get(r, "official_config"):
+            return "no official benchmark"
+        measured = _get(r, "official_img_per_s")
+        return _x(measured, ".0f") if measured is not None else "not measured in this job"
 
     dates = env["dates"]
     steps = ", ".join(f"{w} + {s}" for w, s in env["our_steps"])
     files = env.get("official_files") or ["official.json"]
     later = set(df["config"]) & {c[0] for c in LATER_CONFIGS}
     bench = "../shared/bench/bench_official.py" + (
-        ", benchmarks/official/bench_extra.py" if later or files != ["official.json"] else "")
+        ", benchmarks/official/bench_extra.py" if files != ["official.json"] else "")
     attention = "authors' explicit softmax attention in LoMaR and ExtreMA"
     if later:
         attention += ("; timm's fused SDPA in LocalMIM's ViT and decoders, the authors' explicit softmax (with "
