@@ -56,25 +56,32 @@ def _steps(method: torch.nn.Module, batch, steps: int, fused: bool = False) -> t
     return losses, graphs
 
 
+def _compiled_matches_eager(eager: torch.nn.Module, cfg: dict, steps: int) -> int:
+    """``steps`` steps of ``eager`` and of a copy whose blocks are compiled (aot_eager: the captured graphs run op for
+    op): equal losses, graphs made in the first step only, no graph break. Returns how many units were compiled."""
+    from torch._dynamo.utils import counters
+
+    compiled = copy.deepcopy(eager)
+    batch = random_batch(eager, cfg, 4, torch.device("cpu"))
+    want, _ = _steps(eager, batch, steps)
+    n = compile_blocks(compiled, backend="aot_eager")
+    counters.clear()
+    start = dynamo_graphs()
+    got, graphs = _steps(compiled, batch, steps)
+    assert graphs[0] > start, "nothing went through torch.compile"
+    assert graphs[1:] == [graphs[0]] * (steps - 1), f"recompiled after the first step: graphs {start} -> {graphs}"
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    return n
+
+
 @pytest.mark.parametrize("recipe", ["mae", "lomar", "extrema"])
 def test_compiled_blocks_match_eager_and_do_not_recompile(recipe):
     """Dynamo captures every block without a graph break (aot_eager backend: the captured forward and backward graphs
     run op for op, so this is fast on 2 cores), three steps with updated weights (ExtreMA's EMA teacher, LoMaR's
     relative positions set per forward) give the eager losses, and no graph is made after the first step."""
-    from torch._dynamo.utils import counters
-
     eager, cfg = _method(recipe)
-    compiled = copy.deepcopy(eager)
-    batch = random_batch(eager, cfg, 4, torch.device("cpu"))
-    want, _ = _steps(eager, batch, 3)
-    assert compile_blocks(compiled, backend="aot_eager") >= 2
-    counters.clear()
-    start = dynamo_graphs()
-    got, graphs = _steps(compiled, batch, 3)
-    assert graphs[0] > start, "no block went through torch.compile"
-    assert graphs[1:] == [graphs[0]] * 2, f"recompiled after the first step: graphs {start} -> {graphs}"
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    assert _compiled_matches_eager(eager, cfg, 3) >= 2
 
 
 def test_fused_adamw_matches_the_default_adamw():
@@ -144,20 +151,8 @@ def test_compiled_visible_swin_and_glue_match_eager_without_recompiles(recipe: s
     """The visible-only Swin (GreenMIM, LocalMIM-Swin) and LocalMIM's glue after the encoder (``compile_extra``),
     aot_eager (the captured graphs run op for op: fast on 2 cores); 6 steps, each with a new mask. At tiny the
     first two Swin stages pack their windows into groups ('group' mode), whose count and size vary with the mask."""
-    from torch._dynamo.utils import counters
-
     cfg = resolve(recipe, "tiny", kind="pretrain")
     torch.manual_seed(0)
     eager = build_method(cfg)
     eager.train()
-    compiled = copy.deepcopy(eager)
-    batch = random_batch(eager, cfg, 4, torch.device("cpu"))
-    want, _ = _steps(eager, batch, 6)
-    compile_blocks(compiled, backend="aot_eager")
-    counters.clear()
-    start = dynamo_graphs()
-    got, graphs = _steps(compiled, batch, 6)
-    assert graphs[0] > start, "nothing went through torch.compile"
-    assert graphs[1:] == [graphs[0]] * 5, f"recompiled after the first step: graphs {start} -> {graphs}"
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    _compiled_matches_eager(eager, cfg, 6)
