@@ -5,19 +5,20 @@
 # and by a global deadline (BUDGET seconds from the start): a hang in one stage still returns the others' files.
 # Needs .bench/ (../shared/bench/README.md: bench_official.py + the official export in .bench/export, to which
 # `benchmarks/official/export_extra.sh MIRRORS .bench/export` adds LocalMIM's, SimMIM's, BEiT's and GreenMIM's).
-# Order: the official code (MAE/LoMaR/ExtreMA, then the extras), then ours for the methods only the extras time
-# (BEiT, GreenMIM, MaskFeat: their ratios land beside their official runs), then ours for the main table, CUDA
-# graphs, the loader, batch 256 (the last ones are the first to be skipped when the budget runs short).
+# Order: the official code (MAE 224/448, then the extras: LocalMIM-Swin, BEiT, GreenMIM), then ours for the same
+# configurations (+ MaskFeat, which has no official timing), then each new switch off, the best MAE step, the
+# evaluation steps (the last ones are the first to be skipped when the budget runs short). The other
+# configurations' ratios stand from earlier jobs (tables/efficiency/side-by-side-nvidia-h200.md).
 # Usage: bash benchmarks/gpu_job.sh OUTDIR   (everything is packed into OUTDIR/job.tgz at the end: the device tool
 #   brings back only a few files per call, so the job writes into a work folder and ships one archive + the log)
-#   env: B batch (128), BUDGET (510 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
+#   env: B batch (128), BUDGET (500 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
 #   run of the plumbing), COMPILE (on), STEPS (5), WARMUP (2), EXTRA_TIMEOUT (45: seconds per configuration of
-#   bench_extra.py; raise it for a CPU dry run)
+#   bench_extra.py; raise it for a CPU dry run), EXTRA_CONFIGS (bench_extra.py's --configs)
 set -u
 OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
 O=$(mktemp -d /tmp/gpu-job.XXXXXX)
 mkdir -p "$OUT_DIR"
-B=${B:-128}; BUDGET=${BUDGET:-510}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
+B=${B:-128}; BUDGET=${BUDGET:-500}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
 STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -45,41 +46,42 @@ stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,cl
   nproc; free -g | head -2; git log -1 --format='commit %H %s' 2>/dev/null" > "$O/env.txt" 2>&1
 cat "$O/env.txt"
 
-# 1. the official code at 224 (the ratios of this job), then LocalMIM's, SimMIM's, BEiT's and GreenMIM's (about
-#    10 s a configuration on an H200; a configuration whose export is missing is recorded as failed)
-stage official 75 $PY .bench/bench_official.py .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" \
-  --steps "$STEPS" --configs mae-224,lomar-224,extrema-x1 --modes default --json "$O/official.json"
-[ -d .bench/export/localmim_vit ] && stage official-extra 120 $PY benchmarks/official/bench_extra.py \
+# 1. the official code for this job's ratios: MAE 224 and 448 (the configuration below 1.3x), then LocalMIM-Swin,
+#    BEiT (with and without its dVAE) and GreenMIM (about 10 s a configuration on an H200; a configuration whose
+#    export is missing is recorded as failed)
+stage official 60 $PY .bench/bench_official.py .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" \
+  --steps "$STEPS" --configs mae-224,mae-448 --modes default --json "$O/official.json"
+[ -d .bench/export/beit ] && stage official-extra 110 $PY benchmarks/official/bench_extra.py \
   .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" --steps "$STEPS" \
+  --configs "${EXTRA_CONFIGS:-localmim-swin-224,beit-224,beit-224-dvae,greenmim-swin-224}" \
   --timeout "${EXTRA_TIMEOUT:-45}" --json "$O/official-extra.json"
 
-# 1b. ours for the methods whose official code only the extras time (MFU; MaskFeat has no official timing)
-stage repro-others 120 $P --compile "$COMPILE" --json "$O/repro-others.json" \
-  pretrain/beit pretrain/greenmim_swin_base pretrain/maskfeat
+# 2. ours as the engine runs on CUDA (blocks compiled, fused AdamW, only the kept patches embedded), with a
+#    profiler trace of each: the configurations measured against the official code above
+stage repro-on 110 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" \
+  pretrain/mae pretrain/mae_448 pretrain/beit pretrain/maskfeat
+# the visible-only Swin blocks compile with dynamic group dimensions (one graph per stage shape): their own limit
+stage repro-swin 130 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-swin.json" \
+  pretrain/localmim_swin_base pretrain/greenmim_swin_base
 
-# 2. ours as the engine runs on CUDA (blocks compiled, fused AdamW), with a profiler trace of each
-stage repro-on 200 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" \
-  pretrain/mae pretrain/lomar pretrain/localmim pretrain/localmim_swin_base pretrain/simmim pretrain/simmim_swin_base \
-  extrema_1mask
+# 3. each new switch off / changed, one process each (the blocks' graphs come from the inductor cache): the patch
+#    embedding of every patch (the conv, then the gather), and SDPA with flash attention ahead of cuDNN's
+stage repro-embed-off 45 $P --compile "$COMPILE" --json "$O/repro-variant-embed.json" pretrain/mae \
+  train.embed_visible=false
+stage repro-sdpa-flash 45 $P --compile "$COMPILE" --trace "$O/traces-flash" --json "$O/repro-variant-sdpa.json" \
+  pretrain/mae "train.sdpa=[flash,efficient,cudnn,math]"
 
-# 3. CUDA graphs (compile mode reduce-overhead): the host's launch time off the step
-stage repro-cudagraphs 80 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-cudagraphs.json" \
-  pretrain/mae pretrain/lomar train.compile_mode=reduce-overhead
+# 4. the best MAE step: batch 256 with CUDA graphs (the paper's effective batch kept by fewer GPUs / accumulation)
+stage repro-b256-cudagraphs 60 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" \
+  --fused-optim on --no-loader --compile "$COMPILE" --json "$O/repro-b256.json" pretrain/mae \
+  train.compile_mode=reduce-overhead
 
-# 3b. the evaluation steps (fine-tuning, linear probe, kNN forward) whose stored profiles give `repro plan` and the
-#     Slurm --time of ~170 evaluation stages a projection (the others are estimated from these by FLOPs)
+# 5. the evaluation steps (fine-tuning, linear probe, kNN forward) whose stored profiles give `repro plan` and the
+#    Slurm --time of ~170 evaluation stages a projection (the others are estimated from these by FLOPs)
 stage repro-evals 90 $PY -m repro profile --warmup "$WARMUP" --steps "$STEPS" --no-loader --json "$O/repro-evals.json" \
   finetune/vit_base@mae finetune/extrema_vit_base@extrema linear/extrema@extrema_1mask finetune/scratch_swin_base \
   finetune/lomar_vit_base@lomar finetune/beit_vit_base@beit linear/mae@mae finetune/simmim_swin_large@simmim_swin_large \
   knn/default
-
-# 4. the input pipeline on real JPEG files: PIL in 12 workers vs nvJPEG + batched transforms on the device
-stage loader 60 $PY -m repro profile --batch "$B" --warmup 1 --steps 1 --compile off --loader-workers 12 \
-  --json "$O/repro-loader.json" pretrain/mae
-
-# 5. a larger per-GPU batch (the paper's effective batch kept by fewer GPUs / accumulation)
-stage repro-b256 60 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" --fused-optim on \
-  --no-loader --compile "$COMPILE" --json "$O/repro-b256.json" pretrain/mae pretrain/lomar
 
 tar -czf "$O/tables.tgz" tables plots 2>&1
 echo "### done in $(( $(date +%s) - START ))s"

@@ -183,6 +183,7 @@ def check_keys(cfg: Mapping[str, Any], schema: Mapping[str, Any], where: str = "
 
 # ---- value rules: every recipe key has a type and a range -------------------------------------------------------
 NUMBER = (int, float)
+SDPA_NAMES = ("flash", "cudnn", "efficient", "math")  # train.sdpa: torch's SDPA kernels (repro.engine.train)
 
 
 @dataclass(frozen=True)
@@ -300,6 +301,8 @@ RULES: dict[str, Rule] = {
     "train.compile_mode": Rule(str, nullable=True, choices=("default", "reduce-overhead", "max-autotune",
                                                              "max-autotune-no-cudagraphs")),
     "train.fused_attn": Rule(bool, nullable=True), "train.sync_free": Rule(bool, nullable=True),
+    "train.embed_visible": Rule(bool, nullable=True),
+    "train.sdpa": Rule(list, item=Rule(str, choices=SDPA_NAMES), nullable=True),
     "train.knn_every": NAT, "train.grad_norms": Rule(bool),
     "optim.name": Rule(str, choices=("adamw", "lars", "sgd")),
     "optim.epochs": POS_INT, "optim.warmup_epochs": NONNEG, "optim.batch_size": POS_INT,

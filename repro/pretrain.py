@@ -12,7 +12,7 @@ import torch
 
 from repro.data.datasets import build_split, crop_flip_transform, eval_transform
 from repro.data.device_input import train_split
-from repro.engine.dist import setup
+from repro.engine.dist import DistEnv, setup
 from repro.engine.hooks import EpochEval
 from repro.engine.pretrain import export_encoder
 from repro.engine.train import fit
@@ -21,19 +21,23 @@ from repro.evals.knn import extract, knn_accuracy
 from repro.methods import get_method
 
 
-def knn_curve(task: Any, cfg: Mapping[str, Any], device: torch.device, every: int) -> Callable[[int], dict[str, float]]:
-    """kNN top-1 (k=20, T=0.07) on the val split every ``every`` epochs, for learning curves (an ``EpochEval``)."""
+def knn_curve(task: Any, cfg: Mapping[str, Any], env: DistEnv, every: int) -> Callable[[int], dict[str, float]]:
+    """kNN top-1 (k=20, T=0.07) on the val split every ``every`` epochs, for learning curves (an ``EpochEval``, run
+    by every process): as the kNN stage runs it, with the recipe's loader workers, each rank embedding its share of
+    both splits and the vote on the device."""
     tf = eval_transform(cfg["data"])
     gallery = build_split(cfg["data"], "train", tf)
     query = build_split(cfg["data"], "val", tf)
+    workers = int(cfg["train"].get("num_workers", 0))
 
     def measure(epoch: int) -> dict[str, float]:
         if epoch % every:
             return {}
         fn = getattr(task, "instance_features", None) or (lambda x: features(task.encoder, x, task.linear_feature))
-        gf, gy = extract(fn, gallery, 256, device, "knn gallery")
-        qf, qy = extract(fn, query, 256, device, "knn query")
-        return knn_accuracy(gf, gy, qf, qy, cfg["data"]["num_classes"], ks=(20,))
+        gf, gy = extract(fn, gallery, 256, env.device, "knn gallery", num_workers=workers, env=env, to_cpu=False)
+        qf, qy = extract(fn, query, 256, env.device, "knn query", num_workers=workers, env=env, gather=False,
+                         to_cpu=False)
+        return knn_accuracy(gf, gy, qf, qy, cfg["data"]["num_classes"], ks=(20,), env=env)
 
     return measure
 
@@ -64,7 +68,7 @@ def run_pretrain(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     tf = method.train_transform() or crop_flip_transform(cfg["data"])
     train = train_split(cfg["data"], tf, seed=cfg["seed"])  # data.decode: cpu (build_split) or device
     every = cfg["train"].get("knn_every") or 0
-    hooks = [EpochEval(knn_curve(method, cfg, env.device, every))] if every else []
+    hooks = [EpochEval(knn_curve(method, cfg, env, every))] if every else []
     acct = fit(method, train, cfg, out_dir, desc=f"pretrain {method.name}", env=env, hooks=hooks)
     acct["flops_per_image"] = step_flops_per_image(method, train, env.device)
     acct["device_count"] = env.world_size

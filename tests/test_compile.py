@@ -139,10 +139,13 @@ def test_compile_mode_validated_and_passed_to_torch_compile(monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
     method, _ = _method("mae")
     n = compile_blocks(method, mode="max-autotune-no-cudagraphs")
-    assert n == len(seen) >= 2 and all(kw["mode"] == "max-autotune-no-cudagraphs" for kw in seen)
+    assert n == len(seen) + len(method.compiled_units) and len(seen) >= 2  # the blocks, then MAE's decoder + loss
+    assert all(kw["mode"] == "max-autotune-no-cudagraphs" for kw in seen)
+    assert method.unit_compile == ("inductor", "max-autotune-no-cudagraphs")
     seen.clear()
     compile_blocks(method)
     assert seen and all("mode" not in kw for kw in seen)  # None: torch.compile's default
+    assert method.unit_compile == ("inductor", None)
 
 
 @pytest.mark.slow

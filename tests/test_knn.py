@@ -183,3 +183,28 @@ def test_extract_keeps_the_order_and_the_device_path_is_the_same() -> None:
     assert torch.equal(f, fn(x).float()) and torch.equal(lab, y)
     f2, lab2 = extract(fn, ds, 4, torch.device("cpu"), num_workers=1, to_cpu=False)
     assert torch.equal(f2, f) and torch.equal(lab2, lab)
+
+
+def test_knn_curve_runs_as_the_knn_stage_and_workers_change_nothing() -> None:
+    """Pretraining's kNN curve (``train.knn_every``): the epochs it skips return nothing; with loader workers and the
+    vote where the features are, the accuracy is the one without workers."""
+    from repro.engine.dist import setup
+    from repro.methods import get_method
+    from repro.pretrain import knn_curve
+    from repro.resolve import resolve
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        micro = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
+        cfg = resolve("mae", "tiny", [*micro, "train.num_workers=0"], kind="pretrain")
+        torch.manual_seed(0)
+        method = get_method("mae")(cfg).eval()
+        env = setup("cpu")
+        assert knn_curve(method, cfg, env, 2)(1) == {}
+        got = knn_curve(method, cfg, env, 1)(1)
+        cfg2 = resolve("mae", "tiny", [*micro, "train.num_workers=2"], kind="pretrain")
+        assert knn_curve(method, cfg2, env, 1)(1) == got
+        assert set(got) == {"knn_top1_k20"} and 0.0 <= got["knn_top1_k20"] <= 100.0
+    finally:
+        torch.set_num_threads(n)

@@ -195,7 +195,7 @@ def test_profile_records_compile_recompiles_and_mfu(monkeypatch):
     cfg = resolve("mae", "paper", MICRO + MICRO_DEC + ["data.img_size=32", "model.patch_size=4"], kind="pretrain")
     prof = bench.profile_config(cfg, device=torch.device("cpu"), warmup=1, steps=2, batch=2, loader=False,
                                 compile=True, fused_optim=True)
-    assert prof["compile"] is True and prof["fused_optim"] is True and prof["compiled_blocks"] == 2
+    assert prof["compile"] is True and prof["fused_optim"] is True and prof["compiled_blocks"] == 3  # 2 blocks, 1 unit
     assert prof["graphs_compiled"] >= 1 and prof["recompiles"] == 0
     assert prof["mfu"] == pytest.approx(prof["flops_per_image"] * prof["images_per_s"] / 1e12)
     assert prof["mfu_peak"] == "test peak 1 TFLOP/s"

@@ -1,6 +1,7 @@
 """The training-step speed switches beside ``train.compile`` / ``train.fused_optim`` (tests/test_compile.py):
 ``train.fused_attn`` (every attention layer through SDPA, or the explicit softmax(QK^T)V) and ``train.sync_free``
-(BEiT's masked positions selected with a fixed size instead of a boolean index). Each gives the same loss on and off
+(BEiT's masked positions selected with a fixed size instead of a boolean index), ``train.embed_visible`` (only the
+kept patches projected) and ``train.sdpa`` (SDPA's kernel order). Each gives the same loss on and off
 on the CPU, from identical weights and inputs; relative-position attention (BEiT's bias, LoMaR's contextual iRPE,
 the visible-only Swin windows) through SDPA equals the explicit product. Micro models, one thread."""
 
@@ -144,9 +145,11 @@ def test_switches_resolve_default_to_null_and_stay_out_of_stage_keys():
     from repro.pipeline.stage import Stage
 
     cfg = resolve("beit", "tiny", kind="pretrain")
-    assert cfg["train"]["fused_attn"] is None and cfg["train"]["sync_free"] is None
-    on = resolve("beit", "tiny", ["train.fused_attn=false", "train.sync_free=true"], kind="pretrain")
-    assert (on["train"]["fused_attn"], on["train"]["sync_free"]) == (False, True)
+    keys = ("fused_attn", "sync_free", "embed_visible", "sdpa")
+    assert all(cfg["train"][k] is None for k in keys)
+    on = resolve("beit", "tiny", ["train.fused_attn=false", "train.sync_free=true", "train.embed_visible=true",
+                                  "train.sdpa=[flash,math]"], kind="pretrain")
+    assert [on["train"][k] for k in keys] == [False, True, True, ["flash", "math"]]
     assert Stage("pretrain", on).key == Stage("pretrain", cfg).key
 
 
@@ -155,12 +158,12 @@ def test_sync_free_beit_step_matches_the_boolean_selection(recipe):
     """One step with the fixed-size selection of masked positions (weights 0 on fillers) gives the boolean
     selection's loss, accuracy and next loss; on the CPU the default is the boolean selection."""
     off, cfg = _method(recipe, ["train.sync_free=false"])
-    assert not off.sync_free(torch.device("cpu"))
+    assert not off.speed_switch("sync_free", torch.device("cpu"))
     batch = random_batch(off, cfg, 3, torch.device("cpu"))
     _with_tokens(off, batch)
     on = copy.deepcopy(off)
     on.cfg = _method(recipe, ["train.sync_free=true"])[1]
-    assert on.sync_free(torch.device("cpu"))
+    assert on.speed_switch("sync_free", torch.device("cpu"))
     want = _step_losses(off, batch)
     got = _step_losses(on, batch)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
@@ -188,3 +191,47 @@ def test_sync_free_selection_with_masks_short_of_the_target():
         want_acc = (logits.argmax(-1) == tokens[sel]).float().mean()
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=0)
     torch.testing.assert_close(acc, want_acc)
+
+
+@pytest.mark.parametrize("recipe", ["mae", "localmim", "extrema"])
+def test_embed_visible_step_matches_the_full_patch_embedding(recipe):
+    """Projecting only the kept patches' pixels gives the conv-then-gather step's losses (float rounding apart) and
+    the same masks; on the CPU the default is the full patch embedding."""
+    off, cfg = _method(recipe, ["train.embed_visible=false"])
+    assert not off.speed_switch("embed_visible", torch.device("cpu"))
+    on = copy.deepcopy(off)
+    on.cfg = _method(recipe, ["train.embed_visible=true"])[1]
+    batch = random_batch(off, cfg, 3, torch.device("cpu"))
+    want, got = _step_losses(off, batch), _step_losses(on, batch)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    assert got != [0.0, 0.0]
+
+
+def test_embed_visible_equals_gathering_the_conv_tokens():
+    from repro.models.mim import embed_visible, gather_tokens
+
+    vit, _ = _method("mae")
+    pe = vit.encoder.patch_embed
+    imgs = torch.randn(2, 3, *pe.img_size)
+    ids = torch.stack([torch.randperm(pe.num_patches)[:5] for _ in range(2)])
+    with torch.no_grad():
+        torch.testing.assert_close(embed_visible(pe, imgs, ids), gather_tokens(pe(imgs), ids), rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_order_picks_the_kernel():
+    """``train.sdpa`` names the kernels SDPA may use, in order: with only the math kernel named, the result is the
+    explicit product's; a name outside the list is refused when the recipe resolves."""
+    import torch.nn.functional as F
+
+    from repro.config import SDPA_NAMES, ConfigError
+    from repro.engine.train import sdpa_backends
+
+    q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
+    with sdpa_backends(["math"]):
+        got = F.scaled_dot_product_attention(q, k, v)
+    want = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, dim=-1) @ v
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with sdpa_backends(list(SDPA_NAMES)), sdpa_backends(None):
+        F.scaled_dot_product_attention(q, k, v)
+    with pytest.raises(ConfigError, match="train.sdpa"):
+        resolve("mae", "tiny", ["train.sdpa=[fast]"], kind="pretrain")

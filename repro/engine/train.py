@@ -84,6 +84,19 @@ def apply_fused_attn(task: nn.Module, value: bool | None, device: torch.device) 
     return on
 
 
+def sdpa_backends(value: Sequence[str] | None) -> contextlib.AbstractContextManager[Any]:
+    """The ``train.sdpa`` switch: SDPA's kernels in priority order (``repro.config.SDPA_NAMES``; one not named is not
+    used), as a context for the forward pass (the backward runs the kernel the forward chose; a compiled block keeps
+    the one chosen when it was traced). None / empty: torch's own order."""
+    if not value:
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kinds = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([kinds[v] for v in value], set_priority=True)
+
+
 def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """``torch.compile`` every transformer block of ``task`` in place (``nn.Module.compile``: parameter names and the
     state dict are unchanged); returns how many. Blocks are the members of any ``blocks`` container (ViT, Swin stages,
@@ -378,7 +391,7 @@ class Trainer:
             ctx = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
             with ctx:
                 with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                                    enabled=self.amp_dtype is not None), sdpa_backends(self.train_cfg.get("sdpa")):
                     out = self.model(batch, self.gen)
                 self.scaler.scale(out.loss / self.accum).backward()
             loss = out.loss.detach()

@@ -9,7 +9,7 @@ any further tensors an evaluation needs (e.g. ExtreMA's class-attention head).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -19,17 +19,47 @@ from repro.methods.registry import MethodSpec, check_ratio
 
 __all__ = ["PretrainMethod", "StepOutput", "check_ratio"]  # StepOutput and check_ratio re-exported for the methods
 
+# (function, backend, mode) -> torch.compile(function): one compiled callable per unit, shared by instances
+_COMPILED: dict[tuple[Callable[..., Any], str, str | None], Callable[..., Any]] = {}
+
 
 class PretrainMethod(MethodSpec, nn.Module):
     """The module side of a method; its class-level facts (``defaults``, ``linear_feature``, ``validate`` ...) come
     from ``MethodSpec``, and each method's class also subclasses its own spec (listed first, so its values win)."""
 
     encoder: nn.Module
+    # Methods of the class that ``train.compile`` runs as one graph each through ``run_unit`` (e.g. everything after
+    # the encoder): the glue between the compiled blocks fused instead of launched op by op.
+    compiled_units: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()
         self.cfg = cfg
         self.params = dict(cfg["method"])
+        self.unit_compile: tuple[str, str | None] | None = None
+
+    def compile_extra(self, backend: str = "inductor", mode: str | None = None) -> int:
+        """``train.compile`` (the engine's ``compile_blocks``): turn on the ``compiled_units``; returns their count."""
+        self.unit_compile = (backend, mode) if self.compiled_units else None
+        return len(self.compiled_units)
+
+    def run_unit(self, name: str, *args: Any) -> Any:
+        """``self.<name>(*args)``, through torch.compile (static shapes) once ``compile_extra`` has run."""
+        fn = getattr(type(self), name)
+        key = self.unit_compile
+        if key is None or torch.compiler.is_compiling():
+            return fn(self, *args)
+        compiled = _COMPILED.get((fn, *key))
+        if compiled is None:
+            compiled = _COMPILED[(fn, *key)] = torch.compile(fn, backend=key[0], dynamic=False,
+                                                             **({"mode": key[1]} if key[1] else {}))
+        return compiled(self, *args)
+
+    def speed_switch(self, name: str, device: torch.device) -> bool:
+        """``train.<name>``, a switch that changes kernels, not results (``embed_visible``, ``sync_free``): None is
+        on for CUDA, off elsewhere (the CPU keeps the reference path the oracle tests compare)."""
+        value = (self.cfg.get("train") or {}).get(name)
+        return device.type == "cuda" if value is None else bool(value)
 
     def train_transform(self) -> Callable[[Any], Any] | None:
         """Per-image training transform; None means the default RandomResizedCrop + flip + normalise."""

@@ -220,7 +220,7 @@ class BEiT(BEiTSpec, PretrainMethod):
             coords = grid_coords(self.grid, self.grid, imgs.device)[None]
         mask = self.mask(x.shape[0], generator)
         out = self.encode(x, mask, coords)
-        if self.sync_free(imgs.device):
+        if self.speed_switch("sync_free", imgs.device):
             loss, acc = self.masked_loss_static(out, tokens, mask)
         else:
             sel = mask.bool()  # a boolean selection: its size is read back from the device
@@ -229,11 +229,6 @@ class BEiT(BEiTSpec, PretrainMethod):
             loss = F.cross_entropy(logits.float(), labels)
             acc = (logits.argmax(-1) == labels).float().mean()
         return StepOutput(loss, {"loss": loss.detach(), "mlm_acc": acc.detach(), "mask_ratio": mask.mean().detach()})
-
-    def sync_free(self, device: torch.device) -> bool:
-        """``train.sync_free`` (None: on for CUDA, off on the CPU)."""
-        value = (self.cfg.get("train") or {}).get("sync_free")
-        return device.type == "cuda" if value is None else bool(value)
 
     def masked_loss_static(self, out: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
                            ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,7 @@ from repro.config import ConfigError
 from repro.methods.base import PretrainMethod, StepOutput
 from repro.methods.specs.extrema import AUGS, ExtreMASpec
 from repro.models.instance_head import InstanceHead, load_instance_head
-from repro.models.mim import gather_tokens, mae_init_
+from repro.models.mim import embed_pixels, gather_tokens, mae_init_, patch_pixels
 from repro.models.vit import arch_dims, create_vit
 
 EXTRAS_PREFIX = "instance_head."
@@ -223,11 +223,17 @@ class ExtreMA(ExtreMASpec, PretrainMethod):
     def _tokens_visible(self, imgs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Student pass on ``ids`` (K, B, keep) visible patches: (K*B, [1 +] keep, D) normed tokens, mask-major."""
         vit = self.encoder
-        x = vit.patch_embed(imgs)
         prefix = vit.cls_token is not None
-        if vit.pos_embed is not None:
-            x = x + vit.pos_embed[:, int(prefix):, :]
-        x = torch.cat([gather_tokens(x, i) for i in ids], dim=0)
+        if self.speed_switch("embed_visible", imgs.device):  # the kept patches' pixels first, then the projection
+            pixels = patch_pixels(vit.patch_embed, imgs)
+            x = embed_pixels(vit.patch_embed, torch.cat([gather_tokens(pixels, i) for i in ids], dim=0))
+            if vit.pos_embed is not None:
+                x = x + vit.pos_embed[0, int(prefix):][ids.flatten(0, 1)]
+        else:
+            x = vit.patch_embed(imgs)
+            if vit.pos_embed is not None:
+                x = x + vit.pos_embed[:, int(prefix):, :]
+            x = torch.cat([gather_tokens(x, i) for i in ids], dim=0)
         if prefix:
             cls = vit.cls_token if vit.pos_embed is None else vit.cls_token + vit.pos_embed[:, :1, :]
             cls = cls.expand(x.shape[0], -1, -1)

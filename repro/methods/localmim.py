@@ -133,16 +133,11 @@ def _detach_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return (args[0].detach(), *args[1:])
 
 
-def _decode_losses(method: LocalMIM, *args: Any) -> list[torch.Tensor]:
-    return method.decode_losses(*args)
-
-
-_COMPILED: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> torch.compile(_decode_losses)
-
-
 class LocalMIM(LocalMIMSpec, PretrainMethod):
     """What the ViT and Swin variants share: the per-scale targets, the weighted loss and its logs. ``LocalMIM(cfg)``
     builds the class of ``cfg``'s arch (``LocalMIMViT`` or ``LocalMIMSwin``)."""
+
+    compiled_units = ("decode_losses",)  # train.compile: the per-scale glue after the encoder, one graph
 
     scales: list[float]
     cells: list[int]  # target cell size in px, per scale
@@ -188,22 +183,8 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
         ``compile_extra``. Its inputs' shapes are fixed per recipe (the visible count is)."""
         raise NotImplementedError
 
-    def compile_extra(self, backend: str = "inductor", mode: str | None = None) -> int:
-        """``train.compile`` (the engine's ``compile_blocks``): run ``decode_losses`` through torch.compile, so the
-        per-scale glue between the compiled blocks (embeddings, mask tokens, rescale heads, HOG targets, losses and
-        their backward) is fused instead of launched op by op. Returns 1 (compiled units)."""
-        self.tail_compile = (backend, mode)
-        return 1
-
     def _decode(self, *args: Any) -> list[torch.Tensor]:
-        key = getattr(self, "tail_compile", None)
-        if key is None or torch.compiler.is_compiling():
-            return self.decode_losses(*args)
-        fn = _COMPILED.get(key)
-        if fn is None:
-            fn = _COMPILED[key] = torch.compile(_decode_losses, backend=key[0], dynamic=False,
-                                                **({"mode": key[1]} if key[1] else {}))
-        return fn(self, *args)
+        return self.run_unit("decode_losses", *args)
 
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
         parts = self.losses(batch[0], generator)
@@ -267,7 +248,8 @@ class LocalMIMViT(LocalMIM):
         return param_groups_weight_decay(self, optim["weight_decay"], no_weight_decay_list=[])
 
     def losses(self, imgs: torch.Tensor, generator: torch.Generator) -> list[torch.Tensor]:
-        _, mask, ids_restore, hidden = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator)
+        _, mask, ids_restore, hidden = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator,
+                                                      self.speed_switch("embed_visible", imgs.device))
         return self._decode([hidden[int(t)] for t in self.norms], mask, ids_restore, imgs)
 
     def decode_losses(self, tapped: list[torch.Tensor], mask: torch.Tensor, ids_restore: torch.Tensor,

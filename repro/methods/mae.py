@@ -30,12 +30,21 @@ class MAE(MAESpec, PretrainMethod):
                                      grid, self.patch**2 * 3)
         mae_init_(self)
 
+    # train.compile: the decoder's glue (mask tokens, unshuffle, positions), the prediction and the loss, one graph
+    compiled_units = ("decode_loss",)
+
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
         imgs = batch[0]
-        latent, mask, ids_restore, _ = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator)
+        latent, mask, ids_restore, _ = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator,
+                                                      self.speed_switch("embed_visible", imgs.device))
+        loss = self.run_unit("decode_loss", latent, ids_restore, imgs, mask)
+        return StepOutput(loss, {"loss": loss.detach()})
+
+    def decode_loss(self, latent: torch.Tensor, ids_restore: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor,
+                    ) -> torch.Tensor:
+        """Everything after the encoder: the decoder, the (normalised) pixel target and the masked MSE."""
         pred = self.decoder(latent, ids_restore)
         target = patchify(imgs, self.patch)
         if self.params["norm_pix_loss"]:
             target = norm_pix(target)
-        loss = masked_mse(pred.float(), target.float(), mask)
-        return StepOutput(loss, {"loss": loss.detach()})
+        return masked_mse(pred.float(), target.float(), mask)

@@ -154,6 +154,7 @@ class _Steps:
         self.compile = auto_switch(tcfg.get("compile") if compile is None else compile, device)
         self.fused_optim = auto_switch(tcfg.get("fused_optim") if fused_optim is None else fused_optim, device)
         self.fused_attn = apply_fused_attn(self.method, tcfg.get("fused_attn"), device)  # before compiling
+        self.sdpa = tcfg.get("sdpa") or None
         self.compile_mode = tcfg.get("compile_mode") if self.compile else None
         self.compiled_blocks = compile_blocks(self.method, mode=self.compile_mode) if self.compile else 0
         optim = dict(cfg["optim"])
@@ -170,10 +171,13 @@ class _Steps:
         self.step_no = 0
 
     def __call__(self) -> float:
+        from repro.engine.train import sdpa_backends
+
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+        with (torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
+              sdpa_backends(self.sdpa)):
             out = self.method(self.batch, self.gen)
         out.loss.backward()
         self.opt.step()
@@ -262,6 +266,7 @@ class _Forward:
         self.batch = batch.to(device)
         self.compile, self.fused_optim, self.fused_attn, self.compile_mode, self.compiled_blocks = (False, False, None,
                                                                                                     None, 0)
+        self.sdpa = None
 
     def __call__(self) -> float:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -585,7 +590,8 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
         "attention": attention_impl(device), "torch": torch.__version__,
         "compile": run.compile, "compile_mode": run.compile_mode, "compiled_blocks": run.compiled_blocks,
         "fused_optim": run.fused_optim, "trace": traced,
-        "fused_attn": run.fused_attn,
+        "fused_attn": run.fused_attn, "sdpa": run.sdpa,
+        "embed_visible": auto_switch_of(None, cfg, device, "embed_visible"),
         "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
         "first_step_s": first[0] if first else None,
         "mfu": mfu, "mfu_peak": peak[1] if peak else None,
@@ -695,7 +701,7 @@ def profile_eval_config(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | N
         "compile": auto_switch_of(compile, cfg, device) if knn else run.compile,
         "compile_mode": None if knn else run.compile_mode, "compiled_blocks": run.compiled_blocks,
         "fused_optim": auto_switch_of(fused_optim, cfg, device, "fused_optim") if knn else run.fused_optim,
-        "fused_attn": run.fused_attn, "trace": traced,
+        "fused_attn": run.fused_attn, "sdpa": run.sdpa, "trace": traced,
         "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
         "first_step_s": first[0] if first else None,
         "mfu": mfu, "mfu_peak": peak[1] if peak else None,

@@ -446,6 +446,7 @@ def profiles_from_json(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, A
     from the row (its step time, batch, MFU and the table's device and switches; marked ``derived_from``). Later
     files win."""
     from repro.profile.projection import profile_set
+    from repro.profile.sidebyside import variant_of
 
     files: list[Path] = []
     for p in map(Path, paths):
@@ -457,6 +458,8 @@ def profiles_from_json(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, A
             if "rows" not in entry:
                 if "cost_key" not in entry:
                     raise ConfigError(f"{f}: '{target}' is neither a profile nor a cost table")
+                if variant_of(entry):  # a comparison run with a switch off its default: the side-by-side's only
+                    continue
                 full.setdefault(profile_set(entry), {})[entry["cost_key"]] = entry
                 continue
             meta = entry["meta"]

@@ -166,9 +166,21 @@ def mode_of(prof: dict[str, Any], batch: int | None) -> str:
         mode = "eager"
     if prof.get("fused_optim"):
         mode += " + fused AdamW"
+    mode += variant_of(prof)
     if batch is not None and prof.get("batch") not in (None, batch):
         mode += f", batch {prof['batch']}"
     return mode
+
+
+def variant_of(prof: dict[str, Any]) -> str:
+    """The switches a debugging / comparison run turned from the device's default (``train.sdpa`` set, or
+    ``train.embed_visible`` off on a GPU), as a mode suffix: ``, sdpa flash>efficient``, ``, embed_visible off``."""
+    out = ""
+    if prof.get("sdpa"):
+        out += ", sdpa " + ">".join(prof["sdpa"])
+    if prof.get("embed_visible") is False and prof.get("device_type") == "cuda":
+        out += ", embed_visible off"
+    return out
 
 
 def mode_tag(mode: str) -> str:

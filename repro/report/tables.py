@@ -821,6 +821,7 @@ def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plt.rcParams.update({"svg.hashsalt": "repro", "font.size": 9})
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) + 0.5, 3.8), squeeze=False)
@@ -851,6 +852,7 @@ def render_plot(spec: Any, views: list[RowView], scale: str, path: Path) -> Path
         ax.set_title(title, fontsize=9)
         if which == "ours" and curves:
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs: no 2.5
         elif which == "ours" and flops_axis(spec, scale):
             ax.set_xlabel("tiny-model pretraining FLOPs (no wall time at tiny)")
         else:
