@@ -302,6 +302,7 @@ RULES: dict[str, Rule] = {
                                                              "max-autotune-no-cudagraphs")),
     "train.fused_attn": Rule(bool, nullable=True), "train.sync_free": Rule(bool, nullable=True),
     "train.embed_visible": Rule(bool, nullable=True),
+    "train.compile_scope": Rule(str, nullable=True, choices=("blocks", "all")),
     "train.sdpa": Rule(list, item=Rule(str, choices=SDPA_NAMES), nullable=True),
     "train.knn_every": NAT, "train.grad_norms": Rule(bool),
     "optim.name": Rule(str, choices=("adamw", "lars", "sgd")),

@@ -56,15 +56,16 @@ def _steps(method: torch.nn.Module, batch, steps: int, fused: bool = False) -> t
     return losses, graphs
 
 
-def _compiled_matches_eager(eager: torch.nn.Module, cfg: dict, steps: int) -> int:
+def _compiled_matches_eager(eager: torch.nn.Module, cfg: dict, steps: int, scope: str | None = None) -> int:
     """``steps`` steps of ``eager`` and of a copy whose blocks are compiled (aot_eager: the captured graphs run op for
-    op): equal losses, graphs made in the first step only, no graph break. Returns how many units were compiled."""
+    op; ``scope``: ``train.compile_scope``): equal losses, graphs made in the first step only, no graph break.
+    Returns how many units were compiled."""
     from torch._dynamo.utils import counters
 
     compiled = copy.deepcopy(eager)
     batch = random_batch(eager, cfg, 4, torch.device("cpu"))
     want, _ = _steps(eager, batch, steps)
-    n = compile_blocks(compiled, backend="aot_eager")
+    n = compile_blocks(compiled, backend="aot_eager", scope=scope)
     counters.clear()
     start = dynamo_graphs()
     got, graphs = _steps(compiled, batch, steps)
@@ -75,13 +76,13 @@ def _compiled_matches_eager(eager: torch.nn.Module, cfg: dict, steps: int) -> in
     return n
 
 
-@pytest.mark.parametrize("recipe", ["mae", "lomar", "extrema"])
-def test_compiled_blocks_match_eager_and_do_not_recompile(recipe):
+@pytest.mark.parametrize(("recipe", "scope"), [("mae", None), ("mae", "all"), ("lomar", None), ("extrema", None)])
+def test_compiled_blocks_match_eager_and_do_not_recompile(recipe, scope):
     """Dynamo captures every block without a graph break (aot_eager backend: the captured forward and backward graphs
     run op for op, so this is fast on 2 cores), three steps with updated weights (ExtreMA's EMA teacher, LoMaR's
     relative positions set per forward) give the eager losses, and no graph is made after the first step."""
     eager, cfg = _method(recipe)
-    assert _compiled_matches_eager(eager, cfg, 3) >= 2
+    assert _compiled_matches_eager(eager, cfg, 3, scope) >= 2 + (scope == "all")  # + MAE's decoder and loss
 
 
 def test_fused_adamw_matches_the_default_adamw():
@@ -102,7 +103,7 @@ def test_inductor_compiled_step_matches_eager():
     compiled = copy.deepcopy(eager)
     batch = random_batch(eager, cfg, 4, torch.device("cpu"))
     want, _ = _steps(eager, batch, 2)
-    compile_blocks(compiled)
+    compile_blocks(compiled, scope="all")  # the blocks and MAE's decoder + loss unit
     got, graphs = _steps(compiled, batch, 2)
     assert graphs[1] == graphs[0] > 0
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=1e-6)
@@ -138,14 +139,17 @@ def test_compile_mode_validated_and_passed_to_torch_compile(monkeypatch):
     seen = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: seen.append(kw))
     method, _ = _method("mae")
-    n = compile_blocks(method, mode="max-autotune-no-cudagraphs")
+    n = compile_blocks(method, mode="max-autotune-no-cudagraphs", scope="all")
     assert n == len(seen) + len(method.compiled_units) and len(seen) >= 2  # the blocks, then MAE's decoder + loss
     assert all(kw["mode"] == "max-autotune-no-cudagraphs" for kw in seen)
     assert method.unit_compile == ("inductor", "max-autotune-no-cudagraphs")
     seen.clear()
-    compile_blocks(method)
+    compile_blocks(method, scope="all")
     assert seen and all("mode" not in kw for kw in seen)  # None: torch.compile's default
     assert method.unit_compile == ("inductor", None)
+    seen.clear()
+    fresh, _ = _method("mae")
+    assert compile_blocks(fresh) == len(seen) and fresh.unit_compile is None  # train.compile_scope null: blocks
 
 
 @pytest.mark.slow
@@ -158,4 +162,4 @@ def test_compiled_visible_swin_and_glue_match_eager_without_recompiles(recipe: s
     torch.manual_seed(0)
     eager = build_method(cfg)
     eager.train()
-    _compiled_matches_eager(eager, cfg, 6)
+    _compiled_matches_eager(eager, cfg, 6, scope="all")

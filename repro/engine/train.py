@@ -97,14 +97,18 @@ def sdpa_backends(value: Sequence[str] | None) -> contextlib.AbstractContextMana
     return sdpa_kernel([kinds[v] for v in value], set_priority=True)
 
 
-def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
+def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None = None, scope: str | None = None,
+                   ) -> int:
     """``torch.compile`` every transformer block of ``task`` in place (``nn.Module.compile``: parameter names and the
     state dict are unchanged); returns how many. Blocks are the members of any ``blocks`` container (ViT, Swin stages,
     decoders, heads): identical blocks share one graph, and the masking, gathers and losses between them stay eager,
     so the masking generator never enters a graph. Static shapes: a recipe's token counts are fixed. ``mode``:
     torch.compile's (``train.compile_mode``; None: its default). Swin blocks also get their visible-only forward
     compiled (``repro.models.swin.compile_visible``: GreenMIM's and LocalMIM's encoder on the visible tokens), and a
-    module with a ``compile_extra(backend, mode)`` method compiles what it names there (counted in the return)."""
+    module with a ``compile_extra(backend, mode)`` method compiles what it names there (counted in the return).
+    ``scope`` (``train.compile_scope``): ``blocks`` (None) stops at the blocks; ``all`` adds the visible-only Swin
+    forward and the methods' units (on an H200 not faster for MAE, and LocalMIM-Swin's first steps took over 130 s:
+    docs/PERFORMANCE.md)."""
     from timm.models.swin_transformer import SwinTransformerBlock
 
     from repro.models.swin import compile_visible
@@ -115,9 +119,11 @@ def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None 
         if isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             for b in blocks:
                 b.compile(backend=backend, dynamic=False, **({"mode": mode} if mode else {}))
-                if isinstance(b, SwinTransformerBlock):
+                if isinstance(b, SwinTransformerBlock) and scope == "all":
                     compile_visible(b, backend, mode)
                 n += 1
+    if scope != "all":
+        return n
     for m in task.modules():  # a method's own compiled units (e.g. LocalMIM's decoders, heads and losses)
         extra = getattr(m, "compile_extra", None)
         if callable(extra):
@@ -255,7 +261,7 @@ class Trainer:
         task.to(env.device)
         apply_fused_attn(task, tcfg.get("fused_attn"), env.device)
         if auto_switch(tcfg.get("compile"), env.device):
-            compile_blocks(task, mode=tcfg.get("compile_mode"))
+            compile_blocks(task, mode=tcfg.get("compile_mode"), scope=tcfg.get("compile_scope"))
         self.model: nn.Module = task
         if env.distributed:
             self.model = DistributedDataParallel(

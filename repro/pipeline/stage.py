@@ -62,7 +62,8 @@ def _strip(cfg: Mapping[str, Any]) -> dict[str, Any]:
         out.pop(meta, None)
     train = out.get("train")
     if isinstance(train, dict):  # kernel choices, not results: stage keys stay as before these switches existed
-        for k in ("fused_optim", "fused_attn", "sync_free", "compile_mode", "embed_visible", "sdpa"):
+        for k in ("fused_optim", "fused_attn", "sync_free", "compile_mode", "embed_visible", "sdpa",
+                  "compile_scope"):
             train.pop(k, None)
         if "compile" in train:
             train["compile"] = False

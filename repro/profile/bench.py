@@ -156,7 +156,9 @@ class _Steps:
         self.fused_attn = apply_fused_attn(self.method, tcfg.get("fused_attn"), device)  # before compiling
         self.sdpa = tcfg.get("sdpa") or None
         self.compile_mode = tcfg.get("compile_mode") if self.compile else None
-        self.compiled_blocks = compile_blocks(self.method, mode=self.compile_mode) if self.compile else 0
+        self.compile_scope = (tcfg.get("compile_scope") or "blocks") if self.compile else None
+        self.compiled_blocks = (compile_blocks(self.method, mode=self.compile_mode, scope=self.compile_scope)
+                                if self.compile else 0)
         optim = dict(cfg["optim"])
         if "method" in cfg and optim.get("name") != "adamw":  # pretraining; an evaluation keeps its recipe's
             optim["name"] = "adamw"
@@ -266,7 +268,7 @@ class _Forward:
         self.batch = batch.to(device)
         self.compile, self.fused_optim, self.fused_attn, self.compile_mode, self.compiled_blocks = (False, False, None,
                                                                                                     None, 0)
-        self.sdpa = None
+        self.sdpa = self.compile_scope = None
 
     def __call__(self) -> float:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -299,8 +301,9 @@ KERNEL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("attention", ("flash", "fmha", "attention", "attn")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90", "sm80", "ampere", "triton_tem", "mm_")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("copy / fill", ("memcpy", "memset", "copy", "fill", "catarray", "index", "gather", "scatter")),
+    # before copy / fill: Inductor names its fused kernels after their ops (triton_per_fused__to_copy_add_...)
     ("fused pointwise / norm (triton)", ("triton",)),
+    ("copy / fill", ("memcpy", "memset", "copy", "fill", "catarray", "index", "gather", "scatter")),
     ("pointwise / norm (eager)", ("elementwise", "vectorized", "reduce", "norm", "softmax")),
 )
 
@@ -590,7 +593,7 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
         "attention": attention_impl(device), "torch": torch.__version__,
         "compile": run.compile, "compile_mode": run.compile_mode, "compiled_blocks": run.compiled_blocks,
         "fused_optim": run.fused_optim, "trace": traced,
-        "fused_attn": run.fused_attn, "sdpa": run.sdpa,
+        "fused_attn": run.fused_attn, "sdpa": run.sdpa, "compile_scope": run.compile_scope,
         "embed_visible": auto_switch_of(None, cfg, device, "embed_visible"),
         "graphs_compiled": dynamo_graphs() - graphs0, "recompiles": dynamo_graphs() - graphs1 if first else None,
         "first_step_s": first[0] if first else None,

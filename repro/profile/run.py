@@ -440,11 +440,12 @@ def _profile_recipe(recipe: str, overrides: Sequence[str], store: bool = False, 
     return prof
 
 
-def profiles_from_json(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, Any]]]:
+def profiles_from_json(paths: Sequence[Path], variants: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
     """Profiles (profile set -> cost key -> profile) in ``repro profile --json`` files (a folder: its
     ``repro-*.json``): each recipe target's full profile, and for a cost table's row without one a profile derived
     from the row (its step time, batch, MFU and the table's device and switches; marked ``derived_from``). Later
-    files win."""
+    files win. A comparison run with a switch off its default (``sidebyside.variant_of``) is left out unless
+    ``variants``: it is the side-by-side table's, not a projection's."""
     from repro.profile.projection import profile_set
     from repro.profile.sidebyside import variant_of
 
@@ -458,7 +459,7 @@ def profiles_from_json(paths: Sequence[Path]) -> dict[str, dict[str, dict[str, A
             if "rows" not in entry:
                 if "cost_key" not in entry:
                     raise ConfigError(f"{f}: '{target}' is neither a profile nor a cost table")
-                if variant_of(entry):  # a comparison run with a switch off its default: the side-by-side's only
+                if variant_of(entry) and not variants:
                     continue
                 full.setdefault(profile_set(entry), {})[entry["cost_key"]] = entry
                 continue

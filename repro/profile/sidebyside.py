@@ -151,7 +151,7 @@ def _file_profiles(directory: Path) -> list[dict[str, Any]]:
 
     found: list[tuple[bool, int, dict[str, Any]]] = []
     for i, f in enumerate(sorted(Path(directory).glob("repro-*.json"))):
-        for profs in profiles_from_json([f]).values():
+        for profs in profiles_from_json([f], variants=True).values():
             found += [(not p.get("derived_from"), i, {**p, "_from": f.name}) for p in profs.values()]
     return [p for *_, p in sorted(found, key=lambda t: (t[0], t[1]))]
 
@@ -173,14 +173,28 @@ def mode_of(prof: dict[str, Any], batch: int | None) -> str:
 
 
 def variant_of(prof: dict[str, Any]) -> str:
-    """The switches a debugging / comparison run turned from the device's default (``train.sdpa`` set, or
-    ``train.embed_visible`` off on a GPU), as a mode suffix: ``, sdpa flash>efficient``, ``, embed_visible off``."""
+    """The switches a debugging / comparison run turned from the device's default (``train.compile_scope=all``,
+    ``train.sdpa`` set, ``train.embed_visible`` off on a GPU), as a mode suffix: ``, compile_scope all``,
+    ``, sdpa flash>efficient``, ``, embed_visible off``."""
     out = ""
+    if prof.get("compile") and prof.get("compile_scope") == "all" and _scope_matters(prof):
+        out += ", compile_scope all"
     if prof.get("sdpa"):
         out += ", sdpa " + ">".join(prof["sdpa"])
     if prof.get("embed_visible") is False and prof.get("device_type") == "cuda":
         out += ", embed_visible off"
     return out
+
+
+def _scope_matters(prof: dict[str, Any]) -> bool:
+    """Whether ``train.compile_scope=all`` compiles more than the blocks for a profile's method: it has compiled
+    units, or visible-only Swin blocks."""
+    from repro.methods import get_method
+
+    name = prof.get("method")
+    if not name:
+        return False
+    return bool(get_method(name).compiled_units) or str(prof.get("arch", "")).startswith("swin")
 
 
 def mode_tag(mode: str) -> str:
