@@ -163,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "flops.md\n  repro profile lomar/t1 --steps 5\n  repro profile mae data.img_size=384\n"
                               "  repro profile pretrain/mae train.compile_mode=reduce-overhead --compile on --trace "
                               "traces/\n  repro profile finetune/vit_base@mae linear/mae@mae knn/default   "
-                              "evaluation steps (Slurm --time of those stages)",
+                              "evaluation steps (Slurm --time of those stages)\n"
+                              "  repro profile --transfer-flops   FLOPs of the segment / detect recipes (their Slurm "
+                              "--time)",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="*", metavar="TARGET",
                    help="efficiency table ids (lomar/t1 ...), a paper, `all`, a pretraining recipe, or an "
@@ -177,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, help="loader workers for the loader throughput (default: the "
                                                       "recipe's train.num_workers)")
     p.add_argument("--flops", action="store_true", help="also count FLOPs at 224/384/448 (tables/efficiency/flops.md)")
+    p.add_argument("--transfer-flops", action="store_true",
+                   help="count the training FLOPs of every segment / detect recipe on the CPU through the frameworks' "
+                        "own models (tables/efficiency/transfer-flops.md; the Slurm --time of those stages)")
     p.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile of the transformer blocks, as the engine's train.compile (auto: on for CUDA)")
     p.add_argument("--fused-optim", choices=("auto", "on", "off"), default="auto",

@@ -11,7 +11,7 @@ multiply-add = 1 FLOP, attention skipped) are NOT what is reported here.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -44,19 +44,25 @@ def register_attention_formulas() -> list[str]:
     return done
 
 
+def count_loss_flops(loss_fn: Callable[[], torch.Tensor]) -> dict[str, int]:
+    """FLOPs of ``loss_fn()`` (a training loss, e.g. a framework model's on a synthetic batch) forward and backward:
+    ``{"forward", "backward", "total"}``. Gradients are left on the parameters."""
+    register_attention_formulas()
+    with fc.FlopCounterMode(display=False) as fwd_mode:
+        loss = loss_fn()
+    with fc.FlopCounterMode(display=False) as bwd_mode:
+        loss.backward()
+    f, b = fwd_mode.get_total_flops(), bwd_mode.get_total_flops()
+    return {"forward": int(f), "backward": int(b), "total": int(f + b)}
+
+
 def count_step_flops(task: torch.nn.Module, batch: Any, generator: torch.Generator) -> dict[str, int]:
     """FLOPs of ``task(batch, generator).loss`` forward and backward (no optimizer step: it is element-wise).
 
     Returns ``{"forward": ..., "backward": ..., "total": ...}`` for the whole batch. Gradients are left on the
     parameters; callers that go on training must zero them.
     """
-    register_attention_formulas()
-    with fc.FlopCounterMode(display=False) as fwd_mode:
-        out = task(batch, generator)
-    with fc.FlopCounterMode(display=False) as bwd_mode:
-        out.loss.backward()
-    f, b = fwd_mode.get_total_flops(), bwd_mode.get_total_flops()
-    return {"forward": int(f), "backward": int(b), "total": int(f + b)}
+    return count_loss_flops(lambda: task(batch, generator).loss)
 
 
 def batch_size_of(batch: Any) -> int:

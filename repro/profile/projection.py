@@ -17,7 +17,8 @@ its FLOPs per image (counted for its cost key in any stored set, else ``repro.pr
 divided by the FLOP/s the nearest measured profile of the same step kind and architecture family achieved on the
 chosen set's device, with ``ESTIMATE_MARGIN`` on top; the estimate names that profile. A kNN stage adds its vote:
 ``knn_vote_flops`` at the fp32 FLOP/s of a measured kNN forward on that device (else ``KNN_VOTE_FLOPS``). Segmentation
-and detection are not profiled: they get no projection.
+and detection (``TRANSFER_STEPS``) are not timed: always estimated, from their counted FLOPs (``TRANSFER_FLOPS``) at
+the rate of a published timing (``TRANSFER_REFERENCE``), with ``ESTIMATE_MARGIN`` on top.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ DATASET_SIZES = {
     "imagenet22k": 14_197_122,  # full ImageNet-21K/22K (ExtreMA Table 3: "about 10 times larger")
     "inat2018": 437_513,       # iNaturalist 2018 train
     "inat2019": 265_213,       # iNaturalist 2019 train
+    "coco": 118_287,           # COCO 2017 train (detection: epochs of it)
 }
 # Validation images of each dataset (a kNN stage embeds train + val once).
 VAL_SIZES = {
@@ -53,7 +55,19 @@ VAL_SIZES = {
 }
 # Stage kind -> the step ``repro profile`` times for it (semi-supervised stages run the fine-tuning recipe).
 STEP_KINDS = {"pretrain": "pretrain", "finetune": "finetune", "semisup": "finetune", "linear": "linear",
-              "knn": "knn"}
+              "knn": "knn", "segment": "segment", "detect": "detect"}
+# Transfer steps (the frameworks' own runners: segment, detect) are not timed by `repro profile`. Their training
+# FLOPs per image are counted on the CPU (`repro profile --transfer-flops`, TRANSFER_FLOPS beside the stored
+# profiles) and run at the FLOP rate of the one published timing of such a step, TRANSFER_REFERENCE, on any GPU: a
+# step of one or two images per GPU waits on the host as much as on the chip, so a newer GPU is not assumed faster.
+TRANSFER_STEPS = ("segment", "detect")
+TRANSFER_FLOPS = "transfer-flops.json"
+# Encoder geometry a transfer stage takes from its pretraining (element-wise, or a few percent of a 512-1024 px step
+# at most): not part of its cost key, so the count of the recipe's own geometry serves every input.
+TRANSFER_FREE_KEYS = ("drop_path", "pos_embed", "rel_pos", "layer_scale", "class_token")
+TRANSFER_REFERENCE = {"recipe": "vitdet_vit_base", "kind": "detect", "s_per_image": 0.314,
+                      "source": "detectron2's ViTDet ViT-B Mask R-CNN, 0.314 s per training image on an A100 (64 "
+                                "A100s, one image each; projects/ViTDet model zoo)"}
 # An estimate from FLOPs (no measurement of the exact configuration) gets this factor over the cluster's margin.
 ESTIMATE_MARGIN = 1.5
 # FLOP/s of a kNN vote's fp32 matrix products where the set has no kNN profile with a FLOPs count: conservative,
@@ -99,6 +113,9 @@ def cost_key(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None)
         free = get_spec(cfg["method"]["name"]).cost_free
         method = {k: v for k, v in cfg["method"].items() if k not in free}
         key: dict[str, Any] = {"method": method, "model": dict(cfg["model"]), "img_size": cfg["data"]["img_size"]}
+    elif step in TRANSFER_STEPS:  # the model section shapes backbone and heads, but for TRANSFER_FREE_KEYS
+        key = {"kind": step, "framework": cfg.get("framework"), "img_size": cfg["data"]["img_size"],
+               "model": {k: v for k, v in cfg["model"].items() if k not in TRANSFER_FREE_KEYS}}
     else:
         model = cfg["model"]
         key = {"kind": step or cfg.get("kind"), "model": {k: model.get(k) for k in EVAL_MODEL_KEYS},
@@ -135,8 +152,9 @@ def val_images(cfg: Mapping[str, Any]) -> int:
 
 def stage_work(cfg: Mapping[str, Any]) -> tuple[int, float] | None:
     """(images per pass, passes) through the profiled step of a paper-scale stage: epochs of the training set
-    (pretraining, fine-tuning, linear probing), one pass over train + val (kNN); None for a kind that is not
-    profiled, a config without a schedule or a dataset of unknown size (tiny / synthetic data)."""
+    (pretraining, fine-tuning, linear probing, detection), one pass over train + val (kNN), iterations x the global
+    batch (segmentation); None for a kind that is not profiled, a config without a schedule or a dataset of unknown
+    size (tiny / synthetic data)."""
     step = step_kind(cfg)
     if step is None or (step == "pretrain" and "method" not in cfg):
         return None
@@ -145,6 +163,10 @@ def stage_work(cfg: Mapping[str, Any]) -> tuple[int, float] | None:
             return train_images(cfg) + val_images(cfg), 1.0
         if "optim" not in cfg:
             return None
+        if step == "segment":  # iterations of the global batch (crops of the training set)
+            if cfg["data"].get("dataset") == "synthetic":
+                return None
+            return int(cfg["optim"]["iters"]) * int(cfg["optim"]["batch_size"]), 1.0
         return train_images(cfg), float(cfg["optim"]["epochs"])
     except Exception:  # noqa: BLE001 - tiny / synthetic data: no paper-scale projection
         return None
@@ -306,11 +328,13 @@ def profile_flops(prof: Mapping[str, Any]) -> float | None:
 
 
 def stage_flops(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = None) -> float | None:
-    """Analytic FLOPs per image of a stage's profiled step (``repro.profile.cost``); None where no formula covers it
-    (a Swin, a method without a cost model)."""
+    """Analytic FLOPs per image of a stage's profiled step (``repro.profile.cost``; a transfer step: its count in
+    ``TRANSFER_FLOPS``); None where no formula covers it (a Swin, a method without a cost model)."""
     from repro.profile.cost import analytic_flops, eval_flops
 
     step = step_kind(cfg)
+    if step in TRANSFER_STEPS:
+        return transfer_flops().get(cost_key(cfg))
     try:
         if step == "pretrain":
             return (analytic_flops(cfg) or {}).get("total")
@@ -319,6 +343,19 @@ def stage_flops(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | None = No
     except (KeyError, ValueError, ConfigError):
         return None
     return None
+
+
+def transfer_counts(path: Path | None = None) -> dict[str, Any]:
+    """``TRANSFER_FLOPS`` beside the stored profiles (``rows``: counted training FLOPs per image of each transfer
+    recipe by cost key; ``reference``: ``TRANSFER_REFERENCE`` with its FLOP rate), or {} when absent."""
+    p = path or profiles_path().parent / TRANSFER_FLOPS
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def transfer_flops(path: Path | None = None) -> dict[str, float]:
+    """Counted training FLOPs per image of the transfer recipes, by cost key."""
+    return {r["cost_key"]: float(r["flops_per_image"]) for r in transfer_counts(path).get("rows", [])
+            if r.get("flops_per_image")}
 
 
 @dataclass(frozen=True)
@@ -412,6 +449,8 @@ class Projector:
         nearest measured profile of its step kind and architecture family in this set: the same method (pretraining)
         first, then the same architecture, then the closest FLOPs per image."""
         step = step_kind(stage_cfg)
+        if step in TRANSFER_STEPS:
+            return self.estimate_transfer(key, images)
         family, arch = arch_family(stage_cfg["model"].get("arch")), stage_cfg["model"].get("arch")
         same_kind = [p for p in self.profiles.values()
                      if isinstance(p, Mapping) and p.get("kind", "pretrain") == step and p.get("s_per_image")]
@@ -439,6 +478,22 @@ class Projector:
             name += f" at {ref['img_size']} px"
         return Projection(hours, margin=ESTIMATE_MARGIN,
                           basis=f"estimated from FLOPs vs {name} ({rate / 1e12:.1f} TFLOP/s)"), ""
+
+    def estimate_transfer(self, key: str, images: float) -> tuple[Projection | None, str]:
+        """A segment / detect stage: its counted FLOPs per image at the FLOP rate of ``TRANSFER_REFERENCE`` (its
+        published time per image over our count of its FLOPs), whatever the device."""
+        counts = transfer_counts()
+        target = transfer_flops().get(key)
+        ref = counts.get("reference") or {}
+        if not target or not ref.get("flops_per_s"):
+            return None, (f"no stored profile covers this stage, and {TRANSFER_FLOPS} has no count of its model "
+                          "(`repro profile --transfer-flops` counts the transfer recipes)")
+        rate = float(ref["flops_per_s"])
+        hours = project(target / rate, int(images), 1.0)["total_device_hours"]
+        return Projection(hours, margin=ESTIMATE_MARGIN,
+                          basis=f"estimated from FLOPs at the rate of {ref['kind']}/{ref['recipe']} "
+                                f"({rate / 1e12:.1f} TFLOP/s: {ref['s_per_image']} s per image published, on any "
+                                "GPU)"), ""
 
     @property
     def device(self) -> str | None:

@@ -310,6 +310,55 @@ def flops_benchmark(repo_root: Path, resolutions: Sequence[int] = (224, 384, 448
     return atomic_write_text(out / "flops.md", "\n".join(lines) + "\n")
 
 
+def transfer_flops_benchmark(repo_root: Path, images: int = 2, log: Any = print) -> Path:
+    """Training FLOPs per image (forward + backward) of every segment and detect recipe at paper scale, counted on
+    the CPU on ``images`` synthetic images through each framework's own model (random weights); writes
+    ``TRANSFER_FLOPS`` beside the stored profiles (what projections read) and tables/efficiency/transfer-flops.md."""
+    from repro.config import list_recipes
+    from repro.profile.flops import count_loss_flops
+    from repro.profile.projection import TRANSFER_FLOPS, TRANSFER_REFERENCE, profiles_path
+    from repro.resolve import resolve
+
+    rows = []
+    for kind in ("segment", "detect"):
+        for name in list_recipes(kind)[kind]:
+            cfg = resolve(name, "paper", kind=kind)
+            framework = "mmseg" if kind == "segment" else cfg.get("framework")
+            log(f"  counting {kind}/{name} ({framework}, {cfg['model']['arch']}, {cfg['data']['img_size']} px) ...")
+            if kind == "segment":
+                from repro.transfer.mmseg import synthetic_loss
+            elif framework == "mmdet":
+                from repro.transfer.mmdet import synthetic_loss
+            else:
+                from repro.transfer.detectron2 import synthetic_loss
+            f = count_loss_flops(synthetic_loss(cfg, images))
+            rows.append({"kind": kind, "recipe": name, "framework": framework, "arch": cfg["model"]["arch"],
+                         "img_size": cfg["data"]["img_size"], "cost_key": cost_key(cfg),
+                         "flops_per_image": f["total"] / images, "forward_flops_per_image": f["forward"] / images})
+    ref = dict(TRANSFER_REFERENCE)
+    counted = next(r for r in rows if (r["kind"], r["recipe"]) == (ref["kind"], ref["recipe"]))
+    ref.update(flops_per_image=counted["flops_per_image"], flops_per_s=counted["flops_per_image"] / ref["s_per_image"])
+    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    path = atomic_write_json(profiles_path().parent / TRANSFER_FLOPS,
+                             {"date": date, "torch": torch.__version__, "images": images, "rows": rows,
+                              "reference": ref})
+    lines = ["# FLOPs per image, one transfer training step (forward + backward)", "",
+             f"Counted {date} with torch.utils.flop_counter.FlopCounterMode (torch {torch.__version__}) on the CPU, "
+             f"{images} synthetic images per recipe through the framework's own model with random weights "
+             "(segmentation: random crops and labels, both heads; detection: 8 random boxes and box masks per image, "
+             "the pipeline's largest training input). A multiply-add = 2 FLOPs. Command: `repro profile "
+             "--transfer-flops`.", "",
+             f"`repro plan` and the Slurm --time of these stages run them at the FLOP rate of one published "
+             f"timing: {ref['source']}, which by the count below is {ref['flops_per_s'] / 1e12:.1f} TFLOP/s "
+             f"({ref['flops_per_s'] / 312e12:.1%} of an A100's dense bf16 peak), assumed on any GPU.", "",
+             "| kind | recipe | framework | arch | px | GFLOPs fwd+bwd | GFLOPs fwd |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['kind']} | {r['recipe']} | {r['framework']} | {r['arch']} | {r['img_size']} | "
+                     f"{r['flops_per_image'] / 1e9:.0f} | {r['forward_flops_per_image'] / 1e9:.0f} |")
+    atomic_write_text(repo_root / "tables" / "efficiency" / "transfer-flops.md", "\n".join(lines) + "\n")
+    return path
+
+
 def describe_analytic(r: dict[str, Any]) -> str:
     return r["tokens"] if r.get("tokens") else "n/a"
 
@@ -373,7 +422,7 @@ def _profile_eval(target: str, overrides: Sequence[str], store: bool = False, **
 
 def main(targets: Sequence[str], repo_root: Path, *, warmup: int = 1, steps: int = 3, batch: int | None = None,
          flops: bool = False, loader_workers: int | None = None, overrides: Sequence[str] = (),
-         json_out: Path | None = None, store: bool = False, **switches: Any) -> int:
+         json_out: Path | None = None, store: bool = False, transfer_flops: bool = False, **switches: Any) -> int:
     """The CLI: table ids (or ``all`` = the efficiency tables), a paper name, a pretraining recipe name, or an
     evaluation target (``finetune/RECIPE[@PRETRAIN]``, ``linear/...``, ``knn/...``: ``resolve_eval_target``);
     ``switches``: ``compile``, ``fused_optim``, ``loader``, ``trace`` of ``profile_config``; ``json_out``: every profile
@@ -411,6 +460,9 @@ def main(targets: Sequence[str], repo_root: Path, *, warmup: int = 1, steps: int
     if flops:
         path = flops_benchmark(repo_root)
         print(f"[profile] wrote {path}", flush=True)
+    if transfer_flops:
+        path = transfer_flops_benchmark(repo_root)
+        print(f"[profile] wrote {path} and tables/efficiency/transfer-flops.md", flush=True)
     return 0
 
 
@@ -505,7 +557,7 @@ def cli_main(args: Any) -> int:
     side, imports = getattr(args, "side_by_side", None), getattr(args, "import_json", None)
     store = bool(getattr(args, "store", False))
     if side or imports:
-        if targets or overrides or args.flops:
+        if targets or overrides or args.flops or getattr(args, "transfer_flops", False):
             raise ConfigError("--side-by-side / --import read measured files; they take no targets")
         if imports:
             import_profiles([Path(p) for p in imports], store=store)
@@ -515,16 +567,17 @@ def cli_main(args: Any) -> int:
             for path in write_side_by_side(Path(side), repo_root()):
                 print(f"[profile] wrote {path}", flush=True)
         return 0
-    if not targets and not args.flops:
+    transfer = bool(getattr(args, "transfer_flops", False))
+    if not targets and not args.flops and not transfer:
         raise ConfigError("name what to profile: an efficiency table (e.g. lomar/t1), a paper, `all`, a pretraining "
-                          "recipe, or --flops")
+                          "recipe, or --flops / --transfer-flops")
     if overrides and not all(is_recipe_target(t) for t in targets):
         raise ConfigError("key=value overrides apply to a recipe target only; tables use their paper configurations")
     if args.steps < 1 or args.warmup < 0:
         raise ConfigError("--steps must be >= 1 and --warmup >= 0")
     switch = {"on": True, "off": False, "auto": None}
     return main(targets, repo_root(), warmup=args.warmup, steps=args.steps, batch=args.batch, flops=args.flops,
-                loader_workers=args.loader_workers, overrides=overrides,
+                transfer_flops=transfer, loader_workers=args.loader_workers, overrides=overrides,
                 json_out=Path(args.json) if getattr(args, "json", None) else None, store=store,
                 compile=switch[getattr(args, "compile", "auto")],
                 fused_optim=switch[getattr(args, "fused_optim", "auto")], loader=not getattr(args, "no_loader", False),

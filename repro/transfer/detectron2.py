@@ -294,3 +294,32 @@ def run_detect_vitdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
                            "world_size": env.world_size},
             "artifacts": {"checkpoints": str(out_dir / CKPT_DIR), "dropped_keys": load_info["dropped"],
                           "new_backbone_keys": len(load_info["new"])}}
+
+
+def synthetic_loss(cfg: Mapping[str, Any], images: int = 2) -> Any:
+    """A closure computing ViTDet's training losses on ``images`` random square crops of ``data.img_size``, each
+    with 8 random boxes and box-filled masks, on the CPU with random weights (``repro profile --transfer-flops``)."""
+    from detectron2.structures import BitMasks, Boxes, Instances
+    from detectron2.utils.events import EventStorage
+
+    img = int(cfg["data"]["img_size"])
+    model = build_model(cfg, encoder_state(cfg, img), 80).train()
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for _ in range(images):
+        inst = Instances((img, img))
+        xy = torch.rand(8, 2, generator=g) * img * 0.6
+        boxes = torch.cat([xy, xy + torch.rand(8, 2, generator=g) * img * 0.3 + img / 32], 1)
+        masks = torch.zeros(8, img, img, dtype=torch.bool)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0:y1, x0:x1] = True
+        inst.gt_boxes, inst.gt_masks = Boxes(boxes), BitMasks(masks)
+        inst.gt_classes = torch.randint(0, 80, (8,), generator=g)
+        batch.append({"image": torch.rand(3, img, img, generator=g) * 255, "instances": inst,
+                      "height": img, "width": img})
+
+    def loss() -> torch.Tensor:
+        with EventStorage(0):  # the heads log their sampling statistics there
+            return sum(model(batch).values())
+
+    return loss

@@ -343,3 +343,50 @@ def run_detect_mmdet(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
                            "precision": facts["precision"], "completed": True, "iterations": facts["iterations"],
                            "world_size": env.world_size},
             "artifacts": {"work_dir": str(work), "backbone": facts["backbone"], "new_backbone_keys": keys["missing"]}}
+
+
+def synthetic_loss(cfg: Mapping[str, Any], images: int = 2) -> Any:
+    """A closure computing Mask R-CNN's training losses on ``images`` random images, each with 8 random boxes and
+    box-filled masks, on the CPU with random weights (``repro profile --transfer-flops``). The image is the
+    pipeline's largest training input: the square LSJ crop (ViT), or 800 x 1333 scaled by ``data.img_size`` / 800
+    (the shipped Swin pipeline's largest scale)."""
+    import tempfile
+
+    import numpy as np
+    from mmdet.registry import MODELS
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.mask import BitmapMasks
+    from mmdet.utils import register_all_modules
+    from mmengine.structures import InstanceData
+
+    from repro.models.archs import is_swin
+    from repro.profile.projection import DATASET_SIZES
+
+    register_all_modules(init_default_scope=True)
+    img = int(cfg["data"]["img_size"])
+    # a random Swin built at 224 px: its weights do not depend on the input size, and mmdet's Swin pads any input
+    state = encoder_state(cfg, 224 if is_swin(str(cfg["model"]["arch"])) else img)
+    with tempfile.TemporaryDirectory() as tmp:
+        mm, _ = build_config(cfg, state, Path(tmp), Path(tmp), None, DATASET_SIZES["coco"])
+    model = MODELS.build(mm.model).train()
+    h, w = (img, round(img * 1333 / 800)) if is_swin_state(state) else (img, img)
+    g = torch.Generator().manual_seed(0)
+    x = [(torch.rand(3, h, w, generator=g) * 255).to(torch.uint8) for _ in range(images)]
+    samples = []
+    for _ in range(images):
+        xy = torch.rand(8, 2, generator=g) * torch.tensor([w, h]) * 0.6
+        boxes = torch.cat([xy, xy + torch.rand(8, 2, generator=g) * torch.tensor([w, h]) * 0.3 + img / 32], 1)
+        masks = np.zeros((8, h, w), dtype=np.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(boxes.long().tolist()):
+            masks[i, y0:y1, x0:x1] = 1
+        s = DetDataSample(metainfo={"img_shape": (h, w), "ori_shape": (h, w), "scale_factor": (1.0, 1.0)})
+        s.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, 80, (8,), generator=g),
+                                      masks=BitmapMasks(masks, h, w))
+        samples.append(s)
+
+    def loss() -> torch.Tensor:  # the data preprocessor normalises and pads the batch as in training
+        data = model.data_preprocessor({"inputs": x, "data_samples": samples}, True)
+        out = model.loss(data["inputs"], data["data_samples"])
+        return sum(v if isinstance(v, torch.Tensor) else sum(v) for k, v in out.items() if "loss" in k)
+
+    return loss

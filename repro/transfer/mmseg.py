@@ -386,3 +386,38 @@ def _precision(want: str) -> str:
     if want == "auto":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return want
+
+
+def synthetic_loss(cfg: Mapping[str, Any], images: int = 2) -> Any:
+    """A closure computing the stage's training loss (both heads) on ``images`` random crops with random labels,
+    on the CPU with the recipe's model (random weights): what ``repro profile --transfer-flops`` counts. Two images
+    at least: the pooling branch's BatchNorm needs more than one value per channel."""
+    import tempfile
+
+    import torch
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+    from mmengine.structures import PixelData
+    from mmseg.registry import MODELS
+    from mmseg.structures import SegDataSample
+
+    model_sec, _ = encoder_geometry(cfg)
+    register_backbone()
+    init_default_scope("mmseg")
+    with tempfile.TemporaryDirectory() as tmp:
+        mm = Config(build_config(dict(cfg, model=model_sec), Path(tmp), Path(tmp), {"img_suffix": ".jpg"}, None))
+    model = MODELS.build(mm.model).train()
+    c, classes = int(cfg["data"]["img_size"]), int(cfg["data"]["num_classes"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(images, 3, c, c, generator=g)
+    samples = []
+    for _ in range(images):
+        s = SegDataSample(metainfo={"img_shape": (c, c), "pad_shape": (c, c), "ori_shape": (c, c)})
+        s.gt_sem_seg = PixelData(data=torch.randint(0, classes, (1, c, c), generator=g))
+        samples.append(s)
+
+    def loss() -> torch.Tensor:
+        out = model.loss(x, samples)
+        return sum(v for k, v in out.items() if k.endswith("loss_ce"))
+
+    return loss
