@@ -304,7 +304,7 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
                 "dates": sorted({p["date"] for p in seen if p.get("date")}),
                 "our_steps": sorted({(p.get("warmup_steps"), p.get("timed_steps")) for p in seen}, key=str),
                 "modes": [m for m in modes if m in MODES or any(f"{mode_tag(m)}_img_per_s" in r for r in rows)],
-                "traces": traces, "job": directory.name,
+                "traces": traces, "job": directory.name, "readme": (directory / "README.md").is_file(),
                 "logged": sorted({p["_from"] for p in seen if p["_from"].startswith("log")})})
     env["loaders"] = _loaders([p for m in modes for p in ours.get(m, {}).values()], rows, batch, env["modes"])
     return pd.DataFrame(rows), env
@@ -396,6 +396,8 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
         if any(", batch " in m for m in extra):
             notes.append(f"A batch other than the job's {env.get('batch')} is a mode of its own; its ratio compares "
                          "its images/s with the official code's at the official batch.")
+    if env.get("readme"):
+        notes.append("The job's README (in its folder) says which device call measured what and the code each ran.")
     if env.get("logged"):
         notes.append(f"{LOG_MARK}: read from the job's log, its printed summary of the profile "
                      f"({'; '.join(env['logged'])}).")
@@ -558,7 +560,8 @@ def device_index(job_dirs: list[Path], device: str) -> tuple[pd.DataFrame, str]:
     idx = pd.DataFrame(rows)
     lines = [f"# Official code vs ours on {device}: the newest job per configuration", "",
              "Each row from the newest GPU job that measured the configuration on both sides (the official code and "
-             "ours compiled + fused AdamW at the official batch); every ratio stays within that job. The job's own "
+             "ours compiled + fused AdamW at the official batch); every ratio stays within that job (one of several "
+             "device calls says in its README which call measured what). The job's own "
              "table (all modes, traces, input pipeline) is linked. Fastest: the fastest mode of ours in that job "
              f"(a larger batch counts; {LOG_MARK}: read from the job's log). Regenerate: `repro profile "
              "--side-by-side <job folder>` (any job of the device).", "",
