@@ -5,20 +5,22 @@
 # and by a global deadline (BUDGET seconds from the start): a hang in one stage still returns the others' files.
 # Needs .bench/ (../shared/bench/README.md: bench_official.py + the official export in .bench/export, to which
 # `benchmarks/official/export_extra.sh MIRRORS .bench/export` adds LocalMIM's, SimMIM's, BEiT's and GreenMIM's).
-# Order: the official code (MAE 224/448, then the extras: LocalMIM-Swin, BEiT, GreenMIM), then ours for the same
-# configurations (+ MaskFeat, which has no official timing), then each new switch off, the best MAE step, the
-# evaluation steps (the last ones are the first to be skipped when the budget runs short). The other
-# configurations' ratios stand from earlier jobs (tables/efficiency/side-by-side-nvidia-h200.md).
+# Order: the official code (MAE 224/448; EXTRAS=1: then LocalMIM-Swin, BEiT, GreenMIM), then ours for the same
+# configurations (EXTRAS=1: + MaskFeat, which has no official timing), the engine under CUDA graphs, CUDA graphs at
+# batch 128 and 256, LocalMIM-Swin with compile_scope=all, the evaluation steps (the last ones are the first to be
+# skipped when the budget runs short). The other configurations' ratios stand from earlier jobs
+# (tables/efficiency/side-by-side-nvidia-h200.md).
 # Usage: bash benchmarks/gpu_job.sh OUTDIR   (everything is packed into OUTDIR/job.tgz at the end: the device tool
 #   brings back only a few files per call, so the job writes into a work folder and ships one archive + the log)
-#   env: B batch (128), BUDGET (500 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
+#   env: B batch (128), BUDGET (540 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
 #   run of the plumbing), COMPILE (on), STEPS (5), WARMUP (2), EXTRA_TIMEOUT (45: seconds per configuration of
-#   bench_extra.py; raise it for a CPU dry run), EXTRA_CONFIGS (bench_extra.py's --configs)
+#   bench_extra.py; raise it for a CPU dry run), EXTRA_CONFIGS (bench_extra.py's --configs), EXTRAS (0; 1: also
+#   the official LocalMIM-Swin / BEiT / GreenMIM and ours for them, as job c)
 set -u
 OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
 O=$(mktemp -d /tmp/gpu-job.XXXXXX)
 mkdir -p "$OUT_DIR"
-B=${B:-128}; BUDGET=${BUDGET:-500}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
+B=${B:-128}; BUDGET=${BUDGET:-540}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
 STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -46,35 +48,41 @@ stage env 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,cl
   nproc; free -g | head -2; git log -1 --format='commit %H %s' 2>/dev/null" > "$O/env.txt" 2>&1
 cat "$O/env.txt"
 
-# 1. the official code for this job's ratios: MAE 224 and 448 (the configuration below 1.3x), then LocalMIM-Swin,
-#    BEiT (with and without its dVAE) and GreenMIM (about 10 s a configuration on an H200; a configuration whose
-#    export is missing is recorded as failed)
+# 1. the official code for this job's ratios: MAE 224 and 448, then (EXTRAS=1) LocalMIM-Swin, BEiT (with and without
+#    its dVAE) and GreenMIM (about 10 s a configuration on an H200; a configuration whose export is missing is
+#    recorded as failed)
 stage official 60 $PY .bench/bench_official.py .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" \
   --steps "$STEPS" --configs mae-224,mae-448 --modes default --json "$O/official.json"
-[ -d .bench/export/beit ] && stage official-extra 110 $PY benchmarks/official/bench_extra.py \
+[ "${EXTRAS:-0}" = 1 ] && [ -d .bench/export/beit ] && stage official-extra 110 $PY benchmarks/official/bench_extra.py \
   .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" --steps "$STEPS" \
   --configs "${EXTRA_CONFIGS:-localmim-swin-224,beit-224,beit-224-dvae,greenmim-swin-224}" \
   --timeout "${EXTRA_TIMEOUT:-45}" --json "$O/official-extra.json"
 
 # 2. ours as the engine runs on CUDA (blocks compiled, fused AdamW, only the kept patches embedded), with a
 #    profiler trace of each: the configurations measured against the official code above
-stage repro-on 110 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" \
-  pretrain/mae pretrain/mae_448 pretrain/beit pretrain/maskfeat
-# the visible-only Swin blocks compile with dynamic group dimensions (one graph per stage shape): their own limit
-stage repro-swin 130 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-swin.json" \
-  pretrain/localmim_swin_base pretrain/greenmim_swin_base
+stage repro-on 110 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" pretrain/mae pretrain/mae_448
+if [ "${EXTRAS:-0}" = 1 ]; then  # the configurations job c measured against the extras
+  stage repro-others 90 $P --compile "$COMPILE" --json "$O/repro-others.json" pretrain/beit pretrain/maskfeat
+  stage repro-swin 90 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-swin.json" \
+    pretrain/localmim_swin_base pretrain/greenmim_swin_base
+fi
 
-# 3. each new switch off / changed, one process each (the blocks' graphs come from the inductor cache): the patch
-#    embedding of every patch (the conv, then the gather), and SDPA with flash attention ahead of cuDNN's
-stage repro-embed-off 45 $P --compile "$COMPILE" --json "$O/repro-variant-embed.json" pretrain/mae \
-  train.embed_visible=false
-stage repro-sdpa-flash 45 $P --compile "$COMPILE" --trace "$O/traces-flash" --json "$O/repro-variant-sdpa.json" \
-  pretrain/mae "train.sdpa=[flash,efficient,cudnn,math]"
+# 3. the engine's whole stage under CUDA graphs (benchmarks/gpu_engine_check.sh: a compiled tiny MAE stage with a
+#    kNN pass per epoch, stopped after its first checkpoint and resumed, beside the plain mode): what
+#    train.compile_mode=reduce-overhead needs before it can be the CUDA default
+stage engine-cudagraphs 150 bash benchmarks/gpu_engine_check.sh "$O/engine"
 
-# 4. the best MAE step: batch 256 with CUDA graphs (the paper's effective batch kept by fewer GPUs / accumulation)
-stage repro-b256-cudagraphs 60 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" \
+# 4. CUDA graphs at the official batch (job c measured them only at batch 256), and at batch 256
+stage repro-cudagraphs 60 $P --compile "$COMPILE" --json "$O/repro-cudagraphs.json" pretrain/mae pretrain/lomar \
+  train.compile_mode=reduce-overhead
+stage repro-b256-cudagraphs 50 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" \
   --fused-optim on --no-loader --compile "$COMPILE" --json "$O/repro-b256.json" pretrain/mae \
   train.compile_mode=reduce-overhead
+
+# 4b. LocalMIM-Swin with its glue and visible-only blocks compiled (train.compile_scope=all), with a limit long
+#     enough for its compile (job c: more than 130 s)
+stage repro-swin-scope-all 200 $P --compile "$COMPILE" --json "$O/repro-variant-scope.json" \
+  pretrain/localmim_swin_base train.compile_scope=all
 
 # 5. the evaluation steps (fine-tuning, linear probe, kNN forward) whose stored profiles give `repro plan` and the
 #    Slurm --time of ~170 evaluation stages a projection (the others are estimated from these by FLOPs)
