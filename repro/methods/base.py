@@ -28,8 +28,8 @@ class PretrainMethod(MethodSpec, nn.Module):
     from ``MethodSpec``, and each method's class also subclasses its own spec (listed first, so its values win)."""
 
     encoder: nn.Module
-    # Methods of the class that ``train.compile`` runs as one graph each through ``run_unit`` (e.g. everything after
-    # the encoder): the glue between the compiled blocks fused instead of launched op by op.
+    # Methods of the class that ``train.compile`` with ``train.compile_scope=all`` runs as one graph each through
+    # ``run_unit`` (e.g. everything after the encoder): the glue between the compiled blocks fused, not op by op.
     compiled_units: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Mapping[str, Any]):
@@ -39,7 +39,8 @@ class PretrainMethod(MethodSpec, nn.Module):
         self.unit_compile: tuple[str, str | None] | None = None
 
     def compile_extra(self, backend: str = "inductor", mode: str | None = None) -> int:
-        """``train.compile`` (the engine's ``compile_blocks``): turn on the ``compiled_units``; returns their count."""
+        """``train.compile_scope=all`` (the engine's ``compile_blocks``): turn on the ``compiled_units``; returns their
+        count."""
         self.unit_compile = (backend, mode) if self.compiled_units else None
         return len(self.compiled_units)
 

@@ -137,7 +137,7 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
     """What the ViT and Swin variants share: the per-scale targets, the weighted loss and its logs. ``LocalMIM(cfg)``
     builds the class of ``cfg``'s arch (``LocalMIMViT`` or ``LocalMIMSwin``)."""
 
-    compiled_units = ("decode_losses",)  # train.compile: the per-scale glue after the encoder, one graph
+    compiled_units = ("decode_losses",)  # train.compile_scope=all: the per-scale glue after the encoder, one graph
 
     scales: list[float]
     cells: list[int]  # target cell size in px, per scale
@@ -180,7 +180,7 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
 
     def decode_losses(self, *args: Any) -> list[torch.Tensor]:
         """Everything after the encoder (tap norms, fusion, targets, decoders, heads, masked MSEs): one graph under
-        ``compile_extra``. Its inputs' shapes are fixed per recipe (the visible count is)."""
+        ``train.compile_scope=all`` (``run_unit``). Its inputs' shapes are fixed per recipe (the visible count is)."""
         raise NotImplementedError
 
     def _decode(self, *args: Any) -> list[torch.Tensor]:

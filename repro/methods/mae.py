@@ -30,7 +30,7 @@ class MAE(MAESpec, PretrainMethod):
                                      grid, self.patch**2 * 3)
         mae_init_(self)
 
-    # train.compile: the decoder's glue (mask tokens, unshuffle, positions), the prediction and the loss, one graph
+    # train.compile_scope=all: the decoder's glue (mask tokens, unshuffle, positions), prediction and loss, one graph
     compiled_units = ("decode_loss",)
 
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:

@@ -291,7 +291,8 @@ _COMPILED: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> torch.co
 
 
 def compile_visible(blk: SwinTransformerBlock, backend: str = "inductor", mode: str | None = None) -> None:
-    """Run ``block_visible(blk, ...)`` through torch.compile (``train.compile``; the engine's ``compile_blocks``).
+    """Run ``block_visible(blk, ...)`` through torch.compile (``train.compile_scope=all``; the engine's
+    ``compile_blocks``).
     All blocks share one compiled function: one graph per stage shape, as the group count and size of a grouping
     (which change with the mask) are dynamic dimensions; no recompile across masks."""
     blk.visible_compile = (backend, mode)
