@@ -201,10 +201,14 @@ def test_embed_visible_step_matches_the_full_patch_embedding(recipe):
     assert not off.speed_switch("embed_visible", torch.device("cpu"))
     on = copy.deepcopy(off)
     on.cfg = _method(recipe, ["train.embed_visible=true"])[1]
+
+    def conv_path(*_: Any) -> None:
+        raise AssertionError("train.embed_visible=true ran the full patch embedding")
+
+    on.encoder.patch_embed.forward = conv_path  # the switch's path projects gathered pixels, never the conv
     batch = random_batch(off, cfg, 3, torch.device("cpu"))
     want, got = _step_losses(off, batch), _step_losses(on, batch)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
-    assert got != [0.0, 0.0]
 
 
 def test_embed_visible_equals_gathering_the_conv_tokens():
@@ -218,20 +222,31 @@ def test_embed_visible_equals_gathering_the_conv_tokens():
         torch.testing.assert_close(embed_visible(pe, imgs, ids), gather_tokens(pe(imgs), ids), rtol=1e-5, atol=1e-5)
 
 
-def test_sdpa_order_picks_the_kernel():
-    """``train.sdpa`` names the kernels SDPA may use, in order: with only the math kernel named, the result is the
-    explicit product's; a name outside the list is refused when the recipe resolves."""
+def test_sdpa_order_enables_only_the_named_kernels():
+    """``train.sdpa`` names the kernels SDPA may use, in order: inside its context only those are enabled (torch's
+    global flags, which the CUDA dispatch reads), all of them again after it; None changes nothing; the result is
+    the explicit product's; a name outside the list is refused when the recipe resolves."""
     import torch.nn.functional as F
 
     from repro.config import SDPA_NAMES, ConfigError
     from repro.engine.train import sdpa_backends
 
+    b = torch.backends.cuda
+
+    def enabled() -> tuple[bool, ...]:
+        return b.flash_sdp_enabled(), b.cudnn_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
+
+    before = enabled()
     q, k, v = (torch.randn(2, 3, 7, 8) for _ in range(3))
-    with sdpa_backends(["math"]):
+    with sdpa_backends(["flash", "math"]):
+        assert enabled() == (True, False, False, True)
         got = F.scaled_dot_product_attention(q, k, v)
+    assert enabled() == before
     want = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, dim=-1) @ v
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    with sdpa_backends(list(SDPA_NAMES)), sdpa_backends(None):
-        F.scaled_dot_product_attention(q, k, v)
+    with sdpa_backends(None):
+        assert enabled() == before
+    with sdpa_backends(list(SDPA_NAMES)):
+        assert all(enabled())
     with pytest.raises(ConfigError, match="train.sdpa"):
         resolve("mae", "tiny", ["train.sdpa=[fast]"], kind="pretrain")

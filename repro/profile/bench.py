@@ -27,7 +27,8 @@ import contextlib
 import datetime as _dt
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,24 @@ class _Steps:
             self.method.after_step(self.step_no, 10**6)
         sync()
         return time.perf_counter() - t0
+
+
+def timed_steps(make: Callable[[], Any], device: torch.device, warmup: int, steps: int,
+                ) -> tuple[Any, list[float], list[float], int, int]:
+    """Build a step runner with ``make()`` after a dynamo reset (each config compiles afresh: no recompile limit
+    reached across a table's configs) and a reset of the device's peak memory (this config's, not the process's),
+    run ``warmup`` untimed steps, then ``steps`` timed ones. Returns (runner, [the first step's time, compilation
+    included] or [], the timed steps' times, dynamo graphs before the first step, after it)."""
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    graphs0 = dynamo_graphs()
+    run = make()
+    first = [run() for _ in range(min(1, warmup))]
+    graphs1 = dynamo_graphs()
+    for _ in range(warmup - len(first)):
+        run()
+    return run, first, [run() for _ in range(steps)], graphs0, graphs1
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -555,16 +574,8 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     if count_flops:  # one image on the CPU in fp32: counts do not depend on the device
         flops = flops_per_image(method, random_batch(method, cfg, 1, torch.device("cpu")),
                                 torch.Generator().manual_seed(0))
-    torch._dynamo.reset()  # each config compiles afresh: no recompile limit reached across a table's configs
-    if device.type == "cuda":  # the peak of this config, not of the process so far
-        torch.cuda.reset_peak_memory_stats(device)
-    graphs0 = dynamo_graphs()
-    run = _Steps(method, cfg, batch, device, compile=compile, fused_optim=fused_optim)
-    first = [run() for _ in range(min(1, warmup))]
-    graphs1 = dynamo_graphs()
-    for _ in range(warmup - len(first)):
-        run()
-    times = [run() for _ in range(steps)]
+    run, first, times, graphs0, graphs1 = timed_steps(
+        partial(_Steps, method, cfg, batch, device, compile=compile, fused_optim=fused_optim), device, warmup, steps)
     step = float(np.median(times))
     traced = None
     if trace is not None:  # after the timed steps: the profiler's overhead never enters the step time
@@ -665,16 +676,7 @@ def profile_eval_config(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | N
             task = build_eval_task(run_cfg)
             flops = eval_flops_per_image(task, eval_batch(task, run_cfg, 2))
             del task
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        graphs0 = dynamo_graphs()
-        run = make(batch, compile)
-        first = [run() for _ in range(min(1, warmup))]
-        graphs1 = dynamo_graphs()
-        for _ in range(warmup - len(first)):
-            run()
-        times = [run() for _ in range(steps)]
+        run, first, times, graphs0, graphs1 = timed_steps(lambda: make(batch, compile), device, warmup, steps)
     step_s = float(np.median(times))
     traced = None
     if trace is not None:
