@@ -5,7 +5,8 @@
 # first epoch checkpoint exists and resumed to the end; beside it the same stage in inductor's plain mode, run
 # without a stop. Prints both per-epoch histories (loss, kNN top-1) and the largest loss difference: the two should
 # agree up to float rounding, and the resumed run must finish every epoch.
-# Usage: bash benchmarks/gpu_engine_check.sh OUTDIR   (env: PY (python3), EPOCHS (4)). On a CPU it runs the same
+# Usage: bash benchmarks/gpu_engine_check.sh OUTDIR   (env: PY (python3), EPOCHS (4), PLAIN (1; 0: no plain run,
+#   for a second call that compares with an earlier call's plain history)). On a CPU it runs the same
 #   plumbing (reduce-overhead compiles without CUDA graphs there).
 set -u
 OUT=${1:?usage: gpu_engine_check.sh OUTDIR}
@@ -15,9 +16,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} REPRO_CACHE
   TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
 ARGS=(mae --scale tiny train.compile=true train.knn_every=1 "optim.epochs=$EPOCHS")
 {
-echo "### plain: start"
-$PY -m repro pretrain "${ARGS[@]}" train.compile_mode=default --runs-dir /tmp/engine-plain
-echo "### plain: rc=$?"
+if [ "${PLAIN:-1}" = 1 ]; then
+  echo "### plain: start"
+  $PY -m repro pretrain "${ARGS[@]}" train.compile_mode=default --runs-dir /tmp/engine-plain
+  echo "### plain: rc=$?"
+fi
 echo "### graphs: start"
 $PY -m repro pretrain "${ARGS[@]}" train.compile_mode=reduce-overhead --runs-dir /tmp/engine-graphs &
 pid=$!

@@ -15,7 +15,9 @@
 #   env: B batch (128), BUDGET (540 s), PY (python3), DEVICE (cuda; `DEVICE=cpu B=2 COMPILE=off ...` is the CPU dry
 #   run of the plumbing), COMPILE (on), STEPS (5), WARMUP (2), EXTRA_TIMEOUT (45: seconds per configuration of
 #   bench_extra.py; raise it for a CPU dry run), EXTRA_CONFIGS (bench_extra.py's --configs), EXTRAS (0; 1: also
-#   the official LocalMIM-Swin / BEiT / GreenMIM and ours for them, as job c)
+#   the official LocalMIM-Swin / BEiT / GreenMIM and ours for them, as job c), ONLY (comma-separated stage names:
+#   run only those, e.g. a short second call), OFFICIAL_CONFIGS (mae-224,mae-448), GRAPH_RECIPES (the recipes of
+#   repro-cudagraphs: pretrain/mae pretrain/lomar), PLAIN (1; 0: gpu_engine_check.sh skips its plain-mode run)
 set -u
 OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
 O=$(mktemp -d /tmp/gpu-job.XXXXXX)
@@ -31,6 +33,7 @@ left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # stage NAME CAP CMD...: run CMD with timeout min(CAP, time left); log its wall time and exit status
 stage() {
   local name=$1 cap=$2; shift 2
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then echo "### $name: not in ONLY"; return; fi
   local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 15 ]; then echo "### $name: skipped ($(left) s left)"; return; fi
   echo "### $name: start (limit ${t}s, $(left) s left) :: $*"
@@ -52,7 +55,7 @@ cat "$O/env.txt"
 #    its dVAE) and GreenMIM (about 10 s a configuration on an H200; a configuration whose export is missing is
 #    recorded as failed)
 stage official 60 $PY .bench/bench_official.py .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" \
-  --steps "$STEPS" --configs mae-224,mae-448 --modes default --json "$O/official.json"
+  --steps "$STEPS" --configs "${OFFICIAL_CONFIGS:-mae-224,mae-448}" --modes default --json "$O/official.json"
 [ "${EXTRAS:-0}" = 1 ] && [ -d .bench/export/beit ] && stage official-extra 110 $PY benchmarks/official/bench_extra.py \
   .bench/export --device "$DEVICE" --batch "$B" --warmup "$WARMUP" --steps "$STEPS" \
   --configs "${EXTRA_CONFIGS:-localmim-swin-224,beit-224,beit-224-dvae,greenmim-swin-224}" \
@@ -73,7 +76,7 @@ fi
 stage engine-cudagraphs 150 bash benchmarks/gpu_engine_check.sh "$O/engine"
 
 # 4. CUDA graphs at the official batch (job c measured them only at batch 256), and at batch 256
-stage repro-cudagraphs 60 $P --compile "$COMPILE" --json "$O/repro-cudagraphs.json" pretrain/mae pretrain/lomar \
+stage repro-cudagraphs 60 $P --compile "$COMPILE" --json "$O/repro-cudagraphs.json" ${GRAPH_RECIPES:-pretrain/mae pretrain/lomar} \
   train.compile_mode=reduce-overhead
 stage repro-b256-cudagraphs 50 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" \
   --fused-optim on --no-loader --compile "$COMPILE" --json "$O/repro-b256.json" pretrain/mae \

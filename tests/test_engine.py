@@ -334,3 +334,59 @@ def test_optimizer_registry_matches_the_recipe_rule() -> None:
                           torch.optim.Optimizer)
     with pytest.raises(ValueError, match="unknown optimizer"):
         train_mod.build_optimizer([{"params": [p]}], {**base, "name": "adam"}, 1e-3)
+
+
+class _ReusedBuffers(nn.Module):
+    """A task whose forward overwrites the previous forward's loss storage, as CUDA graphs reuse their output
+    buffers on the next replay; it counts the engine's ``new_iteration`` calls seen before each forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(()))
+        self.prev: torch.Tensor | None = None
+        self.values: list[float] = []
+
+    def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+        if self.prev is not None:
+            self.prev.data.fill_(-1.0)  # the next replay writes where the last loss lives
+        x, _ = batch
+        loss = (self.w * x.mean()) ** 2
+        self.prev = loss
+        self.values.append(float(loss.detach()))
+        return StepOutput(loss, {"loss": loss.detach()})
+
+
+def test_cuda_graph_iterations_are_marked_and_step_outputs_copied(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every micro-batch forward starts a CUDA-graph iteration; under CUDA graphs the losses and logs the hooks read
+    after the step are copies, not the buffers the next micro-batch overwrites (two micro-batches per step here)."""
+    marks: list[int] = []
+    task = _ReusedBuffers()
+    monkeypatch.setattr(train_mod, "new_iteration", lambda: marks.append(len(task.values)))
+    monkeypatch.setattr(train_mod, "uses_cuda_graphs", lambda tcfg, device: True)
+
+    class Seen(train_mod.HookBase):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+            self.logs: list[float] = []
+
+        def after_step(self) -> None:
+            self.losses += [float(o.loss) for o in self.trainer.step_outputs]
+            self.logs += [float(o.logs["loss"]) for o in self.trainer.step_outputs]
+
+    seen = Seen()
+    cfg = _cfg(**{"optim.epochs": 1, "train.compile": "false"})
+    fit(task, _data(), cfg, tmp_path / "run", env=CPU, desc="test", hooks=[seen])
+    assert marks == list(range(len(task.values)))  # one mark before each of the 8 micro-batch forwards
+    assert len(task.values) == 8 and len(seen.losses) == 8
+    assert seen.losses == pytest.approx(task.values) and seen.logs == pytest.approx(task.values)
+
+
+def test_uses_cuda_graphs_only_for_compiled_cuda_graph_modes() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert train_mod.uses_cuda_graphs({"compile_mode": "reduce-overhead"}, cuda)
+    assert train_mod.uses_cuda_graphs({"compile": True, "compile_mode": "max-autotune"}, cuda)
+    assert not train_mod.uses_cuda_graphs({"compile_mode": "reduce-overhead", "compile": False}, cuda)
+    assert not train_mod.uses_cuda_graphs({"compile_mode": "default"}, cuda)
+    assert not train_mod.uses_cuda_graphs({"compile_mode": "max-autotune-no-cudagraphs"}, cuda)
+    assert not train_mod.uses_cuda_graphs({"compile_mode": "reduce-overhead"}, cpu)

@@ -185,6 +185,29 @@ def test_extract_keeps_the_order_and_the_device_path_is_the_same() -> None:
     assert torch.equal(f2, f) and torch.equal(lab2, lab)
 
 
+def test_extract_copies_features_out_of_reused_buffers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forward that returns the same buffer every batch (a CUDA graph's static output) still gives each batch's
+    features, on the CPU path and kept on the device, and every batch starts a CUDA-graph iteration."""
+    from torch.utils.data import TensorDataset
+
+    import repro.evals.knn as knn_mod
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(10, 3, 4, 4, generator=g), torch.randint(0, 5, (10,), generator=g)
+    w = torch.randn(48, 6, generator=g)
+    out = torch.empty(4, 6)
+    marks = []
+    monkeypatch.setattr(knn_mod, "new_iteration", lambda: marks.append(1))
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        return out[: len(t)].copy_(t.flatten(1) @ w)
+
+    for to_cpu in (True, False):
+        marks.clear()
+        f, _ = extract(fn, TensorDataset(x, y), 4, torch.device("cpu"), to_cpu=to_cpu)
+        assert torch.allclose(f, x.flatten(1) @ w) and len(marks) == 3
+
+
 def test_knn_curve_runs_as_the_knn_stage_and_workers_change_nothing() -> None:
     """Pretraining's kNN curve (``train.knn_every``): the epochs it skips return nothing; with loader workers and the
     vote where the features are, the accuracy is the one without workers."""

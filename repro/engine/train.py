@@ -51,8 +51,8 @@ from repro.engine.task import StepOutput
 from repro.resolve import accumulation
 
 __all__ = ["CKPT_VERSION", "OPTIMIZERS", "HookBase", "Preempted", "StopFlag", "Trainer", "base_lr", "block_grad_norms",
-           "build_optimizer", "build_scheduler", "encoder_blocks", "fit", "lr_at", "peak_memory_mb", "rng_state",
-           "set_rng_state"]
+           "build_optimizer", "build_scheduler", "encoder_blocks", "fit", "lr_at", "new_iteration", "peak_memory_mb",
+           "rng_state", "set_rng_state"]
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -97,6 +97,9 @@ def sdpa_backends(value: Sequence[str] | None) -> contextlib.AbstractContextMana
     return sdpa_kernel([kinds[v] for v in value], set_priority=True)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
+
+
 def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None = None, scope: str | None = None,
                    ) -> int:
     """``torch.compile`` every transformer block of ``task`` in place (``nn.Module.compile``: parameter names and the
@@ -129,6 +132,21 @@ def compile_blocks(task: nn.Module, backend: str = "inductor", mode: str | None 
         if callable(extra):
             n += extra(backend, mode)
     return n
+
+
+def new_iteration() -> None:
+    """Tell CUDA graph trees (``train.compile_mode=reduce-overhead``) that a new forward begins: called before every
+    training micro-batch and every evaluation batch. Without it each call of a block compiled on its own counts as a
+    new iteration under ``no_grad`` (an evaluation pass), and the next block's graph reuses the buffers its input
+    lives in. A counter increment: free, and a no-op without CUDA graphs. Outputs kept across iterations (features,
+    losses) must be copied: the next iteration overwrites them."""
+    torch.compiler.cudagraph_mark_step_begin()
+
+
+def uses_cuda_graphs(tcfg: Mapping[str, Any], device: torch.device) -> bool:
+    """Whether the engine's compiled blocks capture CUDA graphs under the ``train`` section ``tcfg`` on ``device``."""
+    return (device.type == "cuda" and auto_switch(tcfg.get("compile"), device)
+            and tcfg.get("compile_mode") in CUDA_GRAPH_MODES)
 
 
 # Optimizers by ``optim.name``: name -> builder(param groups, optim section, lr, fused). A new one is a builder
@@ -262,6 +280,8 @@ class Trainer:
         apply_fused_attn(task, tcfg.get("fused_attn"), env.device)
         if auto_switch(tcfg.get("compile"), env.device):
             compile_blocks(task, mode=tcfg.get("compile_mode"), scope=tcfg.get("compile_scope"))
+        # CUDA graphs: a micro-batch's loss and logs are copied out of the graphs' buffers (the next overwrites them)
+        self._graphs = uses_cuda_graphs(tcfg, env.device)
         self.model: nn.Module = task
         if env.distributed:
             self.model = DistributedDataParallel(
@@ -395,19 +415,23 @@ class Trainer:
             batch = self._to_device(next(self._batches), env.device)
             sync = (self.micro + 1) % self.accum == 0
             ctx = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
+            new_iteration()
             with ctx:
                 with torch.autocast(env.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None), sdpa_backends(self.train_cfg.get("sdpa")):
                     out = self.model(batch, self.gen)
                 self.scaler.scale(out.loss / self.accum).backward()
-            loss = out.loss.detach()
+            loss, logs = out.loss.detach(), out.logs
+            if self._graphs:
+                loss = loss.clone()
+                logs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
             first_bad = ~torch.isfinite(loss) & (self._bad_step < 0)
             self._bad_step = torch.where(first_bad, self.step, self._bad_step)
             self._bad_loss = torch.where(first_bad, loss.float(), self._bad_loss)
             self.loss_sum += loss
             self.loss_n += 1
             self.micro += 1
-            self.step_outputs.append(StepOutput(loss, out.logs))
+            self.step_outputs.append(StepOutput(loss, logs))
         self._call("before_update")
         if self.optim_cfg.get("clip_grad"):
             self.scaler.unscale_(opt)

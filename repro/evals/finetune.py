@@ -15,7 +15,7 @@ from torch import nn
 
 from repro.data.datasets import build_split, eval_transform
 from repro.engine.task import StepOutput
-from repro.engine.train import fit
+from repro.engine.train import fit, new_iteration
 from repro.evals.features import eval_encoder
 from repro.evals.knn import topk_accuracy
 
@@ -87,6 +87,7 @@ def evaluate(model: nn.Module, cfg: Mapping[str, Any], device: torch.device) -> 
     model.eval()
     logits, labels = [], []
     for x, y in torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False):
+        new_iteration()
         logits.append(model(x.to(device)).float().cpu())
         labels.append(y)
     return topk_accuracy(torch.cat(logits), torch.cat(labels))

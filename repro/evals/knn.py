@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from repro.config import ConfigError
 from repro.engine.dist import DistEnv
+from repro.engine.train import new_iteration
 
 # Query rows per vote chunk: at most this many, and fewer when their similarity rows (rows x gallery, fp32) would
 # pass VOTE_BYTES (ImageNet's 1.28M gallery: 209 rows, 1 GiB); a tiny gallery keeps the full 1024.
@@ -80,7 +81,8 @@ def extract(fn: Callable[[torch.Tensor], torch.Tensor], ds: Dataset, batch_size:
     quiet = not sys.stderr.isatty() or (env is not None and not env.is_main)  # no carriage returns in a log file
     feats, labels = [], []
     for x, y in tqdm(loader, desc=desc, leave=False, disable=quiet):
-        feats.append(fn(x.to(device, non_blocking=pin)).float().to(keep))
+        new_iteration()  # CUDA graphs: each batch is an iteration; its features are copied out of their buffers
+        feats.append(fn(x.to(device, non_blocking=pin)).to(keep, torch.float32, copy=True))
         labels.append(y if keep.type == "cpu" else y.to(keep))
     f, y = torch.cat(feats), torch.cat(labels)
     if sharded and gather:

@@ -11,7 +11,7 @@ from torch import nn
 
 from repro.data.datasets import build_split, crop_flip_transform, eval_transform
 from repro.engine.task import StepOutput
-from repro.engine.train import fit
+from repro.engine.train import fit, new_iteration
 from repro.evals.features import eval_encoder, feature_kind, features, instance_head
 from repro.evals.knn import topk_accuracy
 
@@ -61,6 +61,7 @@ def evaluate(task: LinearProbe, cfg: Mapping[str, Any], device: torch.device) ->
     task.eval()
     logits, labels = [], []
     for x, y in torch.utils.data.DataLoader(ds, batch_size=256, shuffle=False):
+        new_iteration()
         logits.append(task.logits(x.to(device)).float().cpu())
         labels.append(y)
     return topk_accuracy(torch.cat(logits), torch.cat(labels))

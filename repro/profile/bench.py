@@ -174,11 +174,12 @@ class _Steps:
         self.step_no = 0
 
     def __call__(self) -> float:
-        from repro.engine.train import sdpa_backends
+        from repro.engine.train import new_iteration, sdpa_backends
 
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
+        new_iteration()  # as the engine's step
         with (torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None),
               sdpa_backends(self.sdpa)):
             out = self.method(self.batch, self.gen)
