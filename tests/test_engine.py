@@ -375,9 +375,12 @@ def test_cuda_graph_iterations_are_marked_and_step_outputs_copied(tmp_path: Path
             self.logs += [float(o.logs["loss"]) for o in self.trainer.step_outputs]
 
     seen = Seen()
+    detached: list[int] = []
+    monkeypatch.setattr(train_mod, "detach_grads", lambda t: detached.append(len(task.values)))
     cfg = _cfg(**{"optim.epochs": 1, "train.compile": "false"})
     fit(task, _data(), cfg, tmp_path / "run", env=CPU, desc="test", hooks=[seen])
     assert marks == list(range(len(task.values)))  # one mark before each of the 8 micro-batch forwards
+    assert detached == [1, 3, 5, 7]  # after each step's first micro-batch: the second adds into copies
     assert len(task.values) == 8 and len(seen.losses) == 8
     assert seen.losses == pytest.approx(task.values) and seen.logs == pytest.approx(task.values)
 
@@ -390,3 +393,27 @@ def test_uses_cuda_graphs_only_for_compiled_cuda_graph_modes() -> None:
     assert not train_mod.uses_cuda_graphs({"compile_mode": "default"}, cuda)
     assert not train_mod.uses_cuda_graphs({"compile_mode": "max-autotune-no-cudagraphs"}, cuda)
     assert not train_mod.uses_cuda_graphs({"compile_mode": "reduce-overhead"}, cpu)
+
+
+def test_detach_grads_copies_grads_and_leaves_missing_ones() -> None:
+    m = nn.Linear(3, 2)
+    m(torch.ones(1, 3)).sum().backward()
+    m.bias.grad = None
+    before = m.weight.grad
+    train_mod.detach_grads(m)
+    assert m.weight.grad is not before and m.weight.grad.data_ptr() != before.data_ptr()
+    assert torch.equal(m.weight.grad, before) and m.bias.grad is None
+
+
+def test_a_cuda_graph_failure_names_the_switch_that_turns_them_off(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(train_mod, "uses_cuda_graphs", lambda tcfg, device: True)
+
+    class Fails(_ReusedBuffers):
+        def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
+            raise RuntimeError("Error: accessing tensor output of CUDAGraphs that has been overwritten\nmore")
+
+    cfg = _cfg(**{"optim.epochs": 1, "train.compile_mode": "reduce-overhead"})
+    with pytest.raises(RuntimeError, match=r"rerun with train.compile_mode=default") as err:
+        fit(Fails(), _data(), cfg, tmp_path / "run", env=CPU, desc="test")
+    assert "more" not in str(err.value)

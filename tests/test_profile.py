@@ -286,6 +286,22 @@ def test_profiles_keyed_by_device_and_a_quick_run_keeps_the_better_one(tmp_path)
     assert load_profiles(path)["CPU (x86_64, 2 threads) | fp32 | eager"]["k1"]["s_per_image"] == 2.0
 
 
+def test_a_cuda_graphs_run_is_a_profile_set_of_its_own(tmp_path):
+    """A profile measured under ``train.compile_mode=reduce-overhead`` never replaces the default mode's: the
+    engine's default runs without CUDA graphs, so its projection must not read their speed."""
+    from repro.profile.projection import load_profiles, store_profiles
+
+    path = tmp_path / "profiles.json"
+    store_profiles({"k1": _prof("NVIDIA H200", 5, 0.010, compile=True)}, path)
+    store_profiles({"k1": {**_prof("NVIDIA H200", 5, 0.006, compile=True), "compile_mode": "reduce-overhead"}}, path,
+                   replace=True)
+    store_profiles({"k1": {**_prof("NVIDIA H200", 5, 0.009, compile=True), "compile_mode": "default"}}, path)
+    sets = load_profiles(path)
+    assert sets["NVIDIA H200 | bf16 autocast | compiled + fused AdamW"]["k1"]["s_per_image"] == 0.009  # "default"
+    assert sets["NVIDIA H200 | bf16 autocast | compiled + CUDA graphs + fused AdamW"]["k1"]["s_per_image"] == 0.006
+    assert len(sets) == 2
+
+
 def test_projection_uses_one_device_and_refuses_to_mix(tmp_path, monkeypatch, capsys):
     from repro.config import ConfigError
     from repro.profile.projection import choose_set, projector, store_profiles

@@ -149,6 +149,16 @@ def uses_cuda_graphs(tcfg: Mapping[str, Any], device: torch.device) -> bool:
             and tcfg.get("compile_mode") in CUDA_GRAPH_MODES)
 
 
+def detach_grads(task: nn.Module) -> None:
+    """Replace every ``.grad`` of ``task`` by a copy. Under CUDA graphs a grad first set by a graph's backward can
+    live in that graph's output buffers, which the next micro-batch's replay overwrites: with gradient accumulation
+    the later micro-batches must add into buffers of their own (torch's advice for cudagraph trees). Parameters
+    without a grad keep none: the optimizer skips them as in the plain mode."""
+    for p in task.parameters():
+        if p.grad is not None:
+            p.grad = p.grad.clone()
+
+
 # Optimizers by ``optim.name``: name -> builder(param groups, optim section, lr, fused). A new one is a builder
 # registered here plus its name in the ``optim.name`` rule of repro.config (which validates recipes without torch).
 OptimizerBuilder = Callable[[list[dict[str, Any]], Mapping[str, Any], float, bool], torch.optim.Optimizer]
@@ -370,6 +380,12 @@ class Trainer:
             while self.epoch < self.epochs and not self.stopped:
                 self._run_epoch()
             self._call("after_train")
+        except RuntimeError as e:
+            if self._graphs and "CUDAGraphs" in str(e):
+                raise RuntimeError(f"[{self.desc}] CUDA graphs (train.compile_mode={self.train_cfg['compile_mode']}) "
+                                   f"failed: {str(e).splitlines()[0][:300]}; rerun with train.compile_mode=default "
+                                   "to train without them") from e
+            raise
         finally:
             self._batches = None
             for h in self.hooks:
@@ -411,7 +427,7 @@ class Trainer:
         assert self._batches is not None
         env, task, opt = self.env, self.task, self.optimizer
         self.step_outputs = []
-        for _ in range(self.accum):
+        for i in range(self.accum):
             batch = self._to_device(next(self._batches), env.device)
             sync = (self.micro + 1) % self.accum == 0
             ctx = self.model.no_sync() if env.distributed and not sync else contextlib.nullcontext()
@@ -425,6 +441,8 @@ class Trainer:
             if self._graphs:
                 loss = loss.clone()
                 logs = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
+                if i == 0 and self.accum > 1:  # the next micro-batches add into grads that no graph's replay owns
+                    detach_grads(task)
             first_bad = ~torch.isfinite(loss) & (self._bad_step < 0)
             self._bad_step = torch.where(first_bad, self.step, self._bad_step)
             self._bad_loss = torch.where(first_bad, loss.float(), self._bad_loss)

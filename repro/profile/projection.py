@@ -225,10 +225,23 @@ def profiles_path(root: Path | None = None) -> Path:
     return (root or repo_root()) / PROFILES
 
 
+CUDA_GRAPHS = "reduce-overhead"  # the torch.compile mode that captures CUDA graphs (train.compile_mode)
+
+
+def compile_label(prof: Mapping[str, Any]) -> str:
+    """``eager`` or ``compiled``, with the torch.compile mode where it is not inductor's default: ``compiled + CUDA
+    graphs`` (``train.compile_mode=reduce-overhead``), ``compiled (max-autotune)``."""
+    if not prof.get("compile"):
+        return "eager"
+    cm = prof.get("compile_mode")
+    return "compiled" + (" + CUDA graphs" if cm == CUDA_GRAPHS else f" ({cm})" if cm and cm != "default" else "")
+
+
 def profile_set(prof: Mapping[str, Any]) -> str:
     """The set a profile belongs to: ``device | precision | mode``, e.g.
-    ``NVIDIA H200 | bf16 autocast | compiled + fused AdamW``."""
-    mode = "compiled" if prof.get("compile") else "eager"
+    ``NVIDIA H200 | bf16 autocast | compiled + fused AdamW``; a run under another torch.compile mode (CUDA graphs)
+    is a set of its own: a projection of the default mode never reads it."""
+    mode = compile_label(prof)
     if prof.get("fused_optim"):
         mode += " + fused AdamW"
     return f"{prof['device']} | {prof['precision']} | {mode}"

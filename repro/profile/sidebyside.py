@@ -27,6 +27,7 @@ import pandas as pd
 from repro.config import ConfigError
 from repro.io import atomic_write_text
 from repro.profile.bench import KERNEL_CATEGORIES, cost_key
+from repro.profile.projection import CUDA_GRAPHS, compile_label
 from repro.profile.tables import resolve_row
 
 # (label, official benchmark config, our recipe): the paper configurations measured side by side.
@@ -55,7 +56,6 @@ LATER_CONFIGS: tuple[tuple[str, str, str], ...] = (
 # Always columns of the table (measured or not); other modes a job measured follow them.
 MODES = ("eager", "eager + fused AdamW", "compiled + fused AdamW")
 COMPILED = "compiled + fused AdamW"
-CUDA_GRAPHS = "reduce-overhead"  # torch.compile mode that captures CUDA graphs
 LOG_MARK = "‡"
 
 
@@ -159,11 +159,7 @@ def _file_profiles(directory: Path) -> list[dict[str, Any]]:
 def mode_of(prof: dict[str, Any], batch: int | None) -> str:
     """A profile's mode: eager / compiled (+ CUDA graphs, or another torch.compile mode), + fused AdamW, and
     ``, batch N`` when its batch is not the job's usual ``batch``."""
-    if prof.get("compile"):
-        cm = prof.get("compile_mode")
-        mode = "compiled" + (" + CUDA graphs" if cm == CUDA_GRAPHS else f" ({cm})" if cm else "")
-    else:
-        mode = "eager"
+    mode = compile_label(prof)
     if prof.get("fused_optim"):
         mode += " + fused AdamW"
     mode += variant_of(prof)
