@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # ONE short GPU job (issue 13), run from the project root on the GPU machine: the official code and `repro profile`
-# side by side (bf16, one batch), then what holds the step back (torch.profiler traces, CUDA graphs, a larger batch),
-# the other methods' MFU, and the JPEG loader's images/s. Stages run in priority order, each bounded by `timeout`
+# side by side (bf16, one batch), then what holds the step back (torch.profiler traces, CUDA graphs), and the
+# evaluation steps' profiles. Stages run in priority order, each bounded by `timeout`
 # and by a global deadline (BUDGET seconds from the start): a hang in one stage still returns the others' files.
 # Needs .bench/ (../shared/bench/README.md: bench_official.py + the official export in .bench/export, to which
 # `benchmarks/official/export_extra.sh MIRRORS .bench/export` adds LocalMIM's, SimMIM's, BEiT's and GreenMIM's).
 # Order: the official code (MAE 224/448; EXTRAS=1: then LocalMIM-Swin, BEiT, GreenMIM), then ours for the same
-# configurations (EXTRAS=1: + MaskFeat, which has no official timing), the engine under CUDA graphs, CUDA graphs at
-# batch 128 and 256, LocalMIM-Swin with compile_scope=all, the evaluation steps (the last ones are the first to be
-# skipped when the budget runs short). The other configurations' ratios stand from earlier jobs
+# configurations (EXTRAS=1: + MaskFeat, which has no official timing) and, in the plain mode, the recipes step 4 runs
+# under CUDA graphs; the engine under CUDA graphs (with resume, and with gradient accumulation); CUDA graphs at batch
+# 128; the evaluation steps (the last ones are the first to be skipped when the budget runs short). The other configurations' ratios stand from earlier jobs
 # (tables/efficiency/side-by-side-nvidia-h200.md).
 # Usage: bash benchmarks/gpu_job.sh OUTDIR   (everything is packed into OUTDIR/job.tgz at the end: the device tool
 #   brings back only a few files per call, so the job writes into a work folder and ships one archive + the log)
@@ -17,7 +17,8 @@
 #   bench_extra.py; raise it for a CPU dry run), EXTRA_CONFIGS (bench_extra.py's --configs), EXTRAS (0; 1: also
 #   the official LocalMIM-Swin / BEiT / GreenMIM and ours for them, as job c), ONLY (comma-separated stage names:
 #   run only those, e.g. a short second call), OFFICIAL_CONFIGS (mae-224,mae-448), GRAPH_RECIPES (the recipes of
-#   repro-cudagraphs: pretrain/mae pretrain/lomar), PLAIN (1; 0: gpu_engine_check.sh skips its plain-mode run)
+#   repro-plain / repro-cudagraphs: MAE, LoMaR, LocalMIM-Swin, GreenMIM, ExtreMA), PLAIN (1; 0:
+#   gpu_engine_check.sh skips its plain-mode run), ACCUM (1; 0: it skips its accumulation pair)
 set -u
 OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
 O=$(mktemp -d /tmp/gpu-job.XXXXXX)
@@ -62,30 +63,27 @@ stage official 60 $PY .bench/bench_official.py .bench/export --device "$DEVICE" 
   --timeout "${EXTRA_TIMEOUT:-45}" --json "$O/official-extra.json"
 
 # 2. ours as the engine runs on CUDA (blocks compiled, fused AdamW, only the kept patches embedded), with a
-#    profiler trace of each: the configurations measured against the official code above
+#    profiler trace of each: the configurations measured against the official code above; then, in the plain mode,
+#    the recipes that step 4 runs under CUDA graphs (the same call's on / off pair for each)
 stage repro-on 110 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-on.json" pretrain/mae pretrain/mae_448
 if [ "${EXTRAS:-0}" = 1 ]; then  # the configurations job c measured against the extras
   stage repro-others 90 $P --compile "$COMPILE" --json "$O/repro-others.json" pretrain/beit pretrain/maskfeat
   stage repro-swin 90 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-swin.json" \
     pretrain/localmim_swin_base pretrain/greenmim_swin_base
 fi
+GRAPHS=${GRAPH_RECIPES:-pretrain/mae pretrain/lomar pretrain/localmim_swin_base pretrain/greenmim_swin_base pretrain/extrema}
+stage repro-plain 90 $P --compile "$COMPILE" --json "$O/repro-plain.json" $(echo $GRAPHS | tr ' ' '\n' | grep -v '^pretrain/mae$')
 
 # 3. the engine's whole stage under CUDA graphs (benchmarks/gpu_engine_check.sh: a compiled tiny MAE stage with a
-#    kNN pass per epoch, stopped after its first checkpoint and resumed, beside the plain mode): what
-#    train.compile_mode=reduce-overhead needs before it can be the CUDA default
-stage engine-cudagraphs 150 bash benchmarks/gpu_engine_check.sh "$O/engine"
+#    kNN pass per epoch, stopped after its first checkpoint and resumed, beside the plain mode; then both modes with
+#    gradient accumulation): what train.compile_mode=reduce-overhead needs before it can be the CUDA default (job d
+#    ran the first pair: equal losses up to 8.4e-5, resume OK)
+stage engine-cudagraphs 240 bash benchmarks/gpu_engine_check.sh "$O/engine"
 
-# 4. CUDA graphs at the official batch (job c measured them only at batch 256), and at batch 256
-stage repro-cudagraphs 60 $P --compile "$COMPILE" --json "$O/repro-cudagraphs.json" ${GRAPH_RECIPES:-pretrain/mae pretrain/lomar} \
+# 4. CUDA graphs at the official batch for the recipes of step 2 (job d: MAE 224 1.03x -> 1.61x the official code on
+#    a host-bound machine); batch 256 and compile_scope=all were measured by jobs c and d and are not rerun
+stage repro-cudagraphs 120 $P --compile "$COMPILE" --json "$O/repro-cudagraphs.json" $GRAPHS \
   train.compile_mode=reduce-overhead
-stage repro-b256-cudagraphs 50 $PY -m repro profile --batch 256 --warmup "$WARMUP" --steps "$STEPS" \
-  --fused-optim on --no-loader --compile "$COMPILE" --json "$O/repro-b256.json" pretrain/mae \
-  train.compile_mode=reduce-overhead
-
-# 4b. LocalMIM-Swin with its glue and visible-only blocks compiled (train.compile_scope=all), with a limit long
-#     enough for its compile (job c: more than 130 s)
-stage repro-swin-scope-all 200 $P --compile "$COMPILE" --json "$O/repro-variant-scope.json" \
-  pretrain/localmim_swin_base train.compile_scope=all
 
 # 5. the evaluation steps (fine-tuning, linear probe, kNN forward) whose stored profiles give `repro plan` and the
 #    Slurm --time of ~170 evaluation stages a projection (the others are estimated from these by FLOPs)
