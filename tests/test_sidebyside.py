@@ -234,3 +234,26 @@ def test_side_by_side_of_the_committed_second_h200_job():
     assert x["jpeg_cpu"] == loader["loader_jpeg_cpu_images_per_s"] and x["workers"] == 12
     md = render(df, env, "tables/efficiency/gpu/h200-2026-11-26b")
     assert "## Input pipeline vs the model" in md and "mae-224-b128-compiled-reduce-overhead.txt" in md
+
+
+def test_a_cpu_job_compares_eager_steps_and_its_index_reads_them(tmp_path):
+    """A CPU job: bench_official.py calls the device "cpu", ours names the CPU; the table says it is a CPU job with no
+    target or MFU, and the device's index reads the CPU's default mode (eager) instead of the compiled one."""
+    cpu = "CPU (x86_64, 2 threads)"
+    d = tmp_path / "cpu-job"
+    d.mkdir()
+    run = {**_official_run("mae-224", 8, 2.0), "device": "cpu", "amp": "fp32", "peak_cuda_MiB": None}
+    (d / "official.json").write_text(json.dumps({"runs": [run]}))
+    ours = {**_ours("mae", 5.0), "device": cpu, "precision": "fp32", "compile": False, "fused_optim": False,
+            "batch": 8, "mfu": None, "mfu_peak": None}
+    (d / "repro-cpu.json").write_text(json.dumps({"pretrain/mae": ours}))
+    df, env = side_by_side(d)
+    assert env["device"] == cpu
+    mae = df.set_index("config").loc["MAE 224"]
+    assert mae["eager_over_official"] == pytest.approx(5.0 / 4.0)
+    md = render(df, env, "cpu-job")
+    assert "One CPU job" in md and "reported, not a target" in md and "no MFU" in md and "autocast" not in md
+    out = write_side_by_side(d, tmp_path / "out")
+    assert out[2].name.startswith("side-by-side-cpu") and out[2].suffix == ".md"
+    index = out[2].read_text()
+    assert "ours eager |" in index and "| MAE 224 | [cpu-job](" in index and "| 5 (1.25x) |" in index

@@ -240,17 +240,23 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     directory = Path(directory)
     official, env = _official(official_files(directory))
     files, logged = _file_profiles(directory), log_profiles(directory)
-    devices = {p["device"] for p in files + logged} | set(env.pop("devices"))
+    ours_devices, official_devices = {p["device"] for p in files + logged}, set(env.pop("devices"))
+    if official_devices == {"cpu"} and len(ours_devices) == 1 and next(iter(ours_devices)).startswith("CPU"):
+        official_devices = ours_devices  # bench_official.py names any CPU "cpu"; the job ran on one machine
+    devices = ours_devices | official_devices
     if len(devices) != 1:
         raise ConfigError(f"{directory}: measurements from {len(devices)} devices ({', '.join(sorted(devices))}); a "
                           "side-by-side table compares one device")
     batches = Counter(env.pop("official_batches") or [p["batch"] for p in files + logged if p.get("batch")])
     batch = batches.most_common(1)[0][0] if batches else None
+    # a recipe's usual batch: its official configuration's (a CPU job runs 8 at 224 px, 4 above), else the job's
+    usual = {recipe: official[off]["batch"] for _, off, recipe in CONFIGS + LATER_CONFIGS
+             if "batch" in official.get(off, {})}
     ours: dict[str, dict[str, dict[str, Any]]] = {}
     for p in files:  # later ones win
-        ours.setdefault(mode_of(p, batch), {})[p["cost_key"]] = p
+        ours.setdefault(mode_of(p, usual.get(p.get("recipe"), batch)), {})[p["cost_key"]] = p
     for p in logged:  # only where no file has the measurement
-        ours.setdefault(mode_of(p, batch), {}).setdefault(p["cost_key"], p)
+        ours.setdefault(mode_of(p, usual.get(p.get("recipe"), batch)), {}).setdefault(p["cost_key"], p)
     modes = sorted(set(MODES) | set(ours), key=_mode_order)
     rows: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
@@ -331,6 +337,20 @@ def _x(v: Any, fmt: str) -> str:
     return "—" if v is None or (isinstance(v, float) and pd.isna(v)) else format(v, fmt)
 
 
+def _rate(v: float) -> str:
+    """Images/s: whole numbers from 100 up, three significant digits below (a CPU step takes seconds)."""
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
+
+
+def _drop_empty_columns(lines: list[str]) -> list[str]:
+    """A markdown table (header, rule, rows) without the columns no row has a figure in."""
+    cells = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in lines]
+    keep = [j for j in range(len(cells[0]))
+            if any(row[j].strip() not in ("—", "not measured", "— / —") for row in cells[2:])]
+    return ["| " + " | ".join(row[j] for j in keep) + " |" if i != 1 else "|" + "---|" * len(keep)
+            for i, row in enumerate(cells)]
+
+
 def _get(r: pd.Series, k: str) -> Any:
     v = r.get(k)
     return None if v is None or (isinstance(v, float) and pd.isna(v)) else v
@@ -351,7 +371,7 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
             return "not measured"
         mark = LOG_MARK if str(_get(r, f"{tag}_from") or "").startswith("log") else ""
         ratio = _get(r, f"{tag}_over_official")
-        return f"{v:.0f}" + (f" ({ratio:.2f}x)" if ratio is not None else "") + mark
+        return _rate(v) + (f" ({ratio:.2f}x)" if ratio is not None else "") + mark
 
     def official_img_per_s(r: pd.Series) -> str:
         if isinstance(_get(r, "official_error"), str):
@@ -359,7 +379,7 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
         if not _get(r, "official_config"):
             return "no official benchmark"
         measured = _get(r, "official_img_per_s")
-        return _x(measured, ".0f") if measured is not None else "not measured in this job"
+        return _rate(measured) if measured is not None else "not measured in this job"
 
     dates = env["dates"]
     steps = ", ".join(f"{w} + {s}" for w, s in env["our_steps"])
@@ -401,21 +421,28 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
         notes.append("Device idle % and kernel categories: `repro profile --trace` (torch.profiler over a few more "
                      "steps after the timed ones); idle = 1 - the traced kernels' summed time per step / the median "
                      "timed step: the share of the step the device waits on the host.")
+    cpu = on_cpu(env["device"])
+    amp = "fp32" if env["amp"] in (None, "fp32") else f"{env['amp']} autocast"
+    target = ("reported, not a target: the bars are a GPU's" if cpu else "target: >= 1.3x")
+    mfu = (f"MFU = counted FLOPs per image (fwd+bwd) x images/s / {env['mfu_peak']} (target: >= 40% for ViT-B at "
+           "224). " if env.get("mfu_peak") else "no MFU: no peak FLOP rate is known for this device. ")
     lines = [
         f"# Official code vs ours, side by side on {env['device']} (job {env.get('job', '?')})", "",
-        f"One GPU job: the official code ({bench}, torch {env['torch']}, timm {env['timm']}, "
-        f"{env['amp']} autocast) and ours (`repro profile --json`, torch {env['our_torch']}, {env['precision']}; "
+        f"One {'CPU' if cpu else 'GPU'} job: the official code ({bench}, torch {env['torch']}, timm {env['timm']}, "
+        f"{amp}) and ours (`repro profile --json`, torch {env['our_torch']}, {env['precision']}; "
         f"attention: {env['attention']}), random images, median step of each ({steps} warm-up + timed steps for "
         f"ours; the official runs' counts are in {', '.join(files)}), measured {dates[0] if dates else '?'}"
         f"{' to ' + dates[-1] if len(dates) > 1 else ''}. Official attention: timm's fused SDPA in MAE (timm 1.x), the "
         f"{attention}. Images/s with the ratio to the official code in "
-        f"brackets (target: >= 1.3x); MFU = counted FLOPs per image (fwd+bwd) x images/s / {env['mfu_peak']} "
-        "(target: >= 40% for ViT-B at 224). First step: the compiled run's first step (compilation included); "
-        "recompiles: graphs made after it. Peak memory: the official runs' (ours in that job were not reset between "
-        "configurations of one process, so they are not shown)." + "".join(" " + n for n in notes), "",
+        f"brackets ({target}); " + mfu + (
+            "Both sides run their CPU defaults: ours eager (nothing compiled, AdamW unfused), the official script "
+            "its fused AdamW." if cpu else
+            "First step: the compiled run's first step (compilation included); recompiles: graphs made after it. "
+            "Peak memory: the official runs' (ours in that job were not reset between configurations of one "
+            "process, so they are not shown).") + "".join(" " + n for n in notes), "",
         f"Source: `{source}`. Regenerate: `repro profile --side-by-side {source}`.", "",
-        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
     ]
+    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         cells = [r["config"], _x(_get(r, "official_batch"), ".0f"), _x(_get(r, "official_s_per_step"), ".4f"),
                  official_img_per_s(r)]
@@ -430,7 +457,8 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
             cells += [_x(_get(r, "compiled_fused_device_idle_fraction"), ".0%"),
                       f"{top}: {_get(r, 'compiled_fused_top_non_matmul_ms'):.1f}" if top else "—"]
         cells.append(_x(_get(r, "official_peak_gib"), ".1f"))
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append("| " + " | ".join(cells) + " |")
+    lines += _drop_empty_columns(table) if cpu else table  # a CPU job has no compiled, MFU or CUDA-memory figures
     lines += _trace_lines(env.get("traces") or [], source) + _loader_lines(env.get("loaders") or [])
     return "\n".join(lines) + "\n"
 
@@ -531,6 +559,8 @@ def device_index(job_dirs: list[Path], device: str) -> tuple[pd.DataFrame, str]:
         if env["device"] == device:
             jobs.append(((env["dates"][-1] if env["dates"] else "", d.name), d, df, env))
     jobs.sort(key=lambda t: t[0], reverse=True)
+    default = "eager" if on_cpu(device) else COMPILED  # the engine's default mode on this device
+    ref = mode_tag(default)
     rows = []
     for label, *_ in CONFIGS + LATER_CONFIGS:
         for _, d, df, env in jobs:
@@ -538,40 +568,47 @@ def device_index(job_dirs: list[Path], device: str) -> tuple[pd.DataFrame, str]:
             if hit.empty:
                 continue
             r = hit.iloc[0]
-            if _get(r, "official_img_per_s") is None or _get(r, "compiled_fused_img_per_s") is None:
+            if _get(r, "official_img_per_s") is None or _get(r, f"{ref}_img_per_s") is None:
                 continue
             best = max(((v, m) for m in env["modes"] if (v := _get(r, f"{mode_tag(m)}_img_per_s")) is not None),
                        key=lambda t: t[0])
             tag = mode_tag(best[1])
             rows.append({"config": label, "job": d.name, "official_batch": _get(r, "official_batch"),
                          "official_img_per_s": r["official_img_per_s"],
-                         "compiled_fused_img_per_s": r["compiled_fused_img_per_s"],
-                         "compiled_fused_over_official": r["compiled_fused_over_official"],
-                         "compiled_fused_mfu": _get(r, "compiled_fused_mfu"),
-                         "compiled_fused_device_idle_fraction": _get(r, "compiled_fused_device_idle_fraction"),
+                         "default_img_per_s": r[f"{ref}_img_per_s"],
+                         "default_over_official": r[f"{ref}_over_official"],
+                         "default_mfu": _get(r, f"{ref}_mfu"),
+                         "default_device_idle_fraction": _get(r, f"{ref}_device_idle_fraction"),
                          "fastest_mode": best[1], "fastest_img_per_s": best[0],
                          "fastest_over_official": _get(r, f"{tag}_over_official"), "fastest_mfu": _get(r, f"{tag}_mfu"),
                          "fastest_from_log": str(_get(r, f"{tag}_from") or "").startswith("log")})
             break
     idx = pd.DataFrame(rows)
     lines = [f"# Official code vs ours on {device}: the newest job per configuration", "",
-             "Each row from the newest GPU job that measured the configuration on both sides (the official code and "
-             "ours compiled + fused AdamW at the official batch); every ratio stays within that job (one of several "
+             "Each row from the newest job that measured the configuration on both sides (the official code and "
+             f"ours {default} at the official batch); every ratio stays within that job (one of several "
              "device calls says in its README which call measured what). The job's own "
              "table (all modes, traces, input pipeline) is linked. Fastest: the fastest mode of ours in that job "
              f"(a larger batch counts; {LOG_MARK}: read from the job's log). Regenerate: `repro profile "
              "--side-by-side <job folder>` (any job of the device).", "",
-             "| config | job | batch | official img/s | ours compiled + fused AdamW | MFU compiled | device idle % "
-             "(compiled) | ours fastest (mode) | MFU fastest |", "|---|---|---|---|---|---|---|---|---|"]
+    ]
+    table = [f"| config | job | batch | official img/s | ours {default} | MFU {_short(default)} | device idle % "
+             f"({_short(default)}) | ours fastest (mode) | MFU fastest |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = job_file_name(device, r["job"])
-        lines.append("| " + " | ".join([
-            r["config"], f"[{r['job']}]({name}.md)", _x(r["official_batch"], ".0f"), f"{r['official_img_per_s']:.0f}",
-            f"{r['compiled_fused_img_per_s']:.0f} ({r['compiled_fused_over_official']:.2f}x)",
-            _x(r["compiled_fused_mfu"], ".0%"), _x(r["compiled_fused_device_idle_fraction"], ".0%"),
-            f"{r['fastest_img_per_s']:.0f} ({_x(r['fastest_over_official'], '.2f')}x, {r['fastest_mode']})"
+        table.append("| " + " | ".join([
+            r["config"], f"[{r['job']}]({name}.md)", _x(r["official_batch"], ".0f"), _rate(r["official_img_per_s"]),
+            f"{_rate(r['default_img_per_s'])} ({r['default_over_official']:.2f}x)",
+            _x(r["default_mfu"], ".0%"), _x(r["default_device_idle_fraction"], ".0%"),
+            f"{_rate(r['fastest_img_per_s'])} ({_x(r['fastest_over_official'], '.2f')}x, {r['fastest_mode']})"
             + (LOG_MARK if r["fastest_from_log"] else ""), _x(r["fastest_mfu"], ".0%")]) + " |")
+    lines += _drop_empty_columns(table) if on_cpu(device) and rows else table
     return idx, "\n".join(lines) + "\n"
+
+
+def on_cpu(device: str) -> bool:
+    """Whether a profile device name is a CPU's (``CPU (x86_64, 2 threads)``)."""
+    return str(device).upper().startswith("CPU")
 
 
 def device_file_name(device: str) -> str:
