@@ -332,6 +332,7 @@ def describe(plans: list[TablePlan], runs_root: Any, projected: Any = None) -> s
     seen: set[str] = set()
     hours = 0.0
     unknown = 0
+    smaller: set[str] = set()  # stages profiled at a larger batch per device than they run
     for tp in plans:
         n_train = sum(r.status == "trainable" for r in tp.rows)
         lines.append(f"{tp.spec.id}: {tp.spec.caption}  [{n_train} trainable, "
@@ -352,6 +353,10 @@ def describe(plans: list[TablePlan], runs_root: Any, projected: Any = None) -> s
                     h = projected(s.cfg) if s.kind == "pretrain" else None
                     if h is not None:
                         cost = f"  ~{h:,.1f} device-h"
+                        found, _ = projected.projection(s.cfg, estimate=False)
+                        if found is not None and found.parts:
+                            cost += f" ({found.parts})"
+                            smaller.add(s.key)
                         if not shared:
                             hours += h
                     elif s.kind == "pretrain" and not shared:
@@ -364,4 +369,9 @@ def describe(plans: list[TablePlan], runs_root: Any, projected: Any = None) -> s
         lines.append(f"projected pretraining cost: {hours:,.1f} device-h from stored profiles"
                      + (f"; {unknown} pretraining stage(s) have no stored profile (run `repro profile`)" if unknown
                         else ""))
+        if smaller:
+            from repro.profile.projection import ESTIMATE_MARGIN
+
+            lines.append(f"{len(smaller)} of them run a smaller batch per device than their profile did: their "
+                         f"device-h are a lower bound (their Slurm --time has a x{ESTIMATE_MARGIN:g} margin on top)")
     return "\n".join(lines)

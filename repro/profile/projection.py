@@ -371,6 +371,18 @@ def transfer_flops(path: Path | None = None) -> dict[str, float]:
             if r.get("flops_per_image")}
 
 
+def smaller_batch(prof: Mapping[str, Any], stage_cfg: Mapping[str, Any]) -> str:
+    """Why a measured projection is optimistic, or "": the profile's step ran a larger batch per device than the
+    stage will (``train.batch_per_device`` bounds its micro-batch; a GPU step on fewer images is no faster per
+    image, and a host-bound one is slower). Such a stage's ``--time`` gets ``ESTIMATE_MARGIN`` on top."""
+    measured = int(prof.get("batch") or 0)
+    per = int((stage_cfg.get("train") or {}).get("batch_per_device") or 0)
+    if step_kind(stage_cfg) == "knn" or not per or measured <= per:
+        return ""
+    return (f"profiled at batch {measured} per device, the stage runs at most {per} "
+            f"(train.batch_per_device={measured} runs it as profiled)")
+
+
 @dataclass(frozen=True)
 class Projection:
     """A stage's device-hours on the projection's device (one device doing all its images), how they were found
@@ -378,7 +390,7 @@ class Projection:
 
     device_hours: float  # shared by the stage's GPUs (kNN too: each rank embeds and votes for its shard)
     basis: str  # "measured" or "estimated from FLOPs vs <recipe> (<TFLOP/s>)"
-    margin: float = 1.0  # over the cluster's time_margin (ESTIMATE_MARGIN for an estimate)
+    margin: float = 1.0  # over the cluster's time_margin (ESTIMATE_MARGIN: an estimate, or a smaller batch)
     parts: str = ""  # what the device-hours are made of, where there are several (kNN: forward + vote)
 
     @property
@@ -415,7 +427,9 @@ class Projector:
         prof = self.profiles.get(key)
         if prof:
             hours = project(prof["s_per_image"], images, passes)["total_device_hours"]
-            found: Projection | None = Projection(hours, basis="measured")
+            note = smaller_batch(prof, stage_cfg)
+            found: Projection | None = Projection(hours, basis="measured", margin=ESTIMATE_MARGIN if note else 1.0,
+                                                  parts=note)
             why = ""
         elif not estimate:
             return None, "no stored profile covers this stage"
