@@ -56,7 +56,8 @@ def _minutes(s_per_image: float, gpus: int, margin: float = 1.25, startup: int =
     return math.ceil(s_per_image * LOMAR_IMAGES_EPOCHS / 3600 / gpus * 60 * margin + startup)
 
 
-def test_a_profile_at_a_larger_batch_than_the_stage_runs_gets_the_estimate_margin(profiles: Path) -> None:
+def test_a_profile_at_a_larger_batch_than_the_stage_runs_gets_the_estimate_margin(
+        profiles: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """LoMaR runs at most 64 images per GPU (its train.batch_per_device); a profile measured at 128 per GPU is a lower
     bound on its time: the projection says so, --time gets x 1.5 more, and train.batch_per_device=128 removes both."""
     path = profiles
@@ -69,6 +70,10 @@ def test_a_profile_at_a_larger_batch_than_the_stage_runs_gets_the_estimate_margi
     lim = TimePlan.for_stages([pre], gpu8).limit(pre, res)
     assert lim.minutes == _minutes(0.0005, 4, margin=1.25 * 1.5)
     assert "x 1.25 x 1.5" in str(lim) and "profiled at batch 128 per device, the stage runs at most 64" in str(lim)
+    assert main(["plan", "lomar/t2", "--scale", "paper", "--device", "H200"]) == 0
+    out = capsys.readouterr().out
+    assert "(profiled at batch 128 per device, the stage runs at most 64" in out
+    assert "of them run a smaller batch per device than their profile did: their device-h are a lower bound" in out
     big = chain("lomar", "paper", ["train.batch_per_device=128"])[0]
     assert cost_key(big.cfg) == cost_key(pre.cfg)
     lim = TimePlan.for_stages([big], gpu8).limit(big, slurm.stage_resources(big, None, gpu8))

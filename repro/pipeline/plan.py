@@ -353,7 +353,8 @@ def describe(plans: list[TablePlan], runs_root: Any, projected: Any = None) -> s
                     h = projected(s.cfg) if s.kind == "pretrain" else None
                     if h is not None:
                         cost = f"  ~{h:,.1f} device-h"
-                        found, _ = projected.projection(s.cfg, estimate=False)
+                        detail = getattr(projected, "projection", None)  # a Projector says how it projected
+                        found = detail(s.cfg, estimate=False)[0] if detail else None
                         if found is not None and found.parts:
                             cost += f" ({found.parts})"
                             smaller.add(s.key)
