@@ -16,11 +16,9 @@ from torch import nn
 
 from repro.engine.task import StepOutput
 from repro.methods.registry import MethodSpec, check_ratio
+from repro.models.vit import compile_once
 
 __all__ = ["PretrainMethod", "StepOutput", "check_ratio"]  # StepOutput and check_ratio re-exported for the methods
-
-# (function, backend, mode) -> torch.compile(function): one compiled callable per unit, shared by instances
-_COMPILED: dict[tuple[Callable[..., Any], str, str | None], Callable[..., Any]] = {}
 
 
 class PretrainMethod(MethodSpec, nn.Module):
@@ -50,11 +48,7 @@ class PretrainMethod(MethodSpec, nn.Module):
         key = self.unit_compile
         if key is None or torch.compiler.is_compiling():
             return fn(self, *args)
-        compiled = _COMPILED.get((fn, *key))
-        if compiled is None:
-            compiled = _COMPILED[(fn, *key)] = torch.compile(fn, backend=key[0], dynamic=False,
-                                                             **({"mode": key[1]} if key[1] else {}))
-        return compiled(self, *args)
+        return compile_once(fn, *key, dynamic=False)(self, *args)
 
     def speed_switch(self, name: str, device: torch.device) -> bool:
         """``train.<name>``, a switch that changes kernels, not results (``embed_visible``, ``sync_free``): None is

@@ -33,7 +33,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
 from repro.models.archs import SWIN_ARCHS, check_geometry, is_swin, swin_dims  # noqa: F401  (re-exported)
-from repro.models.vit import attention
+from repro.models.vit import attention, compile_once
 
 _TIMM_BASE = {"swin_nano": "swin_tiny", "swin_micro": "swin_tiny", "swin_mini": "swin_tiny"}
 MASK_VALUE = -100.0  # added to the logits of pairs that must not attend (official GreenMIM / Swin value)
@@ -287,9 +287,6 @@ def _block_visible_graph(blk: SwinTransformerBlock, x: torch.Tensor, index: torc
     return _block_visible(blk, x, g)
 
 
-_COMPILED: dict[tuple[str, str | None], Any] = {}  # (backend, mode) -> torch.compile(_block_visible_graph)
-
-
 def compile_visible(blk: SwinTransformerBlock, backend: str = "inductor", mode: str | None = None) -> None:
     """Run ``block_visible(blk, ...)`` through torch.compile (``train.compile_scope=all``; the engine's
     ``compile_blocks``).
@@ -304,10 +301,7 @@ def block_visible(blk: SwinTransformerBlock, x: torch.Tensor, g: WindowGrouping)
     key = getattr(blk, "visible_compile", None)
     if key is None or torch.compiler.is_compiling():
         return _block_visible(blk, x, g)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = _COMPILED[key] = torch.compile(_block_visible_graph, backend=key[0], dynamic=None,
-                                            **({"mode": key[1]} if key[1] else {}))
+    fn = compile_once(_block_visible_graph, *key, dynamic=None)
     groups = g.bias_index.shape[0]
     index, slot_token = g.index.view(groups, -1), g.slot_token.view(groups, -1)
     if groups > 1 and g.group_size > 1:  # 'group' packing: nG and G change with the mask ('single' is fixed)

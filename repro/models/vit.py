@@ -8,7 +8,7 @@ tokens' grid coordinates (``run_blocks``); timm's own forward passes none, which
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -181,6 +181,19 @@ def rel_pos_kinds() -> dict[str, type[RelPosAttention]]:
     from repro.models.irpe import IRPEAttention
 
     return {"bias": RelPosAttention, "irpe": IRPEAttention}
+
+
+# (function, backend, mode, dynamic) -> torch.compile(function): one compiled callable per function, shared by every
+# module that runs it (a method's compiled units, the visible-only Swin block)
+_COMPILED: dict[tuple[Callable[..., Any], str, str | None, bool | None], Callable[..., Any]] = {}
+
+
+def compile_once(fn: Callable[..., Any], backend: str, mode: str | None, dynamic: bool | None) -> Callable[..., Any]:
+    """``torch.compile(fn, ...)``, made once per (function, backend, mode, dynamic) in this process."""
+    key = (fn, backend, mode, dynamic)
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, backend=backend, dynamic=dynamic, **({"mode": mode} if mode else {}))
+    return _COMPILED[key]
 
 
 def run_blocks(vit: VisionTransformer, x: torch.Tensor, coords: torch.Tensor | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,11 +253,15 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     # a recipe's usual batch: its official configuration's (a CPU job runs 8 at 224 px, 4 above), else the job's
     usual = {recipe: official[off]["batch"] for _, off, recipe in CONFIGS + LATER_CONFIGS
              if "batch" in official.get(off, {})}
+
+    def prof_mode(p: dict[str, Any]) -> str:
+        return mode_of(p, usual.get(p.get("recipe"), batch))
+
     ours: dict[str, dict[str, dict[str, Any]]] = {}
     for p in files:  # later ones win
-        ours.setdefault(mode_of(p, usual.get(p.get("recipe"), batch)), {})[p["cost_key"]] = p
+        ours.setdefault(prof_mode(p), {})[p["cost_key"]] = p
     for p in logged:  # only where no file has the measurement
-        ours.setdefault(mode_of(p, usual.get(p.get("recipe"), batch)), {}).setdefault(p["cost_key"], p)
+        ours.setdefault(prof_mode(p), {}).setdefault(p["cost_key"], p)
     modes = sorted(set(MODES) | set(ours), key=_mode_order)
     rows: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
@@ -308,14 +313,14 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
                 "modes": [m for m in modes if m in MODES or any(f"{mode_tag(m)}_img_per_s" in r for r in rows)],
                 "traces": traces, "job": directory.name, "readme": (directory / "README.md").is_file(),
                 "logged": sorted({p["_from"] for p in seen if p["_from"].startswith("log")})})
-    env["loaders"] = _loaders([p for m in modes for p in ours.get(m, {}).values()], rows, batch, env["modes"])
+    env["loaders"] = _loaders([p for m in modes for p in ours.get(m, {}).values()], rows, env["modes"], prof_mode)
     return pd.DataFrame(rows), env
 
 
-def _loaders(profs: list[dict[str, Any]], rows: list[dict[str, Any]], batch: int | None,
-             modes: list[str]) -> list[dict[str, Any]]:
-    """The input pipeline's figures of each profile that measured them, beside the model: that profile's img/s and
-    the fastest img/s of the same configuration in this job (any mode)."""
+def _loaders(profs: list[dict[str, Any]], rows: list[dict[str, Any]], modes: list[str],
+             mode: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """The input pipeline's figures of each profile that measured them, beside the model: that profile's img/s (its
+    mode: ``mode(profile)``) and the fastest img/s of the same configuration in this job (any of ``modes``)."""
     out = []
     for p in profs:
         if p.get("loader_images_per_s") is None and p.get("loader_jpeg_cpu_images_per_s") is None:
@@ -325,7 +330,7 @@ def _loaders(profs: list[dict[str, Any]], rows: list[dict[str, Any]], batch: int
         found = [(v, m) for m in modes if (v := row.get(f"{mode_tag(m)}_img_per_s")) is not None and not pd.isna(v)]
         fastest = max(found, key=lambda t: t[0], default=(None, None))
         jpeg = p.get("loader_jpeg") or {}
-        out.append({"config": label, "mode": mode_of(p, batch), "from": p["_from"], "batch": p.get("batch"),
+        out.append({"config": label, "mode": mode(p), "from": p["_from"], "batch": p.get("batch"),
                     "workers": jpeg.get("workers"), "decoded": p.get("loader_images_per_s"),
                     "jpeg_cpu": p.get("loader_jpeg_cpu_images_per_s"),
                     "jpeg_device": p.get("loader_jpeg_device_images_per_s"), "jpeg": jpeg,
