@@ -230,9 +230,14 @@ def test_main_job_section_sums_claims_and_all_and_says_interrupted(tmp_path: Pat
     text = "\n".join(main_job_lines(tmp_path))
     assert "Total: **18.0 min wall** for 10 stages run." in text  # complete: every segment since the last complete
     assert "Runs recorded after it" not in text
-    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 30.0, "ran": 0, "skipped": 10})
+    # `make reproduce` again on the finished folder: runs that found everything done measured nothing
+    record_run(tmp_path, {**base, "tables": ["claims"], "wall_s": 1.0, "ran": 0, "skipped": 5})
+    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 1.0, "ran": 0, "skipped": 10})
     text = "\n".join(main_job_lines(tmp_path))
-    assert "Total: **0.5 min wall** for 0 stages run." in text  # a new job starts after a complete `all`
+    assert "Total: **18.0 min wall** for 10 stages run." in text and "measured: 0 stages run" not in text
+    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 30.0, "ran": 1, "skipped": 9})
+    text = "\n".join(main_job_lines(tmp_path))
+    assert "Total: **0.5 min wall** for 1 stages run." in text  # a new job starts after a complete `all`
 
 
 # ---- transfer tables at tiny: the trivial floor, the verdict against it, the budget ----------------------------------

@@ -198,8 +198,10 @@ def _run_line(h: Mapping[str, Any]) -> str:
 def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None) -> list[str]:
     """The main job (`make reproduce`: `repro run claims`, then `repro run all`) as `repro run` recorded it: each
     invocation's measured wall time and stages (an interrupted one too), their total, and the runs recorded after
-    it, so a reader sees what the numbers came from."""
-    hist = run_history(runs_root)
+    it, so a reader sees what the numbers came from. A run that found every stage done (none run, none failed, not
+    interrupted) measured nothing and is left out: `make reproduce` again on a finished folder keeps the job."""
+    hist = [h for h in run_history(runs_root)
+            if h.get("interrupted") or int(h.get("ran") or 0) or int(h.get("failed") or 0)]
     alls = [i for i, h in enumerate(hist) if h.get("tables") == ["all"]]
     lines = ["## The main job", ""]
     if alls:
