@@ -127,9 +127,16 @@ def test_validation_and_tiny_rule() -> None:
     with pytest.raises(ConfigError, match="cells_per_patch"):
         make(cells_per_patch=3)
     t = MaskFeat.tiny(dict(MaskFeat.defaults), TinyRule("vit_base"))
-    assert t["min_block"] == 5  # 16 patches of 196 -> 5 of 64
+    assert t["min_block"] is None  # SlowFast's rule follows the grid: 26 // 5 = 5 of 64
+    assert MaskFeat.tiny({**MaskFeat.defaults, "min_block": 16}, TinyRule("vit_base"))["min_block"] == 5  # by area
     paper = resolve("maskfeat", "paper")
-    assert paper["optim"]["epochs"] == 1600 and paper["method"]["min_block"] == 16
+    assert paper["optim"]["epochs"] == 1600 and paper["method"]["min_block"] is None
+    tiny_model = make()
+    assert (tiny_model.num_mask, tiny_model.min_block) == (26, 5)
+    # SlowFast datasets/imagenet.py at 224 px / patch 16: round(196 * 0.4) = 78 masked, blocks of >= 78 // 5 = 15.
+    paper_model = MaskFeat(paper)
+    assert (paper_model.grid, paper_model.num_mask, paper_model.min_block) == (14, 78, 15)
+    assert make(min_block=3).min_block == 3
     # SlowFast config: 256 images and lr 2e-4 (warm-up start, cosine end 1e-6) per shard; 2048 = 8 shards scales all.
     o, shards = paper["optim"], paper["optim"]["batch_size"] // 256
     assert shards == 8 and o["blr"] * o["batch_size"] / 256 == pytest.approx(2e-4 * shards)
@@ -154,3 +161,21 @@ def test_overfits_fixed_batch() -> None:
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 3, losses[::30]
     assert losses[-1] < 0.5 * baseline, (losses[-1], baseline)
+
+
+def test_slowfast_init() -> None:
+    """SlowFast's MViT init: N(0, 0.02) weights, 0.02 Linear / LayerNorm biases, N(0, 0.02) trained positions; the
+    final norm (the prediction head's LayerNorm) at (1, 0)."""
+    m = make().requires_grad_(False)
+    enc = m.encoder
+    blk = enc.blocks[0]
+    for lin in (blk.attn.qkv, blk.attn.proj, blk.mlp.fc1, blk.mlp.fc2):
+        assert torch.all(lin.bias == 0.02)
+        assert 0.01 < float(lin.weight.std()) < 0.03
+    assert torch.all(blk.norm1.bias == 0.02) and torch.all(blk.norm1.weight == 1.0)
+    assert torch.all(enc.norm.bias == 0.0) and torch.all(enc.norm.weight == 1.0)
+    assert make().encoder.pos_embed.requires_grad and 0.01 < float(enc.pos_embed.std()) < 0.03
+    assert float(enc.pos_embed[0, 1:, 0].abs().max()) < 0.1  # not a sin-cos table (values up to 1)
+    assert torch.all(m.head.bias == 0.0)
+    fixed = MaskFeat(resolve("maskfeat", "tiny", {"model": {"pos_embed": "sincos"}}))
+    assert not fixed.encoder.pos_embed.requires_grad and float(fixed.encoder.pos_embed.abs().max()) > 0.5

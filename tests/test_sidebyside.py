@@ -95,8 +95,8 @@ def test_bench_extra_records_a_failing_config_and_goes_on(tmp_path):
 
 def test_beit_and_greenmim_rows_pair_with_our_recipes(tmp_path):
     """bench_extra.py's BEiT (ids given / + dVAE) and GreenMIM configurations pair with pretrain/beit and
-    pretrain/greenmim_swin_base; MaskFeat (no official code timed) stays ours only; a BEiT official variant that the
-    job did not measure adds no second row of ours."""
+    pretrain/greenmim_swin_base; MaskFeat, whose official step this job did not time, stays ours only and pairs once
+    a job has it (CPU jobs); a BEiT official variant that the job did not measure adds no second row of ours."""
     d = tmp_path / "job"
     d.mkdir()
     (d / "official-extra.json").write_text(json.dumps({
@@ -113,9 +113,15 @@ def test_beit_and_greenmim_rows_pair_with_our_recipes(tmp_path):
     assert rows.loc["BEiT 224", "compiled_fused_over_official"] == pytest.approx(1.2)
     assert rows.loc["BEiT 224 (official + its dVAE)", "compiled_fused_over_official"] == pytest.approx(1.5)
     assert rows.loc["GreenMIM Swin-B 224", "compiled_fused_over_official"] == pytest.approx(1.2)
-    assert pd.isna(rows.loc["MaskFeat 224", "official_config"])
+    assert rows.loc["MaskFeat 224", "official_config"] == "maskfeat-224"
+    assert pd.isna(rows.loc["MaskFeat 224"].get("official_img_per_s"))
     md = render(df, env, "job")
-    assert "| MaskFeat 224 | — | — | no official benchmark |" in md and "DALL-E dVAE" in md
+    assert "| MaskFeat 224 | — | — | not measured in this job |" in md and "DALL-E dVAE" in md
+    (d / "official-maskfeat.json").write_text(json.dumps({"runs": [_official_run("maskfeat-224", 128, 0.08)],
+                                                           "agg": []}))
+    rows = side_by_side(d)[0].set_index("config")
+    assert rows.loc["MaskFeat 224", "compiled_fused_over_official"] == pytest.approx(1.25)
+    (d / "official-maskfeat.json").unlink()
     (d / "official-extra.json").write_text(json.dumps({"runs": [_official_run("beit-224", 128, 0.08)], "agg": []}))
     assert list(side_by_side(d)[0]["config"]) == ["BEiT 224", "GreenMIM Swin-B 224", "MaskFeat 224"]
 

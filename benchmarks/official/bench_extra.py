@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Time full pretraining steps of the OFFICIAL LocalMIM (ViT-B, Swin-B), SimMIM (ViT-B, Swin-B), BEiT (ViT-B) and
-GreenMIM (Swin-B) code. (MaskFeat has none: SlowFast's model does not import without packages the GPU image lacks;
-see export_extra.sh.)
+"""Time full pretraining steps of the OFFICIAL LocalMIM (ViT-B, Swin-B), SimMIM (ViT-B, Swin-B), BEiT (ViT-B),
+GreenMIM (Swin-B) and MaskFeat (ViT-B) code.
 
 The official code is not in this repository: export_extra.sh writes it at run time into EXPORT_DIR (localmim_vit/,
-localmim_swin/, simmim/, beit/, greenmim/), and each configuration imports it from there in its own process (the
-repos share module names such as models_mim and util.pos_embed; a fresh process also gives per-config peak memory).
+localmim_swin/, simmim/, beit/, greenmim/), export_maskfeat.sh writes maskfeat/ (SlowFast, with the packages its
+imports need in maskfeat/_deps; a CPU-only export: see that script), and each configuration imports it from there in
+its own process (the repos share module names such as models_mim and util.pos_embed; a fresh process also gives
+per-config peak memory).
 
 One step = [the official loop's no-grad target step, timed as tok_s] + forward (the model's own loss) + backward +
 AdamW step (torch's default implementation: foreach on CUDA, as the official scripts construct it) + zero_grad, on
@@ -67,6 +68,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # grid of 32-px units), --mask_ratio 0.75, --norm_pix_loss; main_pretrain.py: AdamW (0.9, 0.95), wd 0.05
     "greenmim-swin-224": dict(repo="greenmim", img=224, model="green_mim_swin_base_patch4_dec512b1",
                               mask_ratio=0.75, norm_pix_loss=True),
+    # SlowFast configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml: MaskMViT as a ViT-B/16 (no pooling, cls token,
+    # learned absolute positions), HOG target from block 11, masks from datasets/imagenet.py's MaskingGenerator
+    # (round(0.4 x 196) = 78 patches, blocks of >= 78 // 5), loss multi_mse; construct_optimizer: AdamW (0.9, 0.999),
+    # wd 0.05, none on 1-D parameters and biases (ZERO_WD_1D_PARAM)
+    "maskfeat-224": dict(repo="maskfeat", img=224, config="configs/in1k_VIT_B_MaskFeat_PT.yaml"),
 }
 DEFAULT_BATCH = 8  # CPU default, as bench_official.py at 224 px
 
@@ -171,6 +177,8 @@ def _build(export_dir: str, name: str, batch: int, dev: Any) -> tuple[Any, list[
         info["notes"] = "masks from the official MaskGenerator, made once outside the step (the loader's work)"
     elif cfg["repo"] == "beit":
         model, groups, opt_kw, forward, prepare, mod = _build_beit(cfg, x, batch, dev, info)
+    elif cfg["repo"] == "maskfeat":
+        model, groups, opt_kw, forward, mod = _build_maskfeat(export_dir, cfg, x, batch, dev, info)
     elif cfg["repo"] == "greenmim":
         from modeling import model_factory as mod
         model = mod.get_pretrain_model(cfg["model"], norm_pix_loss=cfg["norm_pix_loss"])
@@ -260,11 +268,60 @@ def _build_beit(cfg: dict[str, Any], x: Any, batch: int, dev: Any, info: dict[st
     return model, groups, opt_kw, forward, prepare, mod
 
 
+def _build_maskfeat(export_dir: str, cfg: dict[str, Any], x: Any, batch: int, dev: Any, info: dict[str, Any]
+                    ) -> tuple[Any, list[dict[str, Any]], dict[str, Any], Callable[[], Any], Any]:
+    """MaskFeat: SlowFast's MaskMViT built from the ImageNet ViT-B pretraining yaml, its construct_optimizer groups,
+    the loader's masks (datasets/imagenet.py's MaskingGenerator settings, made once), and train_net.py's step:
+    preds, labels = model([images, meta, masks]); loss = multi_mse(preds, labels)[0]."""
+    import random
+
+    import numpy as np
+    import torch
+    from slowfast.config.defaults import get_cfg
+    from slowfast.datasets.transform import MaskingGenerator
+    from slowfast.models import masked as mod
+    from slowfast.models.losses import get_loss_func
+    from slowfast.models.optimizer import construct_optimizer
+
+    c = get_cfg()
+    c.merge_from_file(os.path.join(export_dir, "maskfeat", cfg["config"]))
+    c.NUM_GPUS = 1  # one process: construct_optimizer reads model.no_weight_decay() directly, not model.module's
+    model = mod.MaskMViT(c)
+    depth = c.MASK.PRETRAIN_DEPTH[-1]
+    side = model.feat_size[depth][-1]
+    num_mask = round(model.feat_size[depth][-1] * model.feat_size[depth][-2] * c.AUG.MASK_RATIO)
+    random.seed(0)
+    gen = MaskingGenerator(side, num_masking_patches=num_mask, max_num_patches=c.AUG.MAX_MASK_PATCHES_PER_BLOCK,
+                           min_num_patches=num_mask // 5)
+    masks = torch.from_numpy(np.stack([gen() for _ in range(batch)])).to(dev)
+    meta = torch.empty(batch, 0, device=dev)
+    optimizer = construct_optimizer(model, c)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+    opt_kw = dict(lr=c.SOLVER.BASE_LR, betas=tuple(c.SOLVER.BETAS), eps=1e-8)
+    loss_fn = get_loss_func(c.MODEL.LOSS_FUNC)(reduction="mean")
+    info["official_optimizer"] = type(optimizer).__name__
+    del optimizer
+
+    def forward() -> Any:
+        preds, labels = model([x, meta, masks])
+        return loss_fn(preds, labels)[0]
+    info["recipe"] = (f"MaskMViT({cfg['config']}: depth {c.MVIT.DEPTH}, dim {c.MVIT.EMBED_DIM}, HOG from block "
+                      f"{depth}), {num_mask} of {side * side} patches block-masked (min {num_mask // 5}); AdamW "
+                      f"{tuple(c.SOLVER.BETAS)}, wd {c.SOLVER.WEIGHT_DECAY}; clip {c.SOLVER.CLIP_GRAD_L2NORM} and "
+                      "the GradScaler left out")
+    info["notes"] = ("masks from SlowFast's MaskingGenerator with its ImageNet loader's settings, made once outside "
+                     "the step (the loader's work); the HOG target is computed inside the model's forward, as ours")
+    return model, groups, opt_kw, forward, mod
+
+
 def run_child(export_dir: str, name: str, warmup: int, steps: int, threads: int, device: str, batch: int) -> None:
     """Build one configuration, time warmup + steps full steps, print one RESULT_JSON line."""
     import warnings
     warnings.filterwarnings("ignore")
     sys.path.insert(0, os.path.join(export_dir, CONFIGS[name]["repo"]))
+    deps = os.path.join(export_dir, CONFIGS[name]["repo"], "_deps")
+    if os.path.isdir(deps):  # packages the official import chain needs beyond the environment (export_maskfeat.sh)
+        sys.path.insert(1, deps)
     import timm
     import torch
     from timm.layers import use_fused_attn

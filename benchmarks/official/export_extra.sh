@@ -18,11 +18,9 @@
 # so that bench_extra.py can time the official step with its tokenizer forward (random dVAE weights: the released
 # encoder.pkl is not obtainable here, and the cost does not depend on the values). They import attrs, requests and
 # einops (on the GPU image; not in .venv: put them on PYTHONPATH for a CPU check).
-# MaskFeat (facebookresearch/SlowFast) is NOT exported: importing slowfast.models.masked (MaskMViT) needs, at import
-# time, fvcore + iopath (slowfast/utils/env.py, models/build.py, config/defaults.py), pytorchvideo
-# (utils/distributed.py, models/operators.py, batchnorm_helper.py, losses.py), detectron2 (models/head_helper.py)
-# and PyAV (utils/misc.py -> slowfast/datasets -> video_container.py). None of them is on the GPU image; .venv lacks
-# pytorchvideo and av. Stubbing them would be edits beyond compatibility, so MaskFeat has no official timing.
+# MaskFeat (facebookresearch/SlowFast) is exported by export_maskfeat.sh into another folder: its import chain needs
+# packages the GPU image lacks (detectron2, PyAV, pytorchvideo, fvcore, iopath) and more than a device call carries,
+# so it is a CPU-only export.
 # Usage: export_extra.sh MIRRORS_DIR DEST   (MIRRORS_DIR holds huawei-noah+Efficient-Computing/repo,
 #        microsoft+SimMIM/repo, microsoft+unilm/repo and LayneH+GreenMIM/repo, bare git mirrors as the search tool's
 #        fetch lays them out; a missing mirror skips its code with a message, the others are still exported)

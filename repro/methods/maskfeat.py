@@ -2,10 +2,15 @@
 version, as facebookresearch/SlowFast (models/masked.py, configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml) runs it.
 
 Every patch goes through the encoder; the embeddings of masked patches are replaced by a learned mask token before the
-position embedding is added. Masking is BEiT's block-wise masking of 40% of the patches (blocks of >= 16 patches,
-aspect ratio in [0.3, 1/0.3]). The target is the HOG of the image (9 unsigned bins, 8-px cells, per RGB channel,
-L2-normalised per cell; repro.models.hog): each 16-px patch covers 2 x 2 cells, so a linear head predicts
-4 x 27 = 108 values from each output patch token; the loss is the MSE over masked patches.
+position embedding is added. Masking is BEiT's block-wise masking of 40% of the patches, with blocks of at least a
+fifth of the masked count (15 patches at 14 x 14, as SlowFast's ImageNet loader sets it) and aspect ratios in
+[0.3, 1/0.3]. The target is the HOG of the image (9 unsigned bins, 8-px cells, per RGB channel, L2-normalised per
+cell; repro.models.hog): each 16-px patch covers 2 x 2 cells, so a linear head predicts 4 x 27 = 108 values from each
+output patch token; the loss is the MSE over masked patches. benchmarks/official/parity_maskfeat.py checks all of it
+against SlowFast's MaskMViT with copied weights.
+
+Initialisation as SlowFast's (``slowfast_vit_init_``): its MViT's N(0, 0.02) weights with 0.02 biases, and trained
+absolute positions drawn N(0, 0.02) rather than a sin-cos table.
 
 Geometry knobs are patch-relative so that the tiny scale keeps their meaning: ``cells_per_patch`` (HOG cells per patch
 side: 2 = 8-px cells for 16-px patches) and ``min_block`` (the smallest block in patches, shrunk with the grid area).
@@ -27,18 +32,46 @@ from repro.models.mim import blockwise_mask, masked_mse
 from repro.models.vit import create_vit
 
 
+def slowfast_vit_init_(vit: nn.Module) -> None:
+    """SlowFast's MViT init (video_model_builder.MViT._init_weights), which MaskMViT keeps for its encoder: N(0, 0.02)
+    Linear and Conv2d weights (trunc_normal_, default +-2 bounds), Linear biases and LayerNorm biases 0.02 (not 0),
+    unit LayerNorm weights, N(0, 0.02) cls token and trained position table (a fixed one, ``model.pos_embed=sincos``,
+    stays); the patch conv's bias keeps PyTorch's default.
+    The final norm is reset to (1, 0): it stands for MaskMViT's prediction-head LayerNorm, which the head inits so."""
+    for m in vit.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.constant_(m.bias, 0.02)
+        elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+            nn.init.ones_(m.weight)
+            nn.init.constant_(m.bias, 0.02)
+    for name in ("pos_embed", "cls_token"):
+        p = getattr(vit, name, None)
+        if p is not None and p.requires_grad:
+            nn.init.trunc_normal_(p, std=0.02)
+    norm = getattr(vit, "norm", None)
+    if isinstance(norm, nn.LayerNorm):
+        nn.init.ones_(norm.weight)
+        nn.init.zeros_(norm.bias)
+
+
 class MaskFeat(MaskFeatSpec, PretrainMethod):
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]
         self.encoder = create_vit(cfg["model"], img, num_classes=0)
+        slowfast_vit_init_(self.encoder)
         self.patch = cfg["model"]["patch_size"]
         k = int(p["cells_per_patch"])
         if self.patch % k:
             raise ConfigError(f"method.cells_per_patch={k} does not divide model.patch_size={self.patch}")
         self.k = k
         self.grid = img // self.patch
+        self.num_mask = round(p["mask_ratio"] * self.grid * self.grid)
+        given = p["min_block"]
+        self.min_block = max(1, self.num_mask // 5) if given is None else int(given)
         self.hog = HOG(p["hog_bins"], cell=self.patch // k)
         dim = self.encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -48,9 +81,8 @@ class MaskFeat(MaskFeatSpec, PretrainMethod):
         nn.init.zeros_(self.head.bias)
 
     def mask(self, n: int, generator: torch.Generator) -> torch.Tensor:
-        length = self.grid * self.grid
-        return blockwise_mask(n, self.grid, self.grid, round(self.params["mask_ratio"] * length), generator,
-                              min_num=int(self.params["min_block"]), min_aspect=float(self.params["min_aspect"]))
+        return blockwise_mask(n, self.grid, self.grid, self.num_mask, generator, min_num=self.min_block,
+                              min_aspect=float(self.params["min_aspect"]))
 
     def predict(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """HOG predictions (N, L, 3 * bins * k^2) for every patch, with the masked patches' embeddings replaced."""

@@ -16,7 +16,9 @@ class MaskFeatSpec(MethodSpec):
     defaults = {
         "name": "maskfeat",
         "mask_ratio": 0.4,
-        "min_block": 16,        # smallest masking block, in patches (BEiT / MaskFeat: 16 at a 14 x 14 grid)
+        # smallest masking block, in patches; null: SlowFast's rule (datasets/imagenet.py), a fifth of the masked
+        # patches rounded down (78 // 5 = 15 at 14 x 14; BEiT's generator default of 16 is not what it passes)
+        "min_block": None,
         "min_aspect": 0.3,
         "hog_bins": 9,
         "cells_per_patch": 2,   # HOG cells per patch side: 16-px patches / 8-px cells
@@ -27,7 +29,7 @@ class MaskFeatSpec(MethodSpec):
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:
         check_ratio("mask_ratio", params["mask_ratio"])
-        if int(params["min_block"]) < 1:
+        if params["min_block"] is not None and int(params["min_block"]) < 1:
             raise ConfigError(f"method.min_block={params['min_block']} must be >= 1 patch")
         if not (0.0 < float(params["min_aspect"]) <= 1.0):
             raise ConfigError(f"method.min_aspect={params['min_aspect']} must be in (0, 1]")
@@ -36,8 +38,11 @@ class MaskFeatSpec(MethodSpec):
 
     @classmethod
     def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
-        """``min_block`` scaled by the grid area, assuming the paper geometry 224 px / patch 16 (14 x 14 -> 8 x 8)."""
+        """A given ``min_block`` scaled by the grid area, assuming the paper geometry 224 px / patch 16
+        (14 x 14 -> 8 x 8); null keeps SlowFast's rule, which follows the grid by itself."""
         out = dict(params)
+        if params["min_block"] is None:
+            return out
         tp = rule.patch(16)
         ratio = (rule.img(224, tp) // tp) ** 2 / (224 // 16) ** 2
         out["min_block"] = max(1, round(params["min_block"] * ratio))
