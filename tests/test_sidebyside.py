@@ -263,3 +263,11 @@ def test_a_cpu_job_compares_eager_steps_and_its_index_reads_them(tmp_path):
     assert out[2].name.startswith("side-by-side-cpu") and out[2].suffix == ".md"
     index = out[2].read_text()
     assert "ours eager |" in index and "| MAE 224 | [cpu-job](" in index and "| 5 (1.25x) |" in index
+    # bench_extra.py names the CPU as ours does: both namings in one job are still one device
+    extra = {**_official_run("maskfeat-224", 8, 4.0), "device": cpu, "amp": "fp32", "peak_cuda_MiB": None}
+    (d / "official-maskfeat.json").write_text(json.dumps({"runs": [extra]}))
+    (d / "repro-cpu.json").write_text(json.dumps({"pretrain/mae": ours, "pretrain/maskfeat": {
+        **ours, "recipe": "maskfeat", "cost_key": cost_key(resolve_row("maskfeat", {})), "images_per_s": 2.5}}))
+    df, env = side_by_side(d)
+    assert env["device"] == cpu
+    assert df.set_index("config").loc["MaskFeat 224", "eager_over_official"] == pytest.approx(2.5 / 2.0)

@@ -242,8 +242,9 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     official, env = _official(official_files(directory))
     files, logged = _file_profiles(directory), log_profiles(directory)
     ours_devices, official_devices = {p["device"] for p in files + logged}, set(env.pop("devices"))
-    if official_devices == {"cpu"} and len(ours_devices) == 1 and next(iter(ours_devices)).startswith("CPU"):
-        official_devices = ours_devices  # bench_official.py names any CPU "cpu"; the job ran on one machine
+    if "cpu" in official_devices and len(ours_devices) == 1 and next(iter(ours_devices)).startswith("CPU"):
+        # bench_official.py names any CPU "cpu" (bench_extra.py as ours does); the job ran on one machine
+        official_devices = (official_devices - {"cpu"}) | ours_devices
     devices = ours_devices | official_devices
     if len(devices) != 1:
         raise ConfigError(f"{directory}: measurements from {len(devices)} devices ({', '.join(sorted(devices))}); a "
