@@ -4,8 +4,8 @@
 # .bench/bench_official.py at their CPU batches, 8 at 224 and 4 at 384 / 448; LocalMIM, SimMIM, BEiT and GreenMIM
 # through benchmarks/official/bench_extra.py from .bench/export, MaskFeat from .bench-cpu/export, batch 8) and ours for
 # the same recipes (the CPU's default mode: eager, fp32, the same batches), one after the other so that neither
-# competes with the other for the cores; then MaskFeat's copied-weights parity (benchmarks/official/
-# parity_maskfeat.py: the official and our loss on the same images and masks).
+# competes with the other for the cores; then the copied-weights parity of every case with an export
+# (benchmarks/official/parity.py: the official and our loss and gradients on the same images, masks and weights).
 # Usage: bash benchmarks/cpu_job.sh OUTDIR   (env: PY (.venv/bin/python), CONFIGS (bench_official.py's names),
 #   EXTRA_CONFIGS (bench_extra.py's; "" skips them), STEPS (3), WARMUP (1)); then
 #   `repro profile --side-by-side OUTDIR` (OUTDIR under tables/efficiency/cpu/ keeps the job beside the others of
@@ -26,7 +26,10 @@ declare -A EXPORT=([localmim-vit-224]=.bench/export/localmim_vit [localmim-swin-
                    [simmim-vit-224]=.bench/export/simmim [simmim-swin-192]=.bench/export/simmim
                    [beit-224]=.bench/export/beit [greenmim-swin-224]=.bench/export/greenmim
                    [maskfeat-224]=.bench-cpu/export/maskfeat)
-targets=(); extras=(); maskfeat=0
+targets=(); extras=(); maskfeat=0; parity=()
+[ -d .bench/export/simmim ] && parity+=(simmim-vit simmim-swin)
+[ -d .bench/export/beit ] && parity+=(beit)
+[ -d .bench-cpu/export/maskfeat ] && parity+=(maskfeat)
 for c in ${CONFIGS//,/ }; do targets+=("pretrain/${RECIPE[$c]}"); done
 for c in ${EXTRA_CONFIGS//,/ }; do
   if [ ! -d "${EXPORT[$c]:?unknown extra config $c}" ]; then echo "skipped $c: no export ${EXPORT[$c]}" >&2; continue; fi
@@ -52,9 +55,9 @@ if [ $maskfeat = 1 ]; then
 fi
 echo "### ours: start :: ${targets[*]}"
 $PY -m repro profile --warmup "$WARMUP" --steps "$STEPS" --no-loader --json "$OUT/repro-cpu.json" "${targets[@]}"
-if [ $maskfeat = 1 ]; then
-  echo "### maskfeat-parity: start"
-  $PY benchmarks/official/parity_maskfeat.py .bench-cpu/export --json "$OUT/maskfeat-parity.json"
+if [ ${#parity[@]} -gt 0 ]; then
+  echo "### parity: start :: ${parity[*]}"
+  $PY benchmarks/official/parity.py "${parity[@]}" --json "$OUT/parity.json" || echo "### parity: some failed"
 fi
 echo "### done"
 } 2>&1 | tee "$OUT/log.txt"

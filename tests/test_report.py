@@ -238,6 +238,14 @@ def test_main_job_section_sums_claims_and_all_and_says_interrupted(tmp_path: Pat
     record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 30.0, "ran": 1, "skipped": 9})
     text = "\n".join(main_job_lines(tmp_path))
     assert "Total: **0.5 min wall** for 1 stages run." in text  # a new job starts after a complete `all`
+    # ... but where the report still shows stages made by the earlier runs' commit, those runs count as well
+    record_run(tmp_path, {**base, "tables": ["all"], "wall_s": 6.0, "ran": 1, "skipped": 9, "commit": "b" * 40})
+    shown = [{"provenance": {"commit": "a" * 40}}, {"provenance": {"commit": "b" * 40}}]
+    text = "\n".join(main_job_lines(tmp_path, shown))
+    assert "and the earlier runs whose stages this report still shows" in text
+    assert "Total: **18.6 min wall** for 12 stages run." in text
+    text = "\n".join(main_job_lines(tmp_path, [{"provenance": {"commit": "b" * 40}}]))
+    assert "Total: **0.1 min wall** for 1 stages run." in text and "earlier runs" not in text
 
 
 # ---- transfer tables at tiny: the trivial floor, the verdict against it, the budget ----------------------------------

@@ -6,8 +6,8 @@ position embedding is added. Masking is BEiT's block-wise masking of 40% of the 
 fifth of the masked count (15 patches at 14 x 14, as SlowFast's ImageNet loader sets it) and aspect ratios in
 [0.3, 1/0.3]. The target is the HOG of the image (9 unsigned bins, 8-px cells, per RGB channel, L2-normalised per
 cell; repro.models.hog): each 16-px patch covers 2 x 2 cells, so a linear head predicts 4 x 27 = 108 values from each
-output patch token; the loss is the MSE over masked patches. benchmarks/official/parity_maskfeat.py checks all of it
-against SlowFast's MaskMViT with copied weights.
+output patch token; the loss is the MSE over masked patches. benchmarks/official/parity.py checks all of it against
+SlowFast's MaskMViT with copied weights.
 
 Initialisation as SlowFast's (``slowfast_vit_init_``): its MViT's N(0, 0.02) weights with 0.02 biases, and trained
 absolute positions drawn N(0, 0.02) rather than a sin-cos table.

@@ -199,7 +199,9 @@ def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None)
     """The main job (`make reproduce`: `repro run claims`, then `repro run all`) as `repro run` recorded it: each
     invocation's measured wall time and stages (an interrupted one too), their total, and the runs recorded after
     it, so a reader sees what the numbers came from. A run that found every stage done (none run, none failed, not
-    interrupted) measured nothing and is left out: `make reproduce` again on a finished folder keeps the job."""
+    interrupted) measured nothing and is left out: `make reproduce` again on a finished folder keeps the job. Given
+    the ``results`` shown, earlier runs whose commit made some of them count too: an `all` after a code change
+    re-runs only the stages it changed, and the rest of the report still comes from the runs before it."""
     hist = [h for h in run_history(runs_root)
             if h.get("interrupted") or int(h.get("ran") or 0) or int(h.get("failed") or 0)]
     alls = [i for i, h in enumerate(hist) if h.get("tables") == ["all"]]
@@ -211,9 +213,12 @@ def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None)
         first = i
         while first > 0 and not (hist[first - 1].get("tables") == ["all"] and not hist[first - 1].get("interrupted")):
             first -= 1
-        job = hist[first:i + 1]
+        made = {str((r.get("provenance") or {}).get("commit") or "")[:8] for r in results or []}
+        earlier = [h for h in hist[:first] if results is not None and str(h.get("commit", ""))[:8] in made]
+        job = earlier + hist[first:i + 1]
         lines.append("`make reproduce` (`repro run claims`, then `repro run all`), as `repro run` measured it "
-                     "(first stage start to last stage end), every run since the last complete `repro run all`:")
+                     "(first stage start to last stage end), every run since the last complete `repro run all`"
+                     + (" and the earlier runs whose stages this report still shows" if earlier else "") + ":")
         lines.append("")
         lines += [f"- {_run_line(h)}" for h in job]
         total = sum(float(h.get("wall_s", 0)) for h in job)
@@ -221,7 +226,6 @@ def main_job_lines(runs_root: Path, results: list[dict[str, Any]] | None = None)
         lines += ["", f"Total: **{done}{total / 60:.1f} min wall** for {sum(int(h.get('ran', 0)) for h in job)} "
                       "stages run" + (f"; {job[-1].get('left')} stages of `all` are still to run" if done else "")
                   + "."]
-        made = {str((r.get("provenance") or {}).get("commit") or "")[:8] for r in results or []}
         if results is not None and not any(str(h.get("commit", ""))[:8] in made for h in job):
             lines.append("Its stages are not in this runs folder any more (made by older code); its report is in the "
                          "repository's history (`git log -- RESULTS.md`).")

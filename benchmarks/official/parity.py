@@ -1,0 +1,456 @@
+#!/usr/bin/env python
+"""Ours vs the OFFICIAL code on the same images, masks and weights: the loss, named intermediate tensors, and every
+gradient after one backward; and, where the two draw masks differently, the masks' statistics.
+
+Cases (each in its own process: the official repos share module names):
+  maskfeat    facebookresearch/SlowFast MaskMViT, configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml, vs pretrain/maskfeat
+              (export: benchmarks/official/export_maskfeat.sh, CPU only)
+  simmim-vit  microsoft/SimMIM build_simmim (ViT-B/16, 224, shared relative position bias, LayerScale 0.1) vs
+              pretrain/simmim (export: benchmarks/official/export_extra.sh)
+  simmim-swin microsoft/SimMIM build_simmim (Swin-B, 192, window 6) vs pretrain/simmim_swin_base (our Swin is timm's:
+              the official stage i's PatchMerging is timm's stage i+1 downsample, the same channel order)
+  beit        microsoft/unilm BEiT beit_base_patch16_224_8k_vocab (shared relative position bias, LayerScale 0.1) vs
+              pretrain/beit, on given visual-token ids (the tokenizers differ by design: the DALL-E dVAE is not
+              obtainable here)
+
+The official code is imported from the export folders, never copied. Our model is `repro`'s method at the paper
+recipe with the official weights copied in by name; every parameter of ours is assigned or listed with the reason it
+has no official counterpart (e.g. the key bias of a fused qkv projection, which the official attention does not have:
+set to zero, and with no effect on any output, since a key bias shifts every logit of a query alike). CPU, fp32, both
+models in eval mode (drop path off; nothing else differs between the modes). Differences are float rounding.
+
+Usage: python benchmarks/official/parity.py [CASE ...] [--exports .bench/export,.bench-cpu/export] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+# case -> the export subfolder its official code lives in
+CASES = {"maskfeat": "maskfeat", "simmim-vit": "simmim", "simmim-swin": "simmim", "beit": "beit"}
+
+
+@dataclass
+class Case:
+    """One comparison: both models, how ours' parameters map onto the official ones, and the two forwards."""
+    official: Any
+    ours: Any
+    # (official parameter name, ours parameter name, view of ours' tensor in the official layout or None)
+    pairs: list[tuple[str, str, Callable[[Any], Any] | None]]
+    ours_only: dict[str, str]  # ours parameter name -> why it has no official counterpart (zeroed)
+    official_forward: Callable[[], tuple[Any, dict[str, Any]]]  # -> (loss, named tensors)
+    ours_forward: Callable[[], tuple[Any, dict[str, Any]]]
+    info: dict[str, Any] = field(default_factory=dict)
+    masks: Callable[[int], tuple[Any, Any]] | None = None  # n -> (official masks, ours) as (n, side, side) arrays
+
+
+def _export_root(exports: list[str], sub: str) -> str:
+    for e in exports:
+        if os.path.isdir(os.path.join(e, sub)):
+            return os.path.join(e, sub)
+    raise SystemExit(f"no official export '{sub}' in {', '.join(exports)}: run benchmarks/official/export_extra.sh "
+                     "(or export_maskfeat.sh for maskfeat) MIRRORS DEST")
+
+
+def _resolve(recipe: str) -> dict[str, Any]:
+    from repro.resolve import resolve
+
+    return resolve(recipe, "paper")
+
+
+def _qkv_pairs(prefix_off: str, prefix_ours: str, dim: int) -> list[tuple[str, str, Callable[[Any], Any] | None]]:
+    """BEiT-style attention (bias-free qkv + q_bias + v_bias) onto a fused qkv Linear with one bias."""
+    return [(f"{prefix_off}.qkv.weight", f"{prefix_ours}.qkv.weight", None),
+            (f"{prefix_off}.q_bias", f"{prefix_ours}.qkv.bias", lambda t: t[:dim]),
+            (f"{prefix_off}.v_bias", f"{prefix_ours}.qkv.bias", lambda t: t[2 * dim:])]
+
+
+def _beit_style_blocks(depth: int, dim: int, off: str) -> list[tuple[str, str, Callable[[Any], Any] | None]]:
+    """The blocks of a BEiT / SimMIM ViT (gamma_1 / gamma_2 LayerScale) onto timm's (ls1 / ls2)."""
+    pairs: list[tuple[str, str, Callable[[Any], Any] | None]] = []
+    for i in range(depth):
+        o, u = f"{off}blocks.{i}", f"encoder.blocks.{i}"
+        pairs += _qkv_pairs(f"{o}.attn", f"{u}.attn", dim)
+        pairs += [(f"{o}.gamma_1", f"{u}.ls1.gamma", None), (f"{o}.gamma_2", f"{u}.ls2.gamma", None)]
+        for name in ("norm1", "norm2", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            pairs += [(f"{o}.{name}.{p}", f"{u}.{name}.{p}", None) for p in ("weight", "bias")]
+    return pairs
+
+
+def _k_bias_only(ours: Any) -> dict[str, str]:
+    return {f"encoder.blocks.{i}.attn.qkv.bias[k]": "the official attention has no key bias (zero here; a key bias "
+            "shifts every logit of a query alike, so it changes no output)" for i in range(len(ours.encoder.blocks))}
+
+
+# -- the cases ---------------------------------------------------------------------------------------------------------
+
+def case_maskfeat(root: str, batch: int) -> Case:
+    sys.path[:0] = [root, os.path.join(root, "_deps")]
+    import numpy as np
+    import torch
+    from slowfast.config.defaults import get_cfg
+    from slowfast.datasets.transform import MaskingGenerator
+    from slowfast.models import masked
+    from slowfast.models.losses import get_loss_func
+
+    from repro.methods.maskfeat import MaskFeat
+    from repro.models.mim import masked_mse
+
+    c = get_cfg()
+    c.merge_from_file(os.path.join(root, "configs", "in1k_VIT_B_MaskFeat_PT.yaml"))
+    c.NUM_GPUS = 1
+    official = masked.MaskMViT(c)
+    loss_fn = get_loss_func(c.MODEL.LOSS_FUNC)(reduction="mean")
+    ours = MaskFeat(_resolve("maskfeat"))
+    names = {"cls_token": "encoder.cls_token", "pos_embed": "encoder.pos_embed", "mask_token": "mask_token",
+             "patch_embed.proj.weight": "encoder.patch_embed.proj.weight",
+             "patch_embed.proj.bias": "encoder.patch_embed.proj.bias",
+             "pred_head.transforms.0.0.weight": "encoder.norm.weight",
+             "pred_head.transforms.0.0.bias": "encoder.norm.bias",
+             "pred_head.projections.0.weight": "head.weight", "pred_head.projections.0.bias": "head.bias"}
+    names.update({k: "encoder." + k for k, _ in official.named_parameters() if k.startswith("blocks.")})
+    depth = c.MASK.PRETRAIN_DEPTH[-1]
+    side = official.feat_size[depth][-1]
+    num_mask = round(side * side * c.AUG.MASK_RATIO)
+
+    def generator() -> Any:
+        return MaskingGenerator(side, num_masking_patches=num_mask, max_num_patches=c.AUG.MAX_MASK_PATCHES_PER_BLOCK,
+                                min_num_patches=num_mask // 5)
+    random.seed(0)
+    gen = generator()
+    masks = torch.from_numpy(np.stack([gen() for _ in range(batch)]))
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    flat = masks.flatten(1).float()
+    sel = flat.bool()
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        preds, labels = official([imgs, torch.empty(batch, 0), masks])
+        return loss_fn(preds, labels)[0], {"HOG targets (masked)": labels[0][0], "predictions (masked)": preds[0]}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        pred = ours.predict(imgs, flat)
+        with torch.no_grad():
+            target = ours.target(imgs)
+        return masked_mse(pred.float(), target, flat), {"HOG targets (masked)": target[sel],
+                                                        "predictions (masked)": pred[sel]}
+
+    def both_masks(n: int) -> tuple[Any, Any]:
+        random.seed(1)
+        g = generator()
+        return (np.stack([g() for _ in range(n)]),
+                ours.mask(n, torch.Generator().manual_seed(0)).view(-1, side, side).numpy())
+    with open(os.path.join(root, "COMMIT")) as f:
+        commit = f.read().strip()
+    info = {"official": f"facebookresearch/SlowFast {commit[:12]} MaskMViT, configs/masked_ssl/"
+            "in1k_VIT_B_MaskFeat_PT.yaml", "ours": "pretrain/maskfeat",
+            "mask_settings": f"{num_mask} of {side * side} patches, blocks >= {num_mask // 5}, aspect [0.3, 1/0.3]",
+            "notes": "the official HOG sums each 8 x 8 cell, ours averages it (equal after the L2 normalisation)"}
+    return Case(official, ours, [(k, v, None) for k, v in names.items()], {}, official_forward, ours_forward, info,
+                both_masks)
+
+
+def _official_swin_name(name: str) -> str:
+    """A parameter name of the official Swin (microsoft/Swin-Transformer layout) as timm's: PatchMerging moves from
+    the end of stage i to the start of stage i + 1."""
+    import re
+
+    m = re.match(r"layers\.(\d+)\.downsample\.(.*)", name)
+    return f"layers.{int(m.group(1)) + 1}.downsample.{m.group(2)}" if m else name
+
+
+def _case_simmim(root: str, batch: int, config: str, recipe: str) -> Case:
+    sys.path.insert(0, root)
+    import importlib.util
+
+    import numpy as np
+    import torch
+    from models import simmim as mod
+
+    from repro.methods.simmim import SimMIM, masked_l1, upsample_mask
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from bench_extra import CONFIGS, _simmim_config
+
+    cfg = CONFIGS[config]
+    official = mod.build_simmim(_simmim_config(cfg))
+    ours = SimMIM(_resolve(recipe))
+    img, swin = cfg["img"], cfg["type"] == "swin"
+    pairs: list[tuple[str, str, Callable[[Any], Any] | None]] = [
+        ("encoder.mask_token", "mask_token", None), ("decoder.0.weight", "decoder.0.weight", None),
+        ("decoder.0.bias", "decoder.0.bias", None)]
+    ours_only: dict[str, str] = {}
+    if swin:
+        pairs += [(k, "encoder." + _official_swin_name(k[len("encoder."):]), None)
+                  for k, _ in official.named_parameters() if k.startswith("encoder.") and k != "encoder.mask_token"]
+        patch = 4
+    else:
+        enc = official.encoder
+        pairs += [("encoder.cls_token", "encoder.cls_token", None),
+                  ("encoder.patch_embed.proj.weight", "encoder.patch_embed.proj.weight", None),
+                  ("encoder.patch_embed.proj.bias", "encoder.patch_embed.proj.bias", None),
+                  ("encoder.rel_pos_bias.relative_position_bias_table", "encoder.blocks.0.attn.rel_table", None),
+                  ("encoder.norm.weight", "encoder.norm.weight", None),
+                  ("encoder.norm.bias", "encoder.norm.bias", None)]
+        pairs += _beit_style_blocks(len(enc.blocks), enc.embed_dim, "encoder.")
+        ours_only = _k_bias_only(ours)
+        patch = 16
+    spec = importlib.util.spec_from_file_location("data_simmim", os.path.join(root, "data", "data_simmim.py"))
+    data_simmim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(data_simmim)
+    np.random.seed(0)
+    gen = data_simmim.MaskGenerator(img, cfg["mask_patch"], patch, cfg["mask_ratio"])
+    masks = torch.from_numpy(np.stack([gen() for _ in range(batch)]))
+    imgs = torch.randn(batch, 3, img, img, generator=torch.Generator().manual_seed(1))
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        z = official.encoder(imgs, masks)
+        rec = official.decoder(z)
+        return official(imgs, masks), {"encoder output": z, "reconstruction": rec}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        z = ours.encode(imgs, masks.float())
+        rec = ours.decoder(z)
+        return masked_l1(rec, imgs, upsample_mask(masks.float(), ours.patch)), {"encoder output": z,
+                                                                               "reconstruction": rec}
+    with open(os.path.join(root, "COMMIT")) as f:
+        commit = f.read().strip()
+    arch = f"Swin-B, {img} px, window {cfg['window']}" if swin else f"ViT-B/16, {img} px"
+    info = {"official": f"microsoft/SimMIM {commit[:12]} build_simmim ({arch}, the 800-ep yaml's settings)",
+            "ours": f"pretrain/{recipe}",
+            "mask_settings": f"official MaskGenerator ({cfg['mask_patch']}-px units at {cfg['mask_ratio']}), fed to "
+                             "both",
+            "notes": "the official model's forward runs twice (once for its loss, once for the named tensors); "
+                     "both in eval mode, so the two agree"}
+    return Case(official, ours, pairs, ours_only, official_forward, ours_forward, info)
+
+
+def case_simmim_vit(root: str, batch: int) -> Case:
+    return _case_simmim(root, batch, "simmim-vit-224", "simmim")
+
+
+def case_simmim_swin(root: str, batch: int) -> Case:
+    return _case_simmim(root, batch, "simmim-swin-192", "simmim_swin_base")
+
+
+def case_beit(root: str, batch: int) -> Case:
+    sys.path.insert(0, root)
+    import modeling_pretrain as mod
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from masking_generator import MaskingGenerator
+
+    from repro.methods.beit import BEiT
+    from repro.models.vit import grid_coords
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from bench_extra import CONFIGS
+
+    cfg = CONFIGS["beit-224"]
+    official = mod.beit_base_patch16_224_8k_vocab(
+        pretrained=False, drop_path_rate=cfg["drop_path"], drop_block_rate=None, use_shared_rel_pos_bias=True,
+        use_abs_pos_emb=False, init_values=cfg["init_values"])
+    ours = BEiT(_resolve("beit"))
+    dim, depth = official.embed_dim, len(official.blocks)
+    pairs = [("cls_token", "encoder.cls_token", None), ("mask_token", "mask_token", None),
+             ("patch_embed.proj.weight", "encoder.patch_embed.proj.weight", None),
+             ("patch_embed.proj.bias", "encoder.patch_embed.proj.bias", None),
+             ("rel_pos_bias.relative_position_bias_table", "encoder.blocks.0.attn.rel_table", None),
+             ("norm.weight", "encoder.norm.weight", None), ("norm.bias", "encoder.norm.bias", None),
+             ("lm_head.weight", "lm_head.weight", None), ("lm_head.bias", "lm_head.bias", None)]
+    pairs += _beit_style_blocks(depth, dim, "")
+    grid = official.patch_embed.patch_shape
+
+    def generator() -> Any:
+        return MaskingGenerator(grid, num_masking_patches=cfg["num_mask"], max_num_patches=None,
+                                min_num_patches=cfg["min_block"])
+    random.seed(0)
+    gen = generator()
+    masks = torch.from_numpy(np.stack([gen() for _ in range(batch)])).flatten(1).bool()
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    vocab = official.lm_head.out_features
+    ids = torch.randint(0, vocab, (batch, grid[0] * grid[1]), generator=torch.Generator().manual_seed(2))
+    labels = ids[masks]
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        logits = official(imgs, bool_masked_pos=masks, return_all_tokens=False)
+        return F.cross_entropy(logits, labels), {"logits (masked)": logits}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        x = ours.encoder.patch_embed(imgs)
+        out = ours.encode(x, masks.float(), grid_coords(ours.grid, ours.grid, imgs.device)[None])
+        logits = ours.lm_head(out[masks])
+        static, _ = ours.masked_loss_static(out, ids, masks.float())
+        loss = F.cross_entropy(logits, labels)
+        return loss, {"logits (masked)": logits, "loss without a host sync (train.sync_free)": static.reshape(1),
+                      "_loss": loss.detach().reshape(1)}
+
+    def both_masks(n: int) -> tuple[Any, Any]:
+        random.seed(1)
+        g = generator()
+        return (np.stack([g() for _ in range(n)]),
+                ours.mask(n, torch.Generator().manual_seed(0)).view(-1, ours.mask_side, ours.mask_side).numpy())
+    with open(os.path.join(root, "COMMIT")) as f:
+        commit = f.read().strip()
+    info = {"official": f"microsoft/unilm {commit[:12]} beit/modeling_pretrain.py beit_base_patch16_224_8k_vocab",
+            "ours": "pretrain/beit (its encoder and LM head; the tokenizer is not compared)",
+            "mask_settings": f"{cfg['num_mask']} of {grid[0] * grid[1]} patches, blocks >= {cfg['min_block']}",
+            "notes": "the same random visual-token ids as targets on both sides"}
+    return Case(official, ours, pairs, _k_bias_only(ours), official_forward, ours_forward, info, both_masks)
+
+
+BUILDERS: dict[str, Callable[[str, int], Case]] = {"maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit,
+                                                   "simmim-swin": case_simmim_swin, "beit": case_beit}
+
+
+# -- the comparison ----------------------------------------------------------------------------------------------------
+
+def _copy(case: Case) -> int:
+    """Copy every official tensor into ours; refuse if a parameter of ours is neither assigned nor listed."""
+    import torch
+
+    src = dict(case.official.named_parameters())
+    ours = dict(case.ours.named_parameters())  # shared tensors once, under their first name
+    covered: set[str] = set()
+    with torch.no_grad():
+        for off, name, view in case.pairs:
+            dst = ours[name]
+            (view(dst) if view else dst).copy_(src[off])
+            covered.add(name)
+        for name in case.ours_only:
+            base, _, part = name.partition("[")
+            if part == "k]":  # the key third of a fused qkv bias
+                t = ours[base]
+                d = t.shape[0] // 3
+                t[d:2 * d].zero_()
+            else:
+                ours[base].zero_()
+    left = sorted(set(ours) - covered - {n.partition("[")[0] for n in case.ours_only})
+    unused = sorted(set(src) - {off for off, _, _ in case.pairs})
+    if left or unused:
+        raise SystemExit(f"unmapped parameters: ours {left}, official {unused}")
+    return len(case.pairs)
+
+
+def _mask_stats(masks: Any) -> dict[str, float]:
+    """Mean / min / max masked count per image, the mean number of 4-connected masked regions and its standard
+    error, and the masked share of the centre patch."""
+    import numpy as np
+    from scipy import ndimage
+
+    m = np.asarray(masks).astype(bool)
+    counts = m.reshape(len(m), -1).sum(1)
+    regions = [ndimage.label(x)[1] for x in m]
+    side = m.shape[1]
+    return {"mean_masked": float(counts.mean()), "min_masked": int(counts.min()), "max_masked": int(counts.max()),
+            "mean_regions": float(np.mean(regions)), "regions_se": float(np.std(regions) / np.sqrt(len(m))),
+            "centre_masked": float(m[:, side // 2, side // 2].mean())}
+
+
+def run_case(name: str, exports: list[str], batch: int, n_masks: int) -> dict[str, Any]:
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.manual_seed(0)
+    case = BUILDERS[name](_export_root(exports, CASES[name]), batch)
+    copied = _copy(case)
+    case.official.eval()
+    case.ours.eval()
+    loss_off, t_off = case.official_forward()
+    loss_off.backward()
+    loss_ours, t_ours = case.ours_forward()
+    loss_ours.backward()
+    tensors = {}
+    for key, a in t_off.items():
+        tensors[key] = float((a.detach() - t_ours[key].detach()).abs().max())
+    for key, b in t_ours.items():  # ours-only checks: a second way of computing ours' loss
+        if key not in t_off and not key.startswith("_"):
+            tensors[key] = float((b.detach() - t_ours["_loss"]).abs().max())
+    grads_off = dict(case.official.named_parameters())
+    grads_ours = dict(case.ours.named_parameters())
+    worst, worst_name = 0.0, ""
+    for off, ours_name, view in case.pairs:
+        a, g = grads_off[off].grad, grads_ours[ours_name].grad
+        b = view(g) if view else g
+        rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+        if rel > worst:
+            worst, worst_name = rel, off
+    # negative control: the same comparison must see a change of one number of ours (the first entry of the last
+    # encoder block's MLP output bias, + 1)
+    with torch.no_grad():
+        probe = next(n for _, n, _ in reversed(case.pairs) if ".mlp.fc2.bias" in n)
+        dict(case.ours.named_parameters())[probe][0] += 1.0
+        control = float(case.ours_forward()[0])
+    control_rel = abs(float(loss_off) - control) / abs(float(loss_off))
+    if control_rel < 1e-6:
+        raise SystemExit(f"{name}: moving {probe}[0] by 1 did not change our loss: the comparison sees nothing")
+    out: dict[str, Any] = {
+        "case": name, **case.info, "batch": batch, "device": "cpu fp32", "torch": torch.__version__,
+        "tensors_copied": copied, "ours_only": sorted(set(case.ours_only.values())),
+        "loss_official": float(loss_off), "loss_ours": float(loss_ours),
+        "loss_rel_diff": float(abs(loss_off - loss_ours) / abs(loss_off)),
+        "max_abs_diff": tensors, "grad_max_rel_diff": worst, "grad_worst_tensor": worst_name,
+        "control": {"moved": f"{probe}[0] + 1", "loss_rel_diff": control_rel},
+    }
+    if case.masks is not None and n_masks:
+        off_m, ours_m = case.masks(n_masks)
+        out["mask_stats"] = {"n": n_masks, "official": _mask_stats(off_m), "ours": _mask_stats(ours_m)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("cases", nargs="*", help=f"default: every case ({', '.join(CASES)})")
+    ap.add_argument("--exports", default=".bench/export,.bench-cpu/export",
+                    help="comma-separated export folders, searched in order")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--masks", type=int, default=5000, help="masks drawn by each side for the statistics")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    exports = args.exports.split(",")
+    if args.child:
+        print("RESULT_JSON: " + json.dumps(run_case(args.child, exports, args.batch, args.masks)), flush=True)
+        return
+    names = args.cases or list(CASES)
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {', '.join(unknown)}; valid: {', '.join(CASES)}")
+    results, failed = [], []
+    for n in names:
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", n, "--exports", args.exports,
+                            "--batch", str(args.batch), "--masks", str(args.masks)], capture_output=True, text=True)
+        lines = [x for x in p.stdout.splitlines() if x.startswith("RESULT_JSON: ")]
+        if p.returncode or not lines:
+            failed.append(n)
+            sys.stderr.write(p.stderr[-3000:])
+            print(f"{n:11s} FAILED (rc {p.returncode})", flush=True)
+            continue
+        r = json.loads(lines[-1][len("RESULT_JSON: "):])
+        results.append(r)
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff"].items())
+        print(f"{n:11s} loss {r['loss_official']:.7f} (official) vs {r['loss_ours']:.7f} (ours), relative "
+              f"{r['loss_rel_diff']:.1e}; gradients within {r['grad_max_rel_diff']:.1e}; {diffs}; control "
+              f"(one weight of ours moved) {r['control']['loss_rel_diff']:.1e}", flush=True)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"cases": results, "failed": failed, "argv": sys.argv}, f, indent=1)
+        os.replace(tmp, args.json)
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
