@@ -198,3 +198,36 @@ def test_stage_key_does_not_depend_on_machine_paths(tmp_path: Path) -> None:
     assert key["a"] == key["b"]  # the producing stage's key, wherever its folder is
     assert key["c"] == key["d"] != key["e"]  # a loose file: its bytes
     assert Stage("linear", {**lin, "init": "random"}).key not in key.values()
+
+
+def test_report_outputs_do_not_make_the_code_dirty(tmp_path: Path) -> None:
+    """`make reproduce` renders RESULTS.md / tables / plots after `repro run claims`, then runs `all`: those files
+    changing must not mark the stages `all` runs as made by uncommitted code; any other tracked change must."""
+    import subprocess
+
+    from repro.record.provenance import tree_state
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    for f in ("RESULTS.md", "tables/t.md", "plots/p.png", "repro/a.py"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("v1\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    assert tree_state(tmp_path)["dirty"] is False
+    for f in ("RESULTS.md", "tables/t.md", "plots/p.png"):
+        (tmp_path / f).write_text("v2\n")
+    (tmp_path / "untracked.py").write_text("x\n")
+    state = tree_state(tmp_path)
+    assert state["dirty"] is False and len(state["commit"]) == 40
+    (tmp_path / "repro/a.py").write_text("v2\n")
+    assert tree_state(tmp_path)["dirty"] is True
+    (tmp_path / "repro/a.py").write_text("v1\n")
+    assert tree_state(tmp_path / "repro")["dirty"] is False  # from a sub-folder: the whole tree, the same exclusions
+    (tmp_path / "RESULTS.md").write_text("v1\n")
+    (tmp_path / "other.txt").write_text("x\n")
+    git("add", "other.txt")
+    assert tree_state(tmp_path / "repro")["dirty"] is True
+    assert tree_state(Path("/"))["commit"] is None

@@ -17,8 +17,10 @@ from repro.config import config_hash
 PACKAGES = ("repro", "torch", "torchvision", "timm", "numpy", "submitit", "mmsegmentation", "mmdet", "detectron2")
 
 
-def _git(*args: str) -> str | None:
-    root = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _git(*args: str, root: Path = ROOT) -> str | None:
     try:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10,
                               check=True).stdout.strip()
@@ -26,13 +28,26 @@ def _git(*args: str) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=1)
-def code_version() -> dict[str, Any]:
-    commit = _git("rev-parse", "HEAD")
+# What `repro report` writes into the work tree: rendered from results, never an input to a stage, so a change there
+# does not make the code that runs a stage "dirty" (`make reproduce` renders after `repro run claims`, then runs `all`).
+REPORT_OUTPUTS = ("RESULTS.md", "tables", "plots")
+
+
+def tree_state(root: Path = ROOT) -> dict[str, Any]:
+    """HEAD of the git work tree at ``root`` and whether tracked files outside the report's outputs differ from it
+    (untracked files do not count); both None outside a git work tree."""
+    commit = _git("rev-parse", "HEAD", root=root)
     dirty = None
     if commit is not None:
-        dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+        dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ":/",
+                          *(f":(top,exclude){p}" for p in REPORT_OUTPUTS), root=root))
     return {"commit": commit, "dirty": dirty}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """The project's ``tree_state``, once per process."""
+    return tree_state()
 
 
 def versions() -> dict[str, str]:
