@@ -3,6 +3,9 @@
 gradient after one backward; and, where the two draw masks differently, the masks' statistics.
 
 Cases (each in its own process: the official repos share module names):
+  mae         facebookresearch/mae mae_vit_base_patch16 (224, norm_pix_loss) vs pretrain/mae; the official masking
+              draws from torch's global generator, ours from its own, seeded alike: the same masks
+  localmim-vit  huawei-noah LocalMIM MIM_vit_base_patch16 (HOG, 9 bins, 4 scales) vs pretrain/localmim, masks as MAE
   maskfeat    facebookresearch/SlowFast MaskMViT, configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml, vs pretrain/maskfeat
               (export: benchmarks/official/export_maskfeat.sh, CPU only)
   simmim-vit  microsoft/SimMIM build_simmim (ViT-B/16, 224, shared relative position bias, LayerScale 0.1) vs
@@ -36,7 +39,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # case -> the export subfolder its official code lives in
-CASES = {"maskfeat": "maskfeat", "simmim-vit": "simmim", "simmim-swin": "simmim", "beit": "beit"}
+CASES = {"mae": "mae", "localmim-vit": "localmim_vit", "maskfeat": "maskfeat", "simmim-vit": "simmim",
+         "simmim-swin": "simmim", "beit": "beit"}
 
 
 @dataclass
@@ -51,6 +55,7 @@ class Case:
     ours_forward: Callable[[], tuple[Any, dict[str, Any]]]
     info: dict[str, Any] = field(default_factory=dict)
     masks: Callable[[int], tuple[Any, Any]] | None = None  # n -> (official masks, ours) as (n, side, side) arrays
+    official_only: dict[str, str] = field(default_factory=dict)  # frozen official constants ours holds otherwise
 
 
 def _export_root(exports: list[str], sub: str) -> str:
@@ -59,6 +64,15 @@ def _export_root(exports: list[str], sub: str) -> str:
             return os.path.join(e, sub)
     raise SystemExit(f"no official export '{sub}' in {', '.join(exports)}: run benchmarks/official/export_extra.sh "
                      "(or export_maskfeat.sh for maskfeat) MIRRORS DEST")
+
+
+def _commit(root: str) -> str:
+    """The exported mirror's HEAD (export_extra.sh / export_maskfeat.sh write COMMIT), else a note."""
+    try:
+        with open(os.path.join(root, "COMMIT")) as f:
+            return f.read().strip()[:12]
+    except OSError:
+        return "(commit not recorded)"
 
 
 def _resolve(recipe: str) -> dict[str, Any]:
@@ -92,6 +106,105 @@ def _k_bias_only(ours: Any) -> dict[str, str]:
 
 
 # -- the cases ---------------------------------------------------------------------------------------------------------
+
+def case_mae(root: str, batch: int) -> Case:
+    sys.path.insert(0, root)
+    import models_mae as mod
+    import torch
+
+    from repro.methods.mae import MAE
+    from repro.models.mim import encode_visible
+
+    official = mod.mae_vit_base_patch16(img_size=224, norm_pix_loss=True)
+    ours = MAE(_resolve("mae"))
+    names = {"cls_token": "encoder.cls_token", "pos_embed": "encoder.pos_embed",
+             "patch_embed.proj.weight": "encoder.patch_embed.proj.weight",
+             "patch_embed.proj.bias": "encoder.patch_embed.proj.bias",
+             "norm.weight": "encoder.norm.weight", "norm.bias": "encoder.norm.bias",
+             "decoder_embed.weight": "decoder.embed.weight", "decoder_embed.bias": "decoder.embed.bias",
+             "mask_token": "decoder.mask_token", "decoder_pos_embed": "decoder.pos",
+             "decoder_norm.weight": "decoder.norm.weight", "decoder_norm.bias": "decoder.norm.bias",
+             "decoder_pred.weight": "decoder.pred.weight", "decoder_pred.bias": "decoder.pred.bias"}
+    for k, _ in official.named_parameters():
+        if k.startswith("blocks."):
+            names[k] = "encoder." + k
+        elif k.startswith("decoder_blocks."):
+            names[k] = "decoder.blocks." + k[len("decoder_blocks."):]
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seed = 3
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(seed)  # its random_masking: torch.rand(N, L) from the global generator
+        loss, pred, mask = official(imgs, mask_ratio=0.75)
+        return loss, {"mask": mask, "predictions": pred}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        out = ours((imgs,), torch.Generator().manual_seed(seed))  # the training step's forward
+        with torch.no_grad():
+            latent, mask, ids_restore, _ = encode_visible(ours.encoder, imgs, 0.75, torch.Generator().manual_seed(seed),
+                                                          ours.speed_switch("embed_visible", imgs.device))
+            pred = ours.decoder(latent, ids_restore)
+        return out.loss, {"mask": mask, "predictions": pred}
+    commit = _commit(root)
+    info = {"official": f"facebookresearch/mae {commit} models_mae.mae_vit_base_patch16 (norm_pix_loss)",
+            "ours": "pretrain/mae (its training forward; mask and predictions from the same encoder / decoder calls)",
+            "mask_settings": "75% per-image random masking, the same noise on both sides"}
+    return Case(official, ours, [(k, v, None) for k, v in names.items()], {}, official_forward, ours_forward, info)
+
+
+def case_localmim_vit(root: str, batch: int) -> Case:
+    sys.path.insert(0, root)
+    import models_mim as mod
+    import torch
+
+    from repro.methods.localmim import LocalMIM
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from bench_extra import CONFIGS
+
+    cfg = CONFIGS["localmim-vit-224"]
+    official = getattr(mod, cfg["model"])(hog_nbins=cfg["hog_nbins"], hog_bias=cfg["hog_bias"])
+    ours = LocalMIM(_resolve("localmim"))
+    taps = list(official.ID)
+    names = {"cls_token": "encoder.cls_token", "pos_embed": "encoder.pos_embed",
+             "patch_embed.proj.weight": "encoder.patch_embed.proj.weight",
+             "patch_embed.proj.bias": "encoder.patch_embed.proj.bias"}
+    official_only = {}
+    for k, _ in official.named_parameters():
+        parts = k.split(".")
+        if parts[0] == "blocks":
+            names[k] = "encoder." + k
+        elif parts[0] == "norm":  # one norm per tap; ours keys them by block, the last tap's is the encoder's own
+            tap = taps[int(parts[1])]
+            names[k] = (f"encoder.norm.{parts[2]}" if tap == len(official.blocks) - 1
+                        else f"norms.{tap}.{parts[2]}")
+        elif parts[0] == "decoder":
+            i, rest = parts[1], ".".join(parts[2:])
+            if rest == "pos_embed":
+                names[k] = f"decoders.{i}.pos"
+            elif rest.startswith("pred."):
+                names[k] = f"heads.{i}.{rest[len('pred.'):]}"
+            else:
+                names[k] = f"decoders.{i}.{rest}"
+        elif parts[0] == "hog_enc":
+            official_only[k] = "the fixed Sobel filters of the HOG target (frozen; ours keeps them as buffers)"
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seed = 3
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(seed)  # its random_masking: torch.rand(N, L) from the global generator
+        return official(imgs, mask_ratio=cfg["mask_ratio"]), {}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        out = ours((imgs,), torch.Generator().manual_seed(seed))  # the training step's forward
+        return out.loss, {}
+    info = {"official": f"huawei-noah/Efficient-Computing {_commit(root)} LocalMIM/ViT models_mim."
+            f"{cfg['model']}(hog_nbins={cfg['hog_nbins']}, hog_bias={cfg['hog_bias']})", "ours": "pretrain/localmim",
+            "mask_settings": f"{cfg['mask_ratio']:.0%} per-image random masking, the same noise on both sides"}
+    return Case(official, ours, [(k, v, None) for k, v in names.items()], {}, official_forward, ours_forward, info,
+                official_only=official_only)
+
 
 def case_maskfeat(root: str, batch: int) -> Case:
     sys.path[:0] = [root, os.path.join(root, "_deps")]
@@ -148,9 +261,8 @@ def case_maskfeat(root: str, batch: int) -> Case:
         g = generator()
         return (np.stack([g() for _ in range(n)]),
                 ours.mask(n, torch.Generator().manual_seed(0)).view(-1, side, side).numpy())
-    with open(os.path.join(root, "COMMIT")) as f:
-        commit = f.read().strip()
-    info = {"official": f"facebookresearch/SlowFast {commit[:12]} MaskMViT, configs/masked_ssl/"
+    commit = _commit(root)
+    info = {"official": f"facebookresearch/SlowFast {commit} MaskMViT, configs/masked_ssl/"
             "in1k_VIT_B_MaskFeat_PT.yaml", "ours": "pretrain/maskfeat",
             "mask_settings": f"{num_mask} of {side * side} patches, blocks >= {num_mask // 5}, aspect [0.3, 1/0.3]",
             "notes": "the official HOG sums each 8 x 8 cell, ours averages it (equal after the L2 normalisation)"}
@@ -222,10 +334,9 @@ def _case_simmim(root: str, batch: int, config: str, recipe: str) -> Case:
         rec = ours.decoder(z)
         return masked_l1(rec, imgs, upsample_mask(masks.float(), ours.patch)), {"encoder output": z,
                                                                                "reconstruction": rec}
-    with open(os.path.join(root, "COMMIT")) as f:
-        commit = f.read().strip()
+    commit = _commit(root)
     arch = f"Swin-B, {img} px, window {cfg['window']}" if swin else f"ViT-B/16, {img} px"
-    info = {"official": f"microsoft/SimMIM {commit[:12]} build_simmim ({arch}, the 800-ep yaml's settings)",
+    info = {"official": f"microsoft/SimMIM {commit} build_simmim ({arch}, the 800-ep yaml's settings)",
             "ours": f"pretrain/{recipe}",
             "mask_settings": f"official MaskGenerator ({cfg['mask_patch']}-px units at {cfg['mask_ratio']}), fed to "
                              "both",
@@ -301,17 +412,17 @@ def case_beit(root: str, batch: int) -> Case:
         g = generator()
         return (np.stack([g() for _ in range(n)]),
                 ours.mask(n, torch.Generator().manual_seed(0)).view(-1, ours.mask_side, ours.mask_side).numpy())
-    with open(os.path.join(root, "COMMIT")) as f:
-        commit = f.read().strip()
-    info = {"official": f"microsoft/unilm {commit[:12]} beit/modeling_pretrain.py beit_base_patch16_224_8k_vocab",
+    commit = _commit(root)
+    info = {"official": f"microsoft/unilm {commit} beit/modeling_pretrain.py beit_base_patch16_224_8k_vocab",
             "ours": "pretrain/beit (its encoder and LM head; the tokenizer is not compared)",
             "mask_settings": f"{cfg['num_mask']} of {grid[0] * grid[1]} patches, blocks >= {cfg['min_block']}",
             "notes": "the same random visual-token ids as targets on both sides"}
     return Case(official, ours, pairs, _k_bias_only(ours), official_forward, ours_forward, info, both_masks)
 
 
-BUILDERS: dict[str, Callable[[str, int], Case]] = {"maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit,
-                                                   "simmim-swin": case_simmim_swin, "beit": case_beit}
+BUILDERS: dict[str, Callable[[str, int], Case]] = {
+    "mae": case_mae, "localmim-vit": case_localmim_vit, "maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit,
+    "simmim-swin": case_simmim_swin, "beit": case_beit}
 
 
 # -- the comparison ----------------------------------------------------------------------------------------------------
@@ -322,10 +433,15 @@ def _copy(case: Case) -> int:
 
     src = dict(case.official.named_parameters())
     ours = dict(case.ours.named_parameters())  # shared tensors once, under their first name
+    buffers = dict(case.ours.named_buffers())  # a fixed table ours keeps as a buffer (MAE's decoder positions)
     covered: set[str] = set()
+    frozen = [f"{off} / {name}" for off, name, _ in case.pairs
+              if name in ours and src[off].requires_grad != ours[name].requires_grad]
+    if frozen:
+        raise SystemExit(f"trained on one side only: {frozen}")
     with torch.no_grad():
         for off, name, view in case.pairs:
-            dst = ours[name]
+            dst = ours[name] if name in ours else buffers[name]
             (view(dst) if view else dst).copy_(src[off])
             covered.add(name)
         for name in case.ours_only:
@@ -337,7 +453,10 @@ def _copy(case: Case) -> int:
             else:
                 ours[base].zero_()
     left = sorted(set(ours) - covered - {n.partition("[")[0] for n in case.ours_only})
-    unused = sorted(set(src) - {off for off, _, _ in case.pairs})
+    thawed = [k for k in case.official_only if src[k].requires_grad]
+    if thawed:
+        raise SystemExit(f"official tensors listed as fixed constants are trained: {thawed}")
+    unused = sorted(set(src) - {off for off, _, _ in case.pairs} - set(case.official_only))
     if left or unused:
         raise SystemExit(f"unmapped parameters: ours {left}, official {unused}")
     return len(case.pairs)
@@ -382,6 +501,8 @@ def run_case(name: str, exports: list[str], batch: int, n_masks: int) -> dict[st
     grads_ours = dict(case.ours.named_parameters())
     worst, worst_name = 0.0, ""
     for off, ours_name, view in case.pairs:
+        if not grads_off[off].requires_grad:  # a fixed table (both sides: checked when copying)
+            continue
         a, g = grads_off[off].grad, grads_ours[ours_name].grad
         b = view(g) if view else g
         rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
@@ -399,6 +520,7 @@ def run_case(name: str, exports: list[str], batch: int, n_masks: int) -> dict[st
     out: dict[str, Any] = {
         "case": name, **case.info, "batch": batch, "device": "cpu fp32", "torch": torch.__version__,
         "tensors_copied": copied, "ours_only": sorted(set(case.ours_only.values())),
+        "official_only": sorted(set(case.official_only.values())),
         "loss_official": float(loss_off), "loss_ours": float(loss_ours),
         "loss_rel_diff": float(abs(loss_off - loss_ours) / abs(loss_off)),
         "max_abs_diff": tensors, "grad_max_rel_diff": worst, "grad_worst_tensor": worst_name,
@@ -440,9 +562,9 @@ def main() -> None:
             continue
         r = json.loads(lines[-1][len("RESULT_JSON: "):])
         results.append(r)
-        diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff"].items())
+        diffs = "".join(f"{k} {v:.1e}; " for k, v in r["max_abs_diff"].items())
         print(f"{n:11s} loss {r['loss_official']:.7f} (official) vs {r['loss_ours']:.7f} (ours), relative "
-              f"{r['loss_rel_diff']:.1e}; gradients within {r['grad_max_rel_diff']:.1e}; {diffs}; control "
+              f"{r['loss_rel_diff']:.1e}; gradients within {r['grad_max_rel_diff']:.1e}; {diffs}control "
               f"(one weight of ours moved) {r['control']['loss_rel_diff']:.1e}", flush=True)
     if args.json:
         tmp = args.json + ".tmp"
