@@ -13,7 +13,8 @@ Initialisation as SlowFast's (``slowfast_vit_init_``): its MViT's N(0, 0.02) wei
 absolute positions drawn N(0, 0.02) rather than a sin-cos table.
 
 Geometry knobs are patch-relative so that the tiny scale keeps their meaning: ``cells_per_patch`` (HOG cells per patch
-side: 2 = 8-px cells for 16-px patches) and ``min_block`` (the smallest block in patches, shrunk with the grid area).
+side: 2 = 8-px cells for 16-px patches) and ``min_block`` (the smallest block in patches: null, SlowFast's fifth of the
+masked count, follows the grid by itself; a given number is shrunk with the grid area at tiny).
 """
 
 from __future__ import annotations
