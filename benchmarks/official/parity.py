@@ -5,7 +5,14 @@ gradient after one backward; and, where the two draw masks differently, the mask
 Cases (each in its own process: the official repos share module names):
   mae         facebookresearch/mae mae_vit_base_patch16 (224, norm_pix_loss) vs pretrain/mae; the official masking
               draws from torch's global generator, ours from its own, seeded alike: the same masks
+  extrema     microsoft/ExtreMA ExtreMA(vit_base, 2 class-attention blocks, layer scale 0.1, proj 256 / 4096, 80% x 5
+              disjoint masks, BYOL loss) vs pretrain/extrema, two views; masks drawn as MAE's; the official momentum
+              argument is 1 in this step (its in-forward EMA update then leaves the copied teacher as it is)
   localmim-vit  huawei-noah LocalMIM MIM_vit_base_patch16 (HOG, 9 bins, 4 scales) vs pretrain/localmim, masks as MAE
+  lomar       junchen14/LoMaR mae_vit_base_patch16 (224, 4 windows of 7 x 7, 80% masked, iRPE) vs pretrain/lomar with
+              method.official_per_gpu_batch = the batch here; ours is handed the official draws (window offsets from
+              torch.randperm, per-window mask noise from torch.rand, replayed from the same global seed): its own
+              window pairing (sequence r holds image r % N, window r % 4) and its iRPE run on them
   maskfeat    facebookresearch/SlowFast MaskMViT, configs/masked_ssl/in1k_VIT_B_MaskFeat_PT.yaml, vs pretrain/maskfeat
               (export: benchmarks/official/export_maskfeat.sh, CPU only)
   simmim-vit  microsoft/SimMIM build_simmim (ViT-B/16, 224, shared relative position bias, LayerScale 0.1) vs
@@ -21,6 +28,8 @@ recipe with the official weights copied in by name; every parameter of ours is a
 has no official counterpart (e.g. the key bias of a fused qkv projection, which the official attention does not have:
 set to zero, and with no effect on any output, since a key bias shifts every logit of a query alike). CPU, fp32, both
 models in eval mode (drop path off; nothing else differs between the modes). Differences are float rounding.
+Gradients: the largest difference in each tensor relative to the largest entry of that tensor (or to 1e-3 of the
+model's largest gradient, for a tensor whose gradients all lie below that, such as a key bias before a softmax).
 
 Usage: python benchmarks/official/parity.py [CASE ...] [--exports .bench/export,.bench-cpu/export] [--json OUT.json]
 """
@@ -39,8 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 # case -> the export subfolder its official code lives in
-CASES = {"mae": "mae", "localmim-vit": "localmim_vit", "maskfeat": "maskfeat", "simmim-vit": "simmim",
-         "simmim-swin": "simmim", "beit": "beit"}
+CASES = {"mae": "mae", "lomar": "lomar", "extrema": "extrema", "localmim-vit": "localmim_vit",
+         "maskfeat": "maskfeat", "simmim-vit": "simmim", "simmim-swin": "simmim", "beit": "beit"}
 
 
 @dataclass
@@ -149,6 +158,126 @@ def case_mae(root: str, batch: int) -> Case:
     info = {"official": f"facebookresearch/mae {commit} models_mae.mae_vit_base_patch16 (norm_pix_loss)",
             "ours": "pretrain/mae (its training forward; mask and predictions from the same encoder / decoder calls)",
             "mask_settings": "75% per-image random masking, the same noise on both sides"}
+    return Case(official, ours, [(k, v, None) for k, v in names.items()], {}, official_forward, ours_forward, info)
+
+
+def case_lomar(root: str, batch: int) -> Case:
+    import torch
+
+    import repro.methods.lomar as ours_mod
+    from repro.resolve import resolve
+
+    # ours first: the official vision_transformer_irpe.py registers its own vit_base_patch16_224 in timm's registry
+    ours = ours_mod.LoMaR(resolve("lomar", "paper", {"method": {"official_per_gpu_batch": batch}}))
+    sys.path[:0] = [root, os.path.join(os.path.dirname(root), "_deps")]
+    import models_lomar as mod
+
+    official = mod.mae_vit_base_patch16(norm_pix_loss=True)
+    p = ours.params
+    k, nw, ratio, grid = p["window_size"], p["num_windows"], p["mask_ratio"], ours.grid
+    names: dict[str, tuple[str, Callable[[Any], Any] | None]] = {
+        "cls_token": ("encoder.cls_token", None), "mask_token": ("mask_token", None),
+        "patch_embed.proj.weight": ("encoder.patch_embed.proj.weight", None),
+        "patch_embed.proj.bias": ("encoder.patch_embed.proj.bias", None),
+        "norm.weight": ("encoder.norm.weight", None), "norm.bias": ("encoder.norm.bias", None),
+        "encoder_pred.weight": ("pred.weight", None), "encoder_pred.bias": ("pred.bias", None)}
+    for name, _ in official.named_parameters():
+        if name.endswith("attn.rpe_k.lookup_table_weight"):  # (1, head dim, buckets) vs ours (buckets, head dim)
+            names[name] = (name.replace("rpe_k.lookup_table_weight", "rpe_k").replace("blocks.", "encoder.blocks.", 1),
+                           lambda t: t.t().unsqueeze(0))
+        elif name.startswith("blocks."):
+            names[name] = ("encoder." + name, None)
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seed = 3
+    torch.manual_seed(seed)  # the official forward's draws, in its order
+    positions = grid - k + 1
+    tops, lefts = torch.randperm(positions)[:nw], torch.randperm(positions)[:nw]
+    noise = torch.rand(batch, nw, k * k)
+    num_mask = int(k * k * ratio)
+
+    def windows(n: int, *_: Any, **__: Any) -> Any:
+        ar = torch.arange(k)
+        rows = (tops[:, None, None] + ar[:, None]).expand(nw, k, k)
+        cols = (lefts[:, None, None] + ar[None, :]).expand(nw, k, k)
+        return torch.stack([rows, cols], dim=-1).reshape(1, nw, k * k, 2).expand(n, -1, -1, -1)
+
+    def masking(m: int, *_: Any) -> tuple[Any, Any, Any]:
+        # ours' row q = image i's j-th sequence = official sequence r = i + j * N, masked by noise[r // nw, r % nw]
+        # (the num_mask lowest); ours keeps the lowest of its noise, so it gets the negated official noise
+        q = torch.arange(m)
+        r = q // nw + (q % nw) * batch
+        ids_shuffle = (-noise[r // nw, r % nw]).argsort(dim=1)
+        ids_restore = ids_shuffle.argsort(dim=1)
+        mask = torch.ones(m, k * k)
+        mask[:, :k * k - num_mask] = 0
+        return ids_shuffle[:, :k * k - num_mask], ids_restore, torch.gather(mask, 1, ids_restore)
+    ours_mod.sample_windows = windows
+    ours.window_masking = masking
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(seed)
+        loss, _, mask = official(imgs, window_size=k, num_window=nw, mask_ratio=ratio)
+        return loss, {"masked patches per sequence": mask.sum(1).float().sort().values}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        out = ours((imgs,), torch.Generator().manual_seed(seed))
+        _, _, mask = masking(batch * nw)
+        return out.loss, {"masked patches per sequence": mask.sum(1).sort().values}
+    info = {"official": "junchen14/LoMaR models_lomar.mae_vit_base_patch16(norm_pix_loss=True), window 7, 4 windows, "
+            "mask 0.8", "ours": "pretrain/lomar (method.official_per_gpu_batch = this batch)",
+            "mask_settings": f"{num_mask} of {k * k} patches per window; windows and noise replayed from the official "
+                             "draws"}
+    return Case(official, ours, [(o, u, v) for o, (u, v) in names.items()], {}, official_forward, ours_forward,
+                info, official_only={"pos_embed": "a zero position table the official forward never adds"})
+
+
+def case_extrema(root: str, batch: int) -> Case:
+    sys.path.insert(0, root)
+    from functools import partial
+
+    import lib.builder as builder
+    import torch
+    import vits
+
+    from repro.methods.extrema import ExtreMA
+
+    ours = ExtreMA(_resolve("extrema"))
+    p = ours.params
+    # main.py with the README's pretraining flags (as ../shared/bench/bench_official.py builds it)
+    base = partial(vits.vit_base, drop_path_rate=0.1, attn_drop_rate=0.0, init_values=0.1, class_attention_layers=2)
+    ema = partial(vits.vit_base, init_values=0.1, class_attention_layers=2)
+    official = builder.ExtreMA(base, ema, p["proj_dim"], p["proj_hidden"], 1.0, p["mask_ratio"], p["num_masks"],
+                               p["disjoint"])
+    names: dict[str, str] = {}
+    for name, _ in official.named_parameters():
+        branch, _, rest = name.partition(".")
+        if branch == "predictor":
+            names[name] = name
+            continue
+        t = "" if branch == "base_encoder" else "t_"
+        first, _, tail = rest.partition(".")
+        if first == "cls_token":
+            names[name] = f"{t}head.cls_token"
+        elif first in ("pos_embed", "patch_embed", "blocks"):
+            names[name] = f"{t}encoder.{rest}"
+        elif first == "blocks_token":
+            names[name] = f"{t}head.blocks.{tail}"
+        elif first == "norm":
+            names[name] = f"{t}head.norm.{tail}"
+        elif first == "head":
+            names[name] = f"{t}projector.{tail}"
+    views = [torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    seed = 3
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(seed)  # generate_mask: torch.rand(B, 196) from the global generator
+        return official(views, 1.0, "byol"), {}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        return ours((views,), torch.Generator().manual_seed(seed)).loss, {}
+    info = {"official": f"microsoft/ExtreMA {_commit(root)} lib/builder.ExtreMA + vits.vit_base (README flags)",
+            "ours": "pretrain/extrema", "mask_settings": f"{p['mask_ratio']:.0%} x {p['num_masks']} disjoint masks, "
+            "the same noise on both sides", "notes": "official momentum argument 1.0 in this step"}
     return Case(official, ours, [(k, v, None) for k, v in names.items()], {}, official_forward, ours_forward, info)
 
 
@@ -421,8 +550,8 @@ def case_beit(root: str, batch: int) -> Case:
 
 
 BUILDERS: dict[str, Callable[[str, int], Case]] = {
-    "mae": case_mae, "localmim-vit": case_localmim_vit, "maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit,
-    "simmim-swin": case_simmim_swin, "beit": case_beit}
+    "mae": case_mae, "lomar": case_lomar, "extrema": case_extrema, "localmim-vit": case_localmim_vit,
+    "maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit, "simmim-swin": case_simmim_swin, "beit": case_beit}
 
 
 # -- the comparison ----------------------------------------------------------------------------------------------------
@@ -500,12 +629,14 @@ def run_case(name: str, exports: list[str], batch: int, n_masks: int) -> dict[st
     grads_off = dict(case.official.named_parameters())
     grads_ours = dict(case.ours.named_parameters())
     worst, worst_name = 0.0, ""
-    for off, ours_name, view in case.pairs:
-        if not grads_off[off].requires_grad:  # a fixed table (both sides: checked when copying)
-            continue
+    trained = [(off, u, v) for off, u, v in case.pairs if grads_off[off].requires_grad]  # fixed tables: checked above
+    # a tensor whose gradient is zero up to rounding (a key bias before a softmax) is measured against 1e-3 of the
+    # largest gradient of the model, not against its own noise
+    floor = 1e-3 * max(float(grads_off[off].grad.abs().max()) for off, _, _ in trained)
+    for off, ours_name, view in trained:
         a, g = grads_off[off].grad, grads_ours[ours_name].grad
         b = view(g) if view else g
-        rel = float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
+        rel = float((a - b).abs().max()) / max(float(a.abs().max()), floor, 1e-30)
         if rel > worst:
             worst, worst_name = rel, off
     # negative control: the same comparison must see a change of one number of ours (the first entry of the last
