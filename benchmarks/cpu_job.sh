@@ -31,6 +31,7 @@ for c in mae:mae lomar:lomar extrema:extrema localmim-vit:localmim_vit; do
   [ -d ".bench/export/${c#*:}" ] && parity+=("${c%%:*}")
 done
 [ -d .bench/export/simmim ] && parity+=(simmim-vit simmim-swin)
+[ -d .bench/export/greenmim ] && parity+=(greenmim)
 [ -d .bench/export/beit ] && parity+=(beit)
 [ -d .bench-cpu/export/maskfeat ] && parity+=(maskfeat)
 for c in ${CONFIGS//,/ }; do targets+=("pretrain/${RECIPE[$c]}"); done

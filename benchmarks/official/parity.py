@@ -19,6 +19,8 @@ Cases (each in its own process: the official repos share module names):
               pretrain/simmim (export: benchmarks/official/export_extra.sh)
   simmim-swin microsoft/SimMIM build_simmim (Swin-B, 192, window 6) vs pretrain/simmim_swin_base (our Swin is timm's:
               the official stage i's PatchMerging is timm's stage i+1 downsample, the same channel order)
+  greenmim    LayneH/GreenMIM green_mim_swin_base_patch4_dec512b1 (visible-only Swin-B, grouped windows, 75% of the
+              32-px units, one mask per batch) vs pretrain/greenmim_swin_base; masks drawn as MAE's
   beit        microsoft/unilm BEiT beit_base_patch16_224_8k_vocab (shared relative position bias, LayerScale 0.1) vs
               pretrain/beit, on given visual-token ids (the tokenizers differ by design: the DALL-E dVAE is not
               obtainable here)
@@ -49,7 +51,8 @@ from typing import Any
 
 # case -> the export subfolder its official code lives in
 CASES = {"mae": "mae", "lomar": "lomar", "extrema": "extrema", "localmim-vit": "localmim_vit",
-         "maskfeat": "maskfeat", "simmim-vit": "simmim", "simmim-swin": "simmim", "beit": "beit"}
+         "maskfeat": "maskfeat", "simmim-vit": "simmim", "simmim-swin": "simmim", "greenmim": "greenmim",
+         "beit": "beit"}
 
 
 @dataclass
@@ -482,6 +485,49 @@ def case_simmim_swin(root: str, batch: int) -> Case:
     return _case_simmim(root, batch, "simmim-swin-192", "simmim_swin_base")
 
 
+def case_greenmim(root: str, batch: int) -> Case:
+    sys.path.insert(0, root)
+    import torch
+    from modeling import model_factory as mod
+
+    from repro.methods.greenmim import GreenMIM
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from bench_extra import CONFIGS
+
+    cfg = CONFIGS["greenmim-swin-224"]
+    official = mod.get_pretrain_model(cfg["model"], norm_pix_loss=cfg["norm_pix_loss"])
+    ours = GreenMIM(_resolve("greenmim_swin_base"))
+    names = {"mask_token": "decoder.mask_token", "decoder_pos_embed": "decoder.pos"}
+    for name, _ in official.named_parameters():
+        if name.startswith("encoder."):
+            names[name] = "encoder." + _official_swin_name(name[len("encoder."):])
+        elif name.startswith("decoder_blocks."):
+            names[name] = "decoder.blocks." + name[len("decoder_blocks."):]
+        elif name.startswith(("decoder_embed.", "decoder_norm.", "decoder_pred.")):
+            head, _, tail = name.partition(".")
+            names[name] = f"decoder.{head[len('decoder_'):]}.{tail}"
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seed = 3
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(seed)  # random_masking: torch.rand(1, units) from the global generator
+        loss, pred, mask = official(imgs, mask_ratio=cfg["mask_ratio"])
+        return loss, {"mask": mask[0]}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        from repro.methods.greenmim import batch_mask
+
+        out = ours((imgs,), torch.Generator().manual_seed(seed))
+        _, mask = batch_mask(ours.grid * ours.grid, cfg["mask_ratio"], torch.Generator().manual_seed(seed))
+        return out.loss, {"mask": mask}
+    info = {"official": f"LayneH/GreenMIM {_commit(root)} {cfg['model']}(norm_pix_loss=True)",
+            "ours": "pretrain/greenmim_swin_base",
+            "mask_settings": f"{cfg['mask_ratio']:.0%} of the 32-px units, one mask per batch, the same noise"}
+    return Case(official, ours, [(k, v, None) for k, v in names.items()], {}, official_forward, ours_forward, info)
+
+
 def case_beit(root: str, batch: int) -> Case:
     sys.path.insert(0, root)
     import modeling_pretrain as mod
@@ -551,7 +597,8 @@ def case_beit(root: str, batch: int) -> Case:
 
 BUILDERS: dict[str, Callable[[str, int], Case]] = {
     "mae": case_mae, "lomar": case_lomar, "extrema": case_extrema, "localmim-vit": case_localmim_vit,
-    "maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit, "simmim-swin": case_simmim_swin, "beit": case_beit}
+    "maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit, "simmim-swin": case_simmim_swin,
+    "greenmim": case_greenmim, "beit": case_beit}
 
 
 # -- the comparison ----------------------------------------------------------------------------------------------------
