@@ -27,7 +27,7 @@ declare -A EXPORT=([localmim-vit-224]=.bench/export/localmim_vit [localmim-swin-
                    [beit-224]=.bench/export/beit [greenmim-swin-224]=.bench/export/greenmim
                    [maskfeat-224]=.bench-cpu/export/maskfeat)
 targets=(); extras=(); maskfeat=0; parity=()
-for c in mae:mae lomar:lomar extrema:extrema localmim-vit:localmim_vit; do
+for c in mae:mae lomar:lomar extrema:extrema localmim-vit:localmim_vit localmim-swin:localmim_swin; do
   [ -d ".bench/export/${c#*:}" ] && parity+=("${c%%:*}")
 done
 [ -d .bench/export/simmim ] && parity+=(simmim-vit simmim-swin)

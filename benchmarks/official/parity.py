@@ -9,6 +9,14 @@ Cases (each in its own process: the official repos share module names):
               disjoint masks, BYOL loss) vs pretrain/extrema, two views; masks drawn as MAE's; the official momentum
               argument is 1 in this step (its in-forward EMA update then leaves the copied teacher as it is)
   localmim-vit  huawei-noah LocalMIM MIM_vit_base_patch16 (HOG, 9 bins, 4 scales) vs pretrain/localmim, masks as MAE
+  localmim-swin huawei-noah LocalMIM mim_swin_base_patch4_win7 (visible-only Swin-B, HOG 18 bins with the filters'
+              bias, 4 stage taps) vs pretrain/localmim_swin_base; the official batch mask (torch.randperm) and HOG
+              biases are handed to ours; its PatchMerging concatenates the 2 x 2 neighbours row-major, timm's
+              column-major, so those weights are copied with their four blocks reordered. NOT equal: the official
+              encoder keeps its visible tokens unit-major (each 32-px unit's tokens together) but gives the tokens
+              of every merged stage raster-order coordinates, so from stage 1 on windows and relative positions use
+              other tokens' coordinates (stage 3, one token per unit, agrees again); ours uses the tokens' own. The
+              case also reports the official loss with those coordinates corrected in memory, which ours matches
   lomar       junchen14/LoMaR mae_vit_base_patch16 (224, 4 windows of 7 x 7, 80% masked, iRPE) vs pretrain/lomar with
               method.official_per_gpu_batch = the batch here; ours is handed the official draws (window offsets from
               torch.randperm, per-window mask noise from torch.rand, replayed from the same global seed): its own
@@ -51,6 +59,7 @@ from typing import Any
 
 # case -> the export subfolder its official code lives in
 CASES = {"mae": "mae", "lomar": "lomar", "extrema": "extrema", "localmim-vit": "localmim_vit",
+         "localmim-swin": "localmim_swin",
          "maskfeat": "maskfeat", "simmim-vit": "simmim", "simmim-swin": "simmim", "greenmim": "greenmim",
          "beit": "beit"}
 
@@ -338,6 +347,104 @@ def case_localmim_vit(root: str, batch: int) -> Case:
                 official_only=official_only)
 
 
+def case_localmim_swin(root: str, batch: int) -> Case:
+    sys.path.insert(0, root)
+    import models_mim as mod
+    import torch
+
+    import repro.methods.localmim as ours_mod
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from bench_extra import CONFIGS
+
+    cfg = CONFIGS["localmim-swin-224"]
+    official = getattr(mod, cfg["model"])(target="HOG", hog_nbins=cfg["hog_nbins"], hog_bias=cfg["hog_bias"],
+                                          norm_pix_loss=False)
+    ours = ours_mod.LocalMIM(_resolve("localmim_swin_base"))
+    taps = ours.taps if hasattr(ours, "taps") else None
+    last = sum(len(stage.blocks) for stage in ours.encoder.layers) - 1
+    stage_ends = []
+    n = 0
+    for stage in ours.encoder.layers:
+        n += len(stage.blocks)
+        stage_ends.append(n - 1)
+
+    def merge_order(t: Any) -> Any:
+        # ours' 4C blocks are (row 0, col 0), (row 1, col 0), (row 0, col 1), (row 1, col 1); the official's
+        # (0, 0), (0, 1), (1, 0), (1, 1): a view of ours in the official order, (..., 2 rows, 2 cols, C)
+        lead, c4 = t.shape[:-1], t.shape[-1]
+        return t.view(*lead, 2, 2, c4 // 4).transpose(-3, -2)
+
+    names: dict[str, tuple[str, Callable[[Any], Any] | None]] = {}
+    official_only: dict[str, str] = {}
+    for name, _ in official.named_parameters():
+        parts = name.split(".")
+        if name.startswith("encoder.layers.") and parts[3] == "downsample":
+            names[name] = ("encoder." + _official_swin_name(name[len("encoder."):]), merge_order)
+        elif name.startswith("encoder.norm."):
+            tap = stage_ends[int(parts[2])]
+            names[name] = ((f"encoder.norm.{parts[3]}" if tap == last else f"norms.{tap}.{parts[3]}"), None)
+        elif name.startswith("encoder."):
+            names[name] = (name, None)
+        elif parts[0] == "decoder":
+            i, rest = parts[1], ".".join(parts[2:])
+            if rest == "pos_embed":
+                names[name] = (f"decoders.{i}.pos", None)
+            elif rest.startswith("pred."):  # a Linear there, a 1 x 1 Conv2d here
+                names[name] = (f"heads.{i}.0.{parts[-1]}", (lambda t: t.flatten(1)) if parts[-1] == "weight" else None)
+            else:
+                names[name] = (f"decoders.{i}.{rest}", None)
+        elif parts[0] == "hog_enc" and parts[-1] == "bias":  # the filters' fixed random bias: ours gets the same
+            names[name] = (f"hog.layers.{parts[1]}.offset", lambda t: t.view(3, 2))
+        elif parts[0] == "hog_enc":
+            official_only[name] = "the fixed Sobel filters of the HOG target (frozen; ours keeps them as buffers)"
+    imgs = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    seed = 3
+    units = official.num_patches
+    torch.manual_seed(seed)  # forward_encoder's draw, replayed
+    official_mask = (torch.randperm(units) <= int(cfg["mask_ratio"] * units)).float()
+    ours_mod.swin_batch_mask = lambda *_a, **_k: official_mask.clone()
+
+    merge = mod.PatchMerging.forward
+
+    def own_coordinates(self: Any, x: Any, mask_prev: Any) -> tuple[Any, Any, Any]:
+        """The official merge, returning the merged tokens' own coordinates (they are unit-major: unit, row, col)."""
+        out, _, mask_new = merge(self, x, mask_prev)
+        h = self.input_resolution[0]
+        side = (h // 7 if h % 7 == 0 else h // 6) // 2  # tokens per unit side after the merge
+        units = (h // 2) // side
+        ur, uc = torch.meshgrid(torch.arange(units), torch.arange(units), indexing="ij")
+        rr, cc = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        coords = torch.stack([(ur.reshape(-1, 1, 1) * side + rr).reshape(-1),
+                              (uc.reshape(-1, 1, 1) * side + cc).reshape(-1)], -1)
+        return out, coords.to(x.device)[mask_new[0]].reshape(1, -1, 2), mask_new
+
+    def official_forward() -> tuple[Any, dict[str, Any]]:
+        torch.manual_seed(seed)
+        loss, _, _ = official(imgs, mask_ratio=cfg["mask_ratio"])
+        mod.PatchMerging.forward = own_coordinates
+        try:
+            with torch.no_grad():
+                torch.manual_seed(seed)
+                corrected, _, _ = official(imgs, mask_ratio=cfg["mask_ratio"])
+        finally:
+            mod.PatchMerging.forward = merge
+        return loss, {"loss vs the official with its merged tokens' coordinates corrected": corrected.reshape(1)}
+
+    def ours_forward() -> tuple[Any, dict[str, Any]]:
+        loss = ours((imgs,), torch.Generator().manual_seed(seed)).loss
+        return loss, {"loss vs the official with its merged tokens' coordinates corrected": loss.detach().reshape(1)}
+    del taps
+    info = {"official": f"huawei-noah/Efficient-Computing {_commit(root)} LocalMIM/Swin models_mim.{cfg['model']}"
+            f"(target=HOG, hog_nbins={cfg['hog_nbins']}, hog_bias={cfg['hog_bias']})",
+            "ours": "pretrain/localmim_swin_base",
+            "mask_settings": f"randperm({units}) <= int({units} x {cfg['mask_ratio']}): {int(official_mask.sum())} "
+                             "masked units, one mask per batch, replayed into ours"}
+    return Case(official, ours, [(o, u, v) for o, (u, v) in names.items()], {}, official_forward, ours_forward, info,
+                official_only=official_only)
+
+
 def case_maskfeat(root: str, batch: int) -> Case:
     sys.path[:0] = [root, os.path.join(root, "_deps")]
     import numpy as np
@@ -597,6 +704,7 @@ def case_beit(root: str, batch: int) -> Case:
 
 BUILDERS: dict[str, Callable[[str, int], Case]] = {
     "mae": case_mae, "lomar": case_lomar, "extrema": case_extrema, "localmim-vit": case_localmim_vit,
+    "localmim-swin": case_localmim_swin,
     "maskfeat": case_maskfeat, "simmim-vit": case_simmim_vit, "simmim-swin": case_simmim_swin,
     "greenmim": case_greenmim, "beit": case_beit}
 
@@ -618,7 +726,10 @@ def _copy(case: Case) -> int:
     with torch.no_grad():
         for off, name, view in case.pairs:
             dst = ours[name] if name in ours else buffers[name]
-            (view(dst) if view else dst).copy_(src[off])
+            target = view(dst) if view else dst
+            value = src[off]
+            # a view may regroup the tensor (same count: reshaped) or hold several copies of it (broadcast)
+            target.copy_(value.reshape(target.shape) if value.numel() == target.numel() else value)
             covered.add(name)
         for name in case.ours_only:
             base, _, part = name.partition("[")
@@ -683,6 +794,7 @@ def run_case(name: str, exports: list[str], batch: int, n_masks: int) -> dict[st
     for off, ours_name, view in trained:
         a, g = grads_off[off].grad, grads_ours[ours_name].grad
         b = view(g) if view else g
+        a = a.reshape(b.shape)
         rel = float((a - b).abs().max()) / max(float(a.abs().max()), floor, 1e-30)
         if rel > worst:
             worst, worst_name = rel, off

@@ -31,6 +31,13 @@ per-cell normalised pixels. ``grad_isolation`` detaches the input of the stage a
 ``feature_fusion`` adds to the normalised top feature a linear map of each lower tap's normalised r x r block of
 tokens per top-level cell (ConvMAE's stride-r convolution).
 
+Known difference from the official Swin code (benchmarks/official/parity.py, case localmim-swin): the official
+encoder keeps each 32-px unit's visible tokens together (unit-major) but gives the tokens after every patch merging
+raster-order coordinates, so at stages 1 and 2 its windows and relative positions are computed from other tokens'
+coordinates (stage 0 and, one token per unit, stage 3 agree). Ours uses every token's own coordinates; with the
+official coordinates corrected in memory the two losses agree to 1e-7, as is the official loss differs by 1.5e-4
+(Swin-B, random weights). Not reproduced yet.
+
 Two classes, ``LocalMIMViT`` and ``LocalMIMSwin``, share ``LocalMIM`` (targets, weighted loss, logs);
 ``LocalMIM(cfg)`` builds the one of ``cfg``'s arch.
 
