@@ -96,6 +96,14 @@ def _commit(root: str) -> str:
         return "(commit not recorded)"
 
 
+def _bench_configs() -> dict[str, dict[str, Any]]:
+    """bench_extra.py's official settings per configuration (the same models the timing benchmark builds)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_extra import CONFIGS
+
+    return CONFIGS
+
+
 def _resolve(recipe: str) -> dict[str, Any]:
     from repro.resolve import resolve
 
@@ -300,11 +308,7 @@ def case_localmim_vit(root: str, batch: int) -> Case:
 
     from repro.methods.localmim import LocalMIM
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from bench_extra import CONFIGS
-
-    cfg = CONFIGS["localmim-vit-224"]
+    cfg = _bench_configs()["localmim-vit-224"]
     official = getattr(mod, cfg["model"])(hog_nbins=cfg["hog_nbins"], hog_bias=cfg["hog_bias"])
     ours = LocalMIM(_resolve("localmim"))
     taps = list(official.ID)
@@ -354,15 +358,10 @@ def case_localmim_swin(root: str, batch: int) -> Case:
 
     import repro.methods.localmim as ours_mod
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from bench_extra import CONFIGS
-
-    cfg = CONFIGS["localmim-swin-224"]
+    cfg = _bench_configs()["localmim-swin-224"]
     official = getattr(mod, cfg["model"])(target="HOG", hog_nbins=cfg["hog_nbins"], hog_bias=cfg["hog_bias"],
                                           norm_pix_loss=False)
     ours = ours_mod.LocalMIM(_resolve("localmim_swin_base"))
-    taps = ours.taps if hasattr(ours, "taps") else None
     last = sum(len(stage.blocks) for stage in ours.encoder.layers) - 1
     stage_ends = []
     n = 0
@@ -435,7 +434,6 @@ def case_localmim_swin(root: str, batch: int) -> Case:
     def ours_forward() -> tuple[Any, dict[str, Any]]:
         loss = ours((imgs,), torch.Generator().manual_seed(seed)).loss
         return loss, {"loss vs the official with its merged tokens' coordinates corrected": loss.detach().reshape(1)}
-    del taps
     info = {"official": f"huawei-noah/Efficient-Computing {_commit(root)} LocalMIM/Swin models_mim.{cfg['model']}"
             f"(target=HOG, hog_nbins={cfg['hog_nbins']}, hog_bias={cfg['hog_bias']})",
             "ours": "pretrain/localmim_swin_base",
@@ -528,11 +526,9 @@ def _case_simmim(root: str, batch: int, config: str, recipe: str) -> Case:
 
     from repro.methods.simmim import SimMIM, masked_l1, upsample_mask
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from bench_extra import CONFIGS, _simmim_config
+    cfg = _bench_configs()[config]
+    from bench_extra import _simmim_config
 
-    cfg = CONFIGS[config]
     official = mod.build_simmim(_simmim_config(cfg))
     ours = SimMIM(_resolve(recipe))
     img, swin = cfg["img"], cfg["type"] == "swin"
@@ -599,11 +595,7 @@ def case_greenmim(root: str, batch: int) -> Case:
 
     from repro.methods.greenmim import GreenMIM
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from bench_extra import CONFIGS
-
-    cfg = CONFIGS["greenmim-swin-224"]
+    cfg = _bench_configs()["greenmim-swin-224"]
     official = mod.get_pretrain_model(cfg["model"], norm_pix_loss=cfg["norm_pix_loss"])
     ours = GreenMIM(_resolve("greenmim_swin_base"))
     names = {"mask_token": "decoder.mask_token", "decoder_pos_embed": "decoder.pos"}
@@ -620,7 +612,7 @@ def case_greenmim(root: str, batch: int) -> Case:
 
     def official_forward() -> tuple[Any, dict[str, Any]]:
         torch.manual_seed(seed)  # random_masking: torch.rand(1, units) from the global generator
-        loss, pred, mask = official(imgs, mask_ratio=cfg["mask_ratio"])
+        loss, _, mask = official(imgs, mask_ratio=cfg["mask_ratio"])
         return loss, {"mask": mask[0]}
 
     def ours_forward() -> tuple[Any, dict[str, Any]]:
@@ -646,11 +638,7 @@ def case_beit(root: str, batch: int) -> Case:
     from repro.methods.beit import BEiT
     from repro.models.vit import grid_coords
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, here)
-    from bench_extra import CONFIGS
-
-    cfg = CONFIGS["beit-224"]
+    cfg = _bench_configs()["beit-224"]
     official = mod.beit_base_patch16_224_8k_vocab(
         pretrained=False, drop_path_rate=cfg["drop_path"], drop_block_rate=None, use_shared_rel_pos_bias=True,
         use_abs_pos_emb=False, init_values=cfg["init_values"])
