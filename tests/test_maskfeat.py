@@ -179,3 +179,14 @@ def test_slowfast_init() -> None:
     assert torch.all(m.head.bias == 0.0)
     fixed = MaskFeat(resolve("maskfeat", "tiny", {"model": {"pos_embed": "sincos"}}))
     assert not fixed.encoder.pos_embed.requires_grad and float(fixed.encoder.pos_embed.abs().max()) > 0.5
+
+
+def test_mask_block_shape_is_cost_free() -> None:
+    """The blocks' minimum size and aspect shape which patches are masked, not how much work a step does (every
+    patch is encoded): stored cost profiles stay valid when they change."""
+    from repro.profile.projection import cost_key
+    from repro.profile.tables import resolve_row
+
+    base = cost_key(resolve_row("maskfeat", {}))
+    assert cost_key(resolve_row("maskfeat", {"method.min_block": 16, "method.min_aspect": 0.5})) == base
+    assert cost_key(resolve_row("maskfeat", {"method.hog_bins": 18})) != base

@@ -116,7 +116,7 @@ def test_beit_and_greenmim_rows_pair_with_our_recipes(tmp_path):
     assert rows.loc["MaskFeat 224", "official_config"] == "maskfeat-224"
     assert pd.isna(rows.loc["MaskFeat 224"].get("official_img_per_s"))
     md = render(df, env, "job")
-    assert "| MaskFeat 224 | — | — | not measured in this job |" in md and "DALL-E dVAE" in md
+    assert "| MaskFeat 224 | — | — | CPU jobs only |" in md and "DALL-E dVAE" in md  # SlowFast: not on the GPU
     (d / "official-maskfeat.json").write_text(json.dumps({"runs": [_official_run("maskfeat-224", 128, 0.08)],
                                                            "agg": []}))
     rows = side_by_side(d)[0].set_index("config")
@@ -271,3 +271,18 @@ def test_a_cpu_job_compares_eager_steps_and_its_index_reads_them(tmp_path):
     df, env = side_by_side(d)
     assert env["device"] == cpu
     assert df.set_index("config").loc["MaskFeat 224", "eager_over_official"] == pytest.approx(2.5 / 2.0)
+
+
+def test_a_file_profile_keyed_before_a_cost_free_recipe_edit_still_beats_a_log_summary(tmp_path):
+    """A recipe edit that leaves the step's cost alone (a cost-free key) re-keys the recipe; the job's file profile
+    keeps its old key, and must still be the record over a log summary of the same recipe and mode."""
+    d = _modes_job(tmp_path / "job")
+    stale = {**json.loads((d / "repro-a.json").read_text())["pretrain/mae"], "cost_key": "0" * 16}
+    (d / "repro-a.json").write_text(json.dumps({"pretrain/mae": stale}))
+    log = (d / "log.txt").read_text()
+    lost = {k: v for k, v in _ours("mae", 999.0).items() if k not in ("cost_key", "date")}
+    (d / "log.txt").write_text(log + "\n".join([
+        "### repro-gone: start (limit 9s) :: python3 -m repro profile --warmup 2 --steps 5 --compile on "
+        "--json /root/out/repro-gone.json mae", json.dumps(lost, indent=2), "### repro-gone: rc=0"]) + "\n")
+    mae = side_by_side(d)[0].set_index("config").loc["MAE 224"]
+    assert mae["compiled_fused_img_per_s"] == 3200.0 and mae["compiled_fused_from"] == "repro-a.json"

@@ -54,6 +54,8 @@ LATER_CONFIGS: tuple[tuple[str, str, str], ...] = (
     ("GreenMIM Swin-B 224", "greenmim-swin-224", "greenmim_swin_base"),
     ("MaskFeat 224", "maskfeat-224", "maskfeat"),
 )
+# Official benchmarks that only a CPU job can run (their code does not import on the GPU image).
+CPU_ONLY = frozenset({"maskfeat-224"})
 # Always columns of the table (measured or not); other modes a job measured follow them.
 MODES = ("eager", "eager + fused AdamW", "compiled + fused AdamW")
 COMPILED = "compiled + fused AdamW"
@@ -261,8 +263,10 @@ def side_by_side(directory: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     ours: dict[str, dict[str, dict[str, Any]]] = {}
     for p in files:  # later ones win
         ours.setdefault(prof_mode(p), {})[p["cost_key"]] = p
-    for p in logged:  # only where no file has the measurement
-        ours.setdefault(prof_mode(p), {}).setdefault(p["cost_key"], p)
+    for p in logged:  # only where no file has the measurement (a file's key may predate a cost-free recipe edit)
+        same = ours.setdefault(prof_mode(p), {})
+        if not any(f.get("recipe") == p.get("recipe") and not f.get("derived_from") for f in same.values()):
+            same.setdefault(p["cost_key"], p)
     modes = sorted(set(MODES) | set(ours), key=_mode_order)
     rows: list[dict[str, Any]] = []
     seen: list[dict[str, Any]] = []
@@ -385,6 +389,8 @@ def render(df: pd.DataFrame, env: dict[str, Any], source: str) -> str:
         if not _get(r, "official_config"):
             return "no official benchmark"
         measured = _get(r, "official_img_per_s")
+        if measured is None and _get(r, "official_config") in CPU_ONLY and not on_cpu(env["device"]):
+            return "CPU jobs only"
         return _rate(measured) if measured is not None else "not measured in this job"
 
     dates = env["dates"]

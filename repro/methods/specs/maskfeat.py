@@ -23,6 +23,7 @@ class MaskFeatSpec(MethodSpec):
         "hog_bins": 9,
         "cells_per_patch": 2,   # HOG cells per patch side: 16-px patches / 8-px cells
     }
+    cost_free = ("min_block", "min_aspect")  # the block shapes of the 40% masked: every patch is encoded alike
     linear_feature = "avg"
     finetune_pool = "avg"
 
