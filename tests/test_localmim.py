@@ -292,10 +292,16 @@ def test_swin_taps_and_targets() -> None:
     mask = swin_batch_mask(16, 0.75, gen())
     ids = visible_ids_from_units((mask == 0).reshape(4, 4), 8)
     levels = m._swin_levels(imgs, ids)
+    m.official_coords = False  # method.merge_coords=own: a Swin on the visible tokens at their own coordinates
+    own = m._swin_levels(imgs, ids)
     ref = forward_visible(m.encoder, imgs, ids)
     for t, want in zip([1, 3, 5, 7], [*ref.merged, ref.stages[-1]]):
-        assert levels[t].grid == want.grid and torch.equal(levels[t].coords, want.coords)
-        assert torch.allclose(levels[t].tokens, want.tokens, atol=1e-5)
+        assert levels[t].grid == own[t].grid == want.grid
+        assert torch.equal(levels[t].coords, want.coords) and torch.equal(own[t].coords, want.coords)
+        assert torch.allclose(own[t].tokens, want.tokens, atol=1e-5)
+    # merge_coords=official (default): stage 0 alike; stage 1's windows use the official labels, so tap 3 on differ.
+    assert torch.allclose(levels[1].tokens, own[1].tokens, atol=1e-6)
+    assert not torch.allclose(levels[3].tokens, own[3].tokens, atol=1e-3)
     assert [lv.tokens.shape[1] for lv in levels.values()] == [3 * 16, 3 * 4, 3, 3]  # 3 of 16 units visible
     pix = make_swin(target="pixel")
     assert [tuple(t.shape) for t in pix.targets(imgs)] == [(2, 256, 12), (2, 64, 48), (2, 16, 192), (2, 16, 192)]

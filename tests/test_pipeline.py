@@ -204,3 +204,15 @@ def test_report_is_deterministic(chain_run: dict[str, Any], tmp_path: Path,
     knn = _results(runs)["knn"]["metrics"]["knn_top1_k20"]
     assert f"{knn:.2f}" in next(r for r in rows if "mae (1 ep)" in r)
     assert "mae (1 ep) vs random init" in text
+
+
+def test_a_knob_inert_for_the_arch_stays_out_of_the_stage_key() -> None:
+    # LocalMIM's merge_coords acts on a Swin only (MethodSpec.inert): ViT stages keep the keys they had before it.
+    def key(recipe: str, merge: str) -> str:
+        return Stage("pretrain", resolve(recipe, "tiny", {"method": {"merge_coords": merge}})).key
+
+    assert key("localmim", "official") == key("localmim", "own")
+    assert key("localmim_swin_base", "official") != key("localmim_swin_base", "own")
+    vit = resolve("localmim", "tiny")
+    del vit["method"]["merge_coords"]
+    assert Stage("pretrain", vit).key == key("localmim", "official")

@@ -27,6 +27,7 @@ from repro.models.swin import (
     make_grouping,
     merge_visible,
     pack_windows,
+    storage_coords,
     timm_kwargs,
     timm_name,
     visible_ids_from_units,
@@ -154,6 +155,24 @@ def test_merge_visible_equals_timm_patch_merging() -> None:
     assert torch.allclose(got.tokens, ref[:, got.ids], atol=1e-6)
     with pytest.raises(ValueError):  # a 2x2 cell half visible cannot be merged
         merge_visible(merge, SwinTokens(x.reshape(2, 256, -1)[:, ids[1:]], coords[1:], (16, 16)))
+
+
+@pytest.mark.parametrize(("grid", "unit"), [(28, 4), (14, 2), (7, 1), (16, 4), (8, 8)])
+def test_storage_coords_are_the_official_labels(grid: int, unit: int) -> None:
+    # The official LocalMIM Swin: tokens stored unit-major (units in raster order, raster inside a unit), a visible
+    # subset kept, and the kept slots labelled with the raster coordinates of the full grid (coords[mask]).
+    g = torch.Generator().manual_seed(grid + unit)
+    units = grid // unit
+    unit_major = grid_coords(grid, grid).view(units, unit, units, unit, 2).permute(0, 2, 1, 3, 4).reshape(-1, 2)
+    visible_units = torch.rand(units * units, generator=g) < 0.4
+    kept = visible_units.repeat_interleave(unit * unit)
+    true = unit_major[kept]  # the stored tokens' own coordinates, in storage order
+    labels = grid_coords(grid, grid)[kept]  # the official code's
+    assert torch.equal(storage_coords(true, (grid, grid), unit), labels)
+    if unit in (1, grid):  # one token per unit, or one unit: storage order is raster order
+        assert torch.equal(labels, true)
+    with pytest.raises(ValueError, match="does not tile"):
+        storage_coords(true, (grid, grid), grid + 1)
 
 
 def test_masked_forward_shapes_and_block_gradients() -> None:

@@ -12,11 +12,11 @@ Cases (each in its own process: the official repos share module names):
   localmim-swin huawei-noah LocalMIM mim_swin_base_patch4_win7 (visible-only Swin-B, HOG 18 bins with the filters'
               bias, 4 stage taps) vs pretrain/localmim_swin_base; the official batch mask (torch.randperm) and HOG
               biases are handed to ours; its PatchMerging concatenates the 2 x 2 neighbours row-major, timm's
-              column-major, so those weights are copied with their four blocks reordered. NOT equal: the official
-              encoder keeps its visible tokens unit-major (each 32-px unit's tokens together) but gives the tokens
-              of every merged stage raster-order coordinates, so from stage 1 on windows and relative positions use
-              other tokens' coordinates (stage 3, one token per unit, agrees again); ours uses the tokens' own. The
-              case also reports the official loss with those coordinates corrected in memory, which ours matches
+              column-major, so those weights are copied with their four blocks reordered. The official encoder
+              keeps its visible tokens unit-major (each 32-px unit's tokens together) but labels the tokens of every
+              merged stage with the raster coordinates of their storage slot; ours reproduces that by default
+              (method.merge_coords=official). The case also checks merge_coords=own against the official loss with
+              those labels corrected in memory
   lomar       junchen14/LoMaR mae_vit_base_patch16 (224, 4 windows of 7 x 7, 80% masked, iRPE) vs pretrain/lomar with
               method.official_per_gpu_batch = the batch here; ours is handed the official draws (window offsets from
               torch.randperm, per-window mask noise from torch.rand, replayed from the same global seed): its own
@@ -433,7 +433,13 @@ def case_localmim_swin(root: str, batch: int) -> Case:
 
     def ours_forward() -> tuple[Any, dict[str, Any]]:
         loss = ours((imgs,), torch.Generator().manual_seed(seed)).loss
-        return loss, {"loss vs the official with its merged tokens' coordinates corrected": loss.detach().reshape(1)}
+        ours.official_coords = False  # method.merge_coords=own
+        try:
+            with torch.no_grad():
+                own = ours((imgs,), torch.Generator().manual_seed(seed)).loss
+        finally:
+            ours.official_coords = True
+        return loss, {"loss vs the official with its merged tokens' coordinates corrected": own.reshape(1)}
     info = {"official": f"huawei-noah/Efficient-Computing {_commit(root)} LocalMIM/Swin models_mim.{cfg['model']}"
             f"(target=HOG, hog_nbins={cfg['hog_nbins']}, hog_bias={cfg['hog_bias']})",
             "ours": "pretrain/localmim_swin_base",

@@ -31,12 +31,13 @@ per-cell normalised pixels. ``grad_isolation`` detaches the input of the stage a
 ``feature_fusion`` adds to the normalised top feature a linear map of each lower tap's normalised r x r block of
 tokens per top-level cell (ConvMAE's stride-r convolution).
 
-Known difference from the official Swin code (benchmarks/official/parity.py, case localmim-swin): the official
-encoder keeps each 32-px unit's visible tokens together (unit-major) but gives the tokens after every patch merging
-raster-order coordinates, so at stages 1 and 2 its windows and relative positions are computed from other tokens'
-coordinates (stage 0 and, one token per unit, stage 3 agree). Ours uses every token's own coordinates; with the
-official coordinates corrected in memory the two losses agree to 1e-7, as is the official loss differs by 1.5e-4
-(Swin-B, random weights). Not reproduced yet.
+Merged tokens' coordinates (``merge_coords``): the official encoder stores the visible tokens unit-major (each 32-px
+unit's tokens together) and gives the tokens after every patch merging the raster coordinates of their storage slot,
+not their own, so at stages 1 and 2 its windows and relative positions come from those labels (stage 0 and, one token
+per unit, stage 3 use the true ones). ``official`` (default) reproduces it (``repro.models.swin.storage_coords``);
+``own`` gives every token its own coordinates, as a Swin on the full image would. Both are checked against the
+official module (benchmarks/official/parity.py, case localmim-swin; ``own`` against the official with its labels
+corrected in memory).
 
 Two classes, ``LocalMIMViT`` and ``LocalMIMSwin``, share ``LocalMIM`` (targets, weighted loss, logs);
 ``LocalMIM(cfg)`` builds the one of ``cfg``'s arch.
@@ -76,6 +77,7 @@ from repro.models.swin import (
     mask_unit,
     merge_visible,
     stage_groupings,
+    storage_coords,
     visible_ids_from_units,
 )
 from repro.models.swin import encoder_state_dict as swin_state_dict
@@ -296,6 +298,7 @@ class LocalMIMSwin(LocalMIM):
         self.patch = cfg["model"]["patch_size"]
         self.unit_patches = mask_unit(self.encoder)
         self.ugrid = img // (self.patch * self.unit_patches)
+        self.official_coords = p["merge_coords"] == "official"
         self.scales = [float(s) for s in p["scales"]]
         fusion = p["feature_fusion"]
         if p["taps"] is not None:
@@ -387,8 +390,11 @@ class LocalMIMSwin(LocalMIM):
                 if len(out) == len(want):
                     return out
             t = level.tokens
+            coords = level.coords
+            if i > 0 and self.official_coords:  # windows and relative positions from the official code's labels
+                coords = storage_coords(coords, level.grid, level.grid[0] // self.ugrid)
             moved: dict[int, WindowGrouping] = {}  # blocks with the same (window, shift) share one grouping
-            for blk, g in zip(stage.blocks, stage_groupings(stage, level.coords)):
+            for blk, g in zip(stage.blocks, stage_groupings(stage, coords)):
                 if id(g) not in moved:
                     moved[id(g)] = grouping_to(g, dev)
                 t = block_visible(blk, t, moved[id(g)])

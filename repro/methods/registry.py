@@ -40,6 +40,12 @@ class MethodSpec:
         """Raise ConfigError for values out of range (keys and types are checked against ``defaults``)."""
 
     @classmethod
+    def inert(cls, cfg: Mapping[str, Any]) -> tuple[str, ...]:
+        """Knobs that do nothing in the resolved ``cfg`` (e.g. a Swin-only knob on a ViT): left out of its stages'
+        identity, so a knob added for one architecture keeps the others' finished stages."""
+        return ()
+
+    @classmethod
     def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
         """The tiny-scale counterpart of the method's size knobs (see repro.scales.TinyRule)."""
         return params

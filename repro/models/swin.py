@@ -332,6 +332,19 @@ def merge_visible(merge: nn.Module, level: SwinTokens) -> SwinTokens:
     return SwinTokens(x, cells, (h // 2, w // 2))
 
 
+def storage_coords(coords: torch.Tensor, grid: tuple[int, int], unit: int) -> torch.Tensor:
+    """The coordinates the official LocalMIM Swin (Swin/models_mim.py PatchMerging) attaches to merged tokens: it stores
+    tokens unit-major (``unit`` x ``unit`` blocks in raster order, raster inside each block) but labels the token in
+    storage slot p of the full ``grid`` with the raster coordinates of p. (N, 2) true (row, col) -> (N, 2) those
+    labels; the identity where ``unit`` is 1 or covers the grid."""
+    h, w = grid
+    if h % unit or w % unit:
+        raise ValueError(f"a {unit}x{unit} unit does not tile the {h}x{w} grid")
+    r, c = coords[:, 0], coords[:, 1]
+    slot = ((r // unit) * (w // unit) + c // unit) * unit * unit + (r % unit) * unit + c % unit
+    return torch.stack([slot // w, slot % w], dim=1)
+
+
 def stage_groupings(stage: nn.Module, coords: torch.Tensor, mode: str = "auto") -> list[WindowGrouping]:
     """One grouping per distinct (window, shift) of the stage's blocks, listed per block."""
     cache: dict[tuple[int, int], WindowGrouping] = {}

@@ -60,6 +60,13 @@ def _strip(cfg: Mapping[str, Any]) -> dict[str, Any]:
         node.pop(parts[-1], None)
     for meta in ("description", "source", "evals", "tiny_overrides", "tiny_reason"):
         out.pop(meta, None)
+    method = out.get("method")
+    if isinstance(method, dict) and method.get("name"):  # knobs inert for this architecture (MethodSpec.inert)
+        from repro.methods import METHODS
+
+        spec = METHODS.get(str(method["name"]))
+        for k in spec.inert(cfg) if spec is not None else ():
+            method.pop(k, None)
     train = out.get("train")
     if isinstance(train, dict):  # kernel choices, not results: stage keys stay as before these switches existed
         for k in ("fused_optim", "fused_attn", "sync_free", "compile_mode", "embed_visible", "sdpa",

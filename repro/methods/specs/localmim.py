@@ -35,7 +35,9 @@ class LocalMIMSpec(MethodSpec):
         "grad_isolation": False,
         "global_multiscale": False,
         "feature_fusion": False,
+        "merge_coords": "official",  # Swin: official (the official code's labels after a merge) | own
     }
+    cost_free = ("merge_coords",)
     linear_feature = "cls"  # the Swin class probes "avg" (no cls token)
     finetune_pool = "avg"
 
@@ -75,11 +77,19 @@ class LocalMIMSpec(MethodSpec):
         w = params["loss_weights"]
         if w is not None and (len(w) != len(scales) or any(float(x) < 0 for x in w)):
             raise ConfigError(f"method.loss_weights={w} needs one non-negative weight per scale ({len(scales)})")
+        if params["merge_coords"] not in ("official", "own"):
+            raise ConfigError(f"method.merge_coords={params['merge_coords']!r}; valid: official (the official Swin "
+                              "code's coordinates after a patch merging), own (each token's own)")
         if int(params["hog_bins"]) < 1:
             raise ConfigError(f"method.hog_bins={params['hog_bins']} must be >= 1")
         d, h = int(params["decoder_dim"]), int(params["decoder_heads"])
         if h < 1 or d % h or d % 4:
             raise ConfigError(f"method.decoder_dim={d} must be divisible by 4 and by method.decoder_heads={h}")
+
+    @classmethod
+    def inert(cls, cfg: Mapping[str, Any]) -> tuple[str, ...]:
+        """``merge_coords`` does nothing on a ViT (no patch merging)."""
+        return () if is_swin(str((cfg.get("model") or {}).get("arch", ""))) else ("merge_coords",)
 
     @classmethod
     def tiny(cls, params: dict[str, Any], rule: Any) -> dict[str, Any]:
