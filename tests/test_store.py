@@ -231,3 +231,20 @@ def test_report_outputs_do_not_make_the_code_dirty(tmp_path: Path) -> None:
     git("add", "other.txt")
     assert tree_state(tmp_path / "repro")["dirty"] is True
     assert tree_state(Path("/"))["commit"] is None
+
+
+def test_a_superseded_table_stage_is_no_chain(tmp_path: Path) -> None:
+    from repro.report.results import chain_results, collect
+
+    manifest = tmp_path / "tiny" / "tables" / "lomar" / "t2.json"
+    for seed in (0, 1):  # the table's row at old code (folder 0), then re-run by a code change (folder 1)
+        atomic_write_json(folder(tmp_path, seed) / "result.json", fake_result("a" * 40, seed))
+        atomic_write_json(manifest, {"table": "lomar/t2", "scale": "tiny", "overrides": [],
+                                     "rows": [{"label": "LoMaR", "stages": {"linear": str(folder(tmp_path, seed))}}]})
+        store.ingest(tmp_path)
+    atomic_write_json(folder(tmp_path, 2) / "result.json", fake_result("a" * 40, 2))  # a `repro chain` evaluation
+    store.ingest(tmp_path)
+    chains = chain_results(tmp_path, collect(tmp_path))
+    assert [Path(r["_dir"]).name for r in chains] == [folder(tmp_path, 2).name]
+    (tmp_path / store.STORE).unlink()  # without the store only the current manifests tell: folder 0 looks a chain
+    assert len(chain_results(tmp_path, collect(tmp_path))) == 2

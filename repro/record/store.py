@@ -253,6 +253,18 @@ def records(runs_root: str | Path, scale: str | None = None) -> list[dict[str, A
     return list(latest.values())
 
 
+def tabled_folders(runs_root: str | Path) -> set[str]:
+    """Stage folders (relative to the runs root) that a table manifest listed in any run the store collected: every
+    table stage, including those a later code or recipe change superseded. Empty without a readable store."""
+    if not store_path(runs_root).is_file():
+        return set()
+    try:
+        with connect(runs_root, create=False) as con:
+            return {f for (f,) in con.execute("SELECT DISTINCT folder FROM table_rows")}
+    except (sqlite3.Error, ConfigError):
+        return set()
+
+
 def commits(runs_root: str | Path) -> list[str]:
     with connect(runs_root, create=False) as con:
         return [c for (c,) in con.execute("SELECT DISTINCT commit_sha FROM stages WHERE commit_sha IS NOT NULL")]

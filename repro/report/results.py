@@ -50,6 +50,17 @@ def table_folders(runs_root: Path) -> set[str]:
     return out
 
 
+def chain_results(runs_root: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The results of `repro chain` runs: evaluations that no table manifest lists now or listed in an earlier run
+    (the store remembers those: a table stage that a code or recipe change superseded is no chain), and every
+    pretraining (their inputs)."""
+    from repro.record.store import tabled_folders
+    from repro.report.tables import rel_folder
+
+    in_tables = table_folders(runs_root) | tabled_folders(runs_root)
+    return [r for r in results if r["kind"] == "pretrain" or rel_folder(r["_dir"]) not in in_tables]
+
+
 def chain_groups(results: list[dict[str, Any]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
     """(scale, pretraining or random init, encoder, data) -> per evaluation metric the values over seeds, and the
     device-hours: one entry per chain, whatever its number of seeds."""
@@ -244,8 +255,7 @@ def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) 
 
     repo_root = Path(repo_root) if repo_root is not None else Path(out).parent
     results = collect(runs_root)
-    in_tables = table_folders(runs_root)
-    chains = [r for r in results if r["kind"] == "pretrain" or rel_folder(r["_dir"]) not in in_tables]
+    chains = chain_results(runs_root, results)
     df = chain_table(chains)
     commits = sorted({(r["provenance"].get("commit") or "?")[:8] + ("+dirty" if r["provenance"].get("dirty") else "")
                       for r in results})
