@@ -17,7 +17,7 @@
 #   bench_extra.py; raise it for a CPU dry run), EXTRA_CONFIGS (bench_extra.py's --configs), EXTRAS (0; 1: also
 #   the official LocalMIM-Swin / BEiT / GreenMIM and ours for them, as job c), ONLY (comma-separated stage names:
 #   run only those, e.g. a short second call), OFFICIAL_CONFIGS (mae-224,mae-448), GRAPH_RECIPES (the recipes of
-#   repro-plain / repro-cudagraphs: MAE, LoMaR, LocalMIM-Swin, GreenMIM, ExtreMA), PLAIN (1; 0:
+#   repro-plain / repro-cudagraphs: MAE, LoMaR, LocalMIM ViT-B and Swin-B, GreenMIM, ExtreMA), PLAIN (1; 0:
 #   gpu_engine_check.sh skips its plain-mode run), ACCUM (1; 0: it skips its accumulation pair)
 set -u
 OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
@@ -71,8 +71,9 @@ if [ "${EXTRAS:-0}" = 1 ]; then  # the configurations job c measured against the
   stage repro-swin 90 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-swin.json" \
     pretrain/localmim_swin_base pretrain/greenmim_swin_base
 fi
-GRAPHS=${GRAPH_RECIPES:-pretrain/mae pretrain/lomar pretrain/localmim_swin_base pretrain/greenmim_swin_base pretrain/extrema}
-stage repro-plain 90 $P --compile "$COMPILE" --json "$O/repro-plain.json" $(echo $GRAPHS | tr ' ' '\n' | grep -v '^pretrain/mae$')
+GRAPHS=${GRAPH_RECIPES:-pretrain/mae pretrain/lomar pretrain/localmim pretrain/localmim_swin_base pretrain/greenmim_swin_base pretrain/extrema}
+stage repro-plain 100 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-plain.json" \
+  $(echo $GRAPHS | tr ' ' '\n' | grep -v '^pretrain/mae$')
 
 # 3. the engine's whole stage under CUDA graphs (benchmarks/gpu_engine_check.sh: a compiled tiny MAE stage with a
 #    kNN pass per epoch, stopped after its first checkpoint and resumed, beside the plain mode; then both modes with
@@ -81,9 +82,16 @@ stage repro-plain 90 $P --compile "$COMPILE" --json "$O/repro-plain.json" $(echo
 stage engine-cudagraphs 240 bash benchmarks/gpu_engine_check.sh "$O/engine"
 
 # 4. CUDA graphs at the official batch for the recipes of step 2 (job d: MAE 224 1.03x -> 1.61x the official code on
-#    a host-bound machine); batch 256 and compile_scope=all were measured by jobs c and d and are not rerun
-stage repro-cudagraphs 120 $P --compile "$COMPILE" --json "$O/repro-cudagraphs.json" $GRAPHS \
+#    a host-bound machine); batch 256 and compile_scope=all (MAE, LocalMIM-Swin) were measured by jobs c and d and
+#    are not rerun
+stage repro-cudagraphs 120 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-cudagraphs.json" $GRAPHS \
   train.compile_mode=reduce-overhead
+
+# 4b. LocalMIM ViT-B with its glue after the encoder compiled as one graph (train.compile_scope=all): its device idled
+#     40% of the plain step in job b (host-bound glue between compiled blocks); on the CPU the scope takes its host
+#     calls per step from 652 to 332 (tables/efficiency/cpu/host-calls-2026-11-27)
+stage repro-scope-all 60 $P --compile "$COMPILE" --trace "$O/traces" --json "$O/repro-scope-all.json" \
+  pretrain/localmim train.compile_scope=all
 
 # 5. the evaluation steps (fine-tuning, linear probe, kNN forward) whose stored profiles give `repro plan` and the
 #    Slurm --time of ~170 evaluation stages a projection (the others are estimated from these by FLOPs)

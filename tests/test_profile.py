@@ -245,6 +245,14 @@ def test_trace_names_what_the_step_spends_its_time_on(tmp_path, monkeypatch):
     assert t["device_busy_s_per_step"] is None and t["device_s_per_step_by_category"] == {}
     table = (tmp_path / "tr" / "mae-32-b2-eager.txt").read_text()
     assert "aten::addmm" in table or "aten::mm" in table
+    # the host's calls per step, by kind: every parameter's grad accumulated once, eager ops and autograd nodes
+    kinds = t["host_calls_by_kind"]
+    assert t["host_calls_per_step"] == sum(kinds.values()) and t["kernels_per_step"] is None
+    assert kinds["eager ops"] > 0 and kinds["autograd"] > 0 and "compiled" not in kinds
+    n_params = sum(1 for q in bench.build_method(resolve("mae", "paper", ov, kind="pretrain")).parameters()
+                   if q.requires_grad)
+    assert kinds["grad accumulation"] == n_params
+    assert f"host calls per step: {t['host_calls_per_step']:g}" in table
     assert bench._category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
     assert bench._category("flash_fwd_kernel") == "attention"
     assert bench._category("triton_poi_fused_add_native_layer_norm_0") == "fused pointwise / norm (triton)"
@@ -252,6 +260,27 @@ def test_trace_names_what_the_step_spends_its_time_on(tmp_path, monkeypatch):
     assert bench._category("void at::native::unrolled_elementwise_kernel<copy_>") == "copy / fill"
     assert bench._category("multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
     assert bench._category("void at::native::vectorized_elementwise_kernel") == "pointwise / norm (eager)"
+
+
+def test_host_calls_counts_top_level_events_by_kind():
+    """Only events without a parent op count (their children are the same call), kernels are counted apart, and the
+    counts are per step."""
+    from types import SimpleNamespace as E
+
+    parent = E(name="aten::linear", cpu_parent=None, device_type="DeviceType.CPU")
+    events = [parent, E(name="aten::addmm", cpu_parent=parent, device_type="DeviceType.CPU"),
+              E(name="Torch-Compiled Region: 0/0", cpu_parent=None, device_type="DeviceType.CPU"),
+              E(name="TorchDynamo Cache Lookup", cpu_parent=None, device_type="DeviceType.CPU"),
+              E(name="autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", cpu_parent=None,
+                device_type="DeviceType.CPU"),
+              E(name="autograd::engine::evaluate_function: AddmmBackward0", cpu_parent=None,
+                device_type="DeviceType.CPU"),
+              E(name="Optimizer.step#AdamW.step", cpu_parent=None, device_type="DeviceType.CPU"),
+              E(name="sm90_xmma_gemm", cpu_parent=None, device_type="DeviceType.CUDA")] * 2
+    c = bench.host_calls(events, steps=2)
+    assert c["host_calls_by_kind"] == {"compiled": 2.0, "eager ops": 1.0, "grad accumulation": 1.0, "autograd": 1.0,
+                                       "optimizer": 1.0}
+    assert c["host_calls_per_step"] == 6.0 and c["kernels_per_step"] == 1.0
 
 
 # -- stored profiles per device, the side-by-side table, per-device cost tables ------------------------------------

@@ -261,7 +261,7 @@ class ExtreMA(ExtreMASpec, PretrainMethod):
     def after_step(self, step: int, total_steps: int) -> None:
         """EMA of the teacher with the momentum of iteration ``step`` (see the module docstring)."""
         m = momentum_at(step, total_steps, self.params["ema_base"])
-        student = [p.detach() for s, _ in self._pairs() for p in s.parameters()]
+        student = [p for s, _ in self._pairs() for p in s.parameters()]  # no_grad: no detach (one op per tensor)
         teacher = [p for _, t in self._pairs() for p in t.parameters()]
         torch._foreach_mul_(teacher, m)
         torch._foreach_add_(teacher, student, alpha=1.0 - m)

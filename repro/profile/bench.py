@@ -333,10 +333,42 @@ def _category(name: str) -> str:
     return next((c for c, parts in KERNEL_CATEGORIES if any(p in low for p in parts)), "other")
 
 
+# Top-level host events (torch.profiler, no parent op) by what they are; the rest are ops called from Python.
+HOST_CALL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("compiled", ("Torch-Compiled Region", "CompiledFunction", "TorchDynamo Cache Lookup")),
+    ("grad accumulation", ("AccumulateGrad",)),
+    ("autograd", ("autograd::engine::evaluate_function",)),
+    ("optimizer", ("Optimizer.",)),
+)
+
+
+def host_calls(events: Any, steps: int) -> dict[str, Any]:
+    """What the host dispatches per step, from a torch.profiler event list: the top-level events (ops called from
+    Python, autograd nodes run by the backward, compiled-graph calls and their guards, the optimizer's step) by kind,
+    and on a GPU the kernels launched. A count, not a time: it does not depend on the host's speed, so a change to the
+    eager glue between compiled blocks can be checked on a CPU (each call costs a GPU step roughly 5-20 us of host
+    time; a step whose host work exceeds its kernels' time leaves the device idle)."""
+    by_kind: dict[str, int] = {}
+    kernels = 0
+    for e in events:
+        if str(getattr(e, "device_type", "")).endswith("CUDA"):
+            kernels += 1
+            continue
+        if e.cpu_parent is not None:
+            continue
+        kind = next((k for k, parts in HOST_CALL_KINDS if any(p in e.name for p in parts)), "eager ops")
+        by_kind[kind] = by_kind.get(kind, 0) + 1
+    per = max(1, steps)
+    return {"host_calls_per_step": sum(by_kind.values()) / per,
+            "host_calls_by_kind": {k: v / per for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+            "kernels_per_step": kernels / per if kernels else None}
+
+
 def trace_steps(run: Any, steps: int, out: Path, label: str, rows: int = 30) -> dict[str, Any]:
     """Run ``steps`` more steps of ``run`` under torch.profiler; write ``out/label.txt`` (the ops and kernels by
     self time on the device, or the CPU without one) and return a summary: wall time per step, device busy time per
-    step (the kernels' summed time: idle = the device waiting on the host), and busy time by kernel category."""
+    step (the kernels' summed time: idle = the device waiting on the host), busy time by kernel category, and the
+    host's calls per step by kind (``host_calls``; kernels launched on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = run.device.type == "cuda"
@@ -349,8 +381,11 @@ def trace_steps(run: Any, steps: int, out: Path, label: str, rows: int = 30) -> 
     out.mkdir(parents=True, exist_ok=True)
     from repro.io import atomic_write_text
 
+    calls = host_calls(prof.events(), steps)
+    kinds = ", ".join(f"{k} {v:g}" for k, v in calls["host_calls_by_kind"].items())
+    launched = f"; {calls['kernels_per_step']:g} kernels" if calls["kernels_per_step"] else ""
     atomic_write_text(out / f"{label}.txt", f"{label}: {steps} steps, {wall / steps * 1e3:.1f} ms per step (wall)\n"
-                      + table + "\n")
+                      f"host calls per step: {calls['host_calls_per_step']:g} ({kinds}){launched}\n" + table + "\n")
     by_cat: dict[str, float] = {}
     busy = 0.0
     if cuda:
@@ -360,7 +395,7 @@ def trace_steps(run: Any, steps: int, out: Path, label: str, rows: int = 30) -> 
                 busy += t
                 by_cat[_category(e.key)] = by_cat.get(_category(e.key), 0.0) + t
     per = wall / steps
-    return {"label": label, "steps": steps, "wall_s_per_step": per,
+    return {"label": label, "steps": steps, "wall_s_per_step": per, **calls,
             "device_busy_s_per_step": busy / steps if cuda else None,
             "device_idle_fraction": max(0.0, 1 - busy / wall) if cuda and wall > 0 else None,
             "device_s_per_step_by_category": {k: v / steps for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},

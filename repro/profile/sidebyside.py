@@ -232,7 +232,8 @@ def trace_summary(prof: dict[str, Any]) -> dict[str, Any] | None:
     top = max(other.items(), key=lambda kv: kv[1]) if other else (None, None)
     return {"idle": max(0.0, 1 - busy / step) if busy is not None and step else None,
             "idle_traced": t["device_idle_fraction"], "busy_s": busy, "step_s": step,
-            "wall_s": t.get("wall_s_per_step"), "by_category": cats, "top_non_matmul": top[0],
+            "wall_s": t.get("wall_s_per_step"), "host_calls": t.get("host_calls_per_step"),
+            "kernels": t.get("kernels_per_step"), "by_category": cats, "top_non_matmul": top[0],
             "top_non_matmul_s": top[1], "file": Path(str(t.get("table") or "")).name, "label": t.get("label")}
 
 
@@ -485,16 +486,19 @@ def _trace_lines(traces: list[dict[str, Any]], source: str) -> list[str]:
              "(device busy), the device's idle share of the timed step (1 - busy / timed step) and of the traced "
              "step (the profiler's host overhead lengthens traced steps, so that share is larger where the host "
              "limits the step), and the busy time by kernel category in ms/step (repro.profile.bench's "
-             f"KERNEL_CATEGORIES, from kernel names). Ops tables: `{source}/traces/`.", "",
+             f"KERNEL_CATEGORIES, from kernel names); host calls and kernels per step: what the host dispatches "
+             f"(repro.profile.bench.host_calls; jobs before 2026-11-27 did not count them). Ops tables: "
+             f"`{source}/traces/`.", "",
              "| config | mode | img/s (timed) | timed ms/step | traced ms/step | device busy ms/step | idle % of timed "
-             "step | idle % of traced step | " + " | ".join(cats) + " | matmul share of busy | trace |",
-             "|" + "---|" * (10 + len(cats))]
+             "step | idle % of traced step | host calls / step | kernels / step | " + " | ".join(cats)
+             + " | matmul share of busy | trace |",
+             "|" + "---|" * (12 + len(cats))]
     for t in traces:
         busy = t["busy_s"] or 0.0
         lines.append("| " + " | ".join(
             [t["config"], t["mode"], f"{t['images_per_s']:.0f}", _x((t["step_s"] or 0) * 1e3, ".1f"),
              _x((t["wall_s"] or 0) * 1e3, ".1f"), f"{busy * 1e3:.1f}", _x(t["idle"], ".0%"),
-             _x(t["idle_traced"], ".0%")]
+             _x(t["idle_traced"], ".0%"), _x(t.get("host_calls"), ".0f"), _x(t.get("kernels"), ".0f")]
             + [_x(t["by_category"][c] * 1e3, ".1f") if c in t["by_category"] else "—" for c in cats]
             + [_x(t["by_category"].get("matmul", 0.0) / busy if busy else None, ".0%"), t["file"] or "—"]) + " |")
     lines += ["", "What the traces show, per row (computed from the figures above):", ""]
