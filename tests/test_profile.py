@@ -262,6 +262,18 @@ def test_trace_names_what_the_step_spends_its_time_on(tmp_path, monkeypatch):
     assert bench._category("void at::native::vectorized_elementwise_kernel") == "pointwise / norm (eager)"
 
 
+def test_trace_labels_name_every_mode_a_job_runs():
+    from types import SimpleNamespace as R
+
+    cfg = {"recipe": "localmim", "method": {"name": "localmim"}, "data": {"img_size": 224}}
+    labels = {bench.trace_label(cfg, 128, R(compile=c, compile_mode=m, compile_scope=s))
+              for c, m, s in [(False, None, None), (True, None, "blocks"), (True, None, "all"),
+                              (True, "reduce-overhead", "blocks"), (True, "reduce-overhead", "all")]}
+    assert labels == {"localmim-224-b128-eager", "localmim-224-b128-compiled", "localmim-224-b128-compiled-scope-all",
+                      "localmim-224-b128-compiled-reduce-overhead",
+                      "localmim-224-b128-compiled-reduce-overhead-scope-all"}
+
+
 def test_host_calls_counts_top_level_events_by_kind():
     """Only events without a parent op count (their children are the same call), kernels are counted apart, and the
     counts are per step."""

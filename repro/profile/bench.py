@@ -402,6 +402,14 @@ def trace_steps(run: Any, steps: int, out: Path, label: str, rows: int = 30) -> 
             "table": f"{out / label}.txt"}
 
 
+def trace_label(cfg: Mapping[str, Any], batch: int, run: Any) -> str:
+    """A pretraining trace's file stem: recipe, size, batch and mode (compile mode and ``compile_scope=all`` named, so
+    that one job's runs of a recipe in several modes keep a trace each)."""
+    mode = ("compiled" + (f"-{run.compile_mode}" if run.compile_mode else "")
+            + ("-scope-all" if run.compile_scope == "all" else "")) if run.compile else "eager"
+    return f"{cfg.get('recipe') or cfg['method']['name']}-{cfg['data']['img_size']}-b{batch}-{mode}"
+
+
 def choose_batch(cfg: Mapping[str, Any], device: torch.device, build: Any = build_method,
                  steps_for: Any = None) -> tuple[int, str]:
     """(batch, why): the CPU rule, or on a GPU the largest of GPU_BATCHES for which two steps fit in memory
@@ -615,9 +623,7 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     step = float(np.median(times))
     traced = None
     if trace is not None:  # after the timed steps: the profiler's overhead never enters the step time
-        label = (f"{cfg.get('recipe') or cfg['method']['name']}-{cfg['data']['img_size']}-b{batch}-"
-                 f"{'compiled' + ('-' + run.compile_mode if run.compile_mode else '') if run.compile else 'eager'}")
-        traced = trace_steps(run, min(steps, 3), Path(trace), label)
+        traced = trace_steps(run, min(steps, 3), Path(trace), trace_label(cfg, batch, run))
     from repro.engine.train import peak_memory_mb
 
     peak = peak_flops(device)
