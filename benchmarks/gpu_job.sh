@@ -28,6 +28,9 @@ STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export REPRO_CACHE=/tmp/rcache REPRO_RUNS=/tmp/rruns TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+# the profiles it measures go into the job's archive, never into the tree's stored profiles (a CPU dry run would
+# add its batch-2 figures there): keep them with `repro profile --import OUT --store`
+export REPRO_PROFILES=$O/profiles.json
 [ "$DEVICE" = cpu ] && export CUDA_VISIBLE_DEVICES=""
 
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
