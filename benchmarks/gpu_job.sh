@@ -18,10 +18,12 @@
 #   the official LocalMIM-Swin / BEiT / GreenMIM and ours for them, as job c), ONLY (comma-separated stage names:
 #   run only those, e.g. a short second call), OFFICIAL_CONFIGS (mae-224,mae-448), GRAPH_RECIPES (the recipes of
 #   repro-plain / repro-cudagraphs: MAE, LoMaR, LocalMIM ViT-B and Swin-B, GreenMIM, ExtreMA), PLAIN (1; 0:
-#   gpu_engine_check.sh skips its plain-mode run), ACCUM (1; 0: it skips its accumulation pair)
+#   gpu_engine_check.sh skips its plain-mode run), ACCUM (1; 0: it skips its accumulation pair), CAP_FACTOR (1: the
+#   factor on every stage's time cap; raise it for a CPU dry run)
 set -u
 OUT_DIR=${1:?usage: gpu_job.sh OUTDIR}
 O=$(mktemp -d /tmp/gpu-job.XXXXXX)
+trap 'rm -rf "$O"' EXIT  # everything it keeps is in OUTDIR/job.tgz
 mkdir -p "$OUT_DIR"
 B=${B:-128}; BUDGET=${BUDGET:-540}; PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; COMPILE=${COMPILE:-on}
 STEPS=${STEPS:-5}; WARMUP=${WARMUP:-2}
@@ -36,7 +38,7 @@ export REPRO_PROFILES=$O/profiles.json
 left() { echo $(( BUDGET - ($(date +%s) - START) )); }
 # stage NAME CAP CMD...: run CMD with timeout min(CAP, time left); log its wall time and exit status
 stage() {
-  local name=$1 cap=$2; shift 2
+  local name=$1 cap=$(( $2 * ${CAP_FACTOR:-1} )); shift 2
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then echo "### $name: not in ONLY"; return; fi
   local t; t=$(left); [ "$t" -gt "$cap" ] && t=$cap
   if [ "$t" -lt 15 ]; then echo "### $name: skipped ($(left) s left)"; return; fi
