@@ -345,9 +345,9 @@ HOST_CALL_KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
 def host_calls(events: Any, steps: int) -> dict[str, Any]:
     """What the host dispatches per step, from a torch.profiler event list: the top-level events (ops called from
     Python, autograd nodes run by the backward, compiled-graph calls and their guards, the optimizer's step) by kind,
-    and on a GPU the kernels launched. A count, not a time: it does not depend on the host's speed, so a change to the
-    eager glue between compiled blocks can be checked on a CPU (each call costs a GPU step roughly 5-20 us of host
-    time; a step whose host work exceeds its kernels' time leaves the device idle)."""
+    and on a GPU the kernels and copies launched. A count, not a time: it does not depend on the host's speed, so a
+    change to the eager glue between compiled blocks can be checked on a CPU (a step whose host work takes longer than
+    its kernels leaves the device idle)."""
     by_kind: dict[str, int] = {}
     kernels = 0
     for e in events:
