@@ -66,7 +66,6 @@ def main(argv: list[str]) -> int:
         return 2
     out = Path(argv[0])
     targets = argv[1:] or list(DEFAULT)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = []
     for target in targets:
         for mode, compile_ in MODES:
