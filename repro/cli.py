@@ -329,8 +329,8 @@ def _record(args: argparse.Namespace, root: Path, stages: list, status: dict[str
 
 def _check(stages: list, devices: int) -> None:
     """Everything that can be refused is refused here, before any stage starts."""
+    from repro.config import accumulation
     from repro.data.datasets import check_dataset
-    from repro.resolve import accumulation
 
     for s in stages:
         check_dataset(s.cfg["data"])

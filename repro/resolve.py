@@ -114,17 +114,3 @@ def validate(cfg: Mapping[str, Any], method_cls: Any = None) -> None:
                               f"end (optim.warmup_epochs={o['warmup_epochs']}); got {o.get('milestones')}")
     if method_cls is not None:
         method_cls.validate(cfg["method"])
-
-
-def accumulation(cfg: Mapping[str, Any], world_size: int) -> int:
-    """Gradient-accumulation steps that keep the recipe's effective batch on ``world_size`` devices: each device takes
-    the largest divisor of its share that is at most ``train.batch_per_device``, accumulation makes up the rest."""
-    eff, per = cfg["optim"]["batch_size"], cfg["train"]["batch_per_device"]
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"the world size must be a positive integer, not {world_size!r}")
-    if eff % world_size:
-        raise ConfigError(f"optim.batch_size={eff} is not divisible by the world size {world_size}; "
-                          f"use a batch size that is a multiple of {world_size} or change the number of devices")
-    per_dev = eff // world_size
-    per = max(d for d in range(1, min(per, per_dev) + 1) if per_dev % d == 0)
-    return per_dev // per

@@ -279,7 +279,7 @@ def test_every_recipe_satisfies_the_rules() -> None:
 
 
 def test_batch_per_device_adapts_to_the_world_size() -> None:
-    from repro.resolve import accumulation
+    from repro.config import accumulation
 
     cfg = {"optim": {"batch_size": 768}, "train": {"batch_per_device": 64}}
     assert accumulation(cfg, 8) == 2  # 96 per device: 2 x 48

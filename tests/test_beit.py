@@ -17,8 +17,9 @@ from repro.config import ConfigError
 from repro.engine.train import build_optimizer
 from repro.methods.beit import BEiT, TwoViewCrop
 from repro.models.mim import blockwise_mask
+from repro.models.relpos import grid_coords
 from repro.models.tokenizer import DalleEncoder, DalleTokenizer, KMeansTokenizer, map_pixels
-from repro.models.vit import create_vit, grid_coords, set_fused_attn
+from repro.models.vit import create_vit, set_fused_attn
 from repro.resolve import resolve
 from repro.scales import TinyRule
 

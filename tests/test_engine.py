@@ -16,13 +16,13 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import repro.engine.train as train_mod
-from repro.config import ConfigError
+from repro.config import ConfigError, accumulation
 from repro.engine.dist import DistEnv
 from repro.engine.train import base_lr, build_scheduler, fit, lr_at
 from repro.io import CheckpointError, atomic_torch_save, load_checkpoint
 from repro.methods.base import StepOutput
 from repro.methods.mae import MAE
-from repro.resolve import accumulation, resolve
+from repro.resolve import resolve
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 N_IMAGES = 64

@@ -19,7 +19,8 @@ from repro.io import load_checkpoint
 from repro.methods import get_method
 from repro.models.encoders import create_encoder
 from repro.models.export import CARD_FILE, TIMM_FILE, create_timm, timm_card, to_repro, to_timm, write_official
-from repro.models.vit import RelPosAttention, create_vit, encoder_state_dict
+from repro.models.relpos import RelPosAttention
+from repro.models.vit import create_vit, encoder_state_dict
 from repro.resolve import resolve
 
 # (pretraining recipe, timm family the card must name)

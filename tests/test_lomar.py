@@ -16,7 +16,8 @@ from repro.evals.features import load_encoder
 from repro.methods.lomar import LoMaR, window_assignment
 from repro.models.irpe import IRPEAttention, irpe_buckets_per_axis, irpe_piecewise, irpe_product_bucket
 from repro.models.mim import patchify
-from repro.models.vit import create_vit, grid_coords
+from repro.models.relpos import grid_coords
+from repro.models.vit import create_vit
 from repro.resolve import resolve
 from repro.scales import TinyRule
 

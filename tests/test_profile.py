@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from repro.profile import bench, cost, run
-from repro.profile.flops import flops_per_image, method_flops_per_image
-from repro.profile.tables import Calibration, CostRow, CostTable
+from repro.models import cost as model_cost
+from repro.profile import bench, cost, projection, run
+from repro.profile.bench import method_flops_per_image
+from repro.profile.flops import flops_per_image
+from repro.profile.tables import Calibration, CostRow, CostTable, cost_suffix
 from repro.resolve import resolve
 
 MICRO = ["model.embed_dim=32", "model.depth=1", "model.num_heads=2"]
@@ -54,8 +56,8 @@ def test_vit_step_flops_match_analytic_count_with_attention():
 
     counted = flops_per_image(Task(), (x, None), torch.Generator())
     n = (32 // 4) ** 2 + 1
-    attn = 2 * cost.attention_flops(n, n, 32)
-    analytic = cost.linear_flops(n - 1, 3 * 16, 32, input_grad=False) + 2 * cost.block_flops(n, 32, 4.0)
+    attn = 2 * model_cost.attention_flops(n, n, 32)
+    analytic = model_cost.linear_flops(n - 1, 3 * 16, 32, input_grad=False) + 2 * model_cost.block_flops(n, 32, 4.0)
     assert attn / analytic > 0.2
     assert counted["total"] == pytest.approx(analytic, rel=1e-6)
     assert counted["backward"] > counted["forward"]
@@ -429,14 +431,14 @@ def test_cost_table_rows_carry_the_jpeg_loader_figures(tmp_path):
     table = {"t/x": {"meta": {**meta, "table": "t/x", "device": "NVIDIA H200", "precision": "bf16 autocast"},
                      "rows": [{**clean, "recipe": "mae", "overrides": ""}]}}
     (tmp_path / "repro-t.json").write_text(json.dumps(table))
-    (derived,) = [p for s in run.profiles_from_json([tmp_path]).values() for p in s.values()]
+    (derived,) = [p for s in projection.profiles_from_json([tmp_path]).values() for p in s.values()]
     assert derived["loader_jpeg_cpu_images_per_s"] == 22.0 and derived["loader_images_per_s"] == 11.0
 
 
 def test_cost_tables_per_device_named_in_the_efficiency_section(tmp_path):
     from repro.profile.report import cost_table_suffixes, efficiency_section
 
-    assert run.cost_suffix("CPU (x86_64, 2 threads)") == "" and run.cost_suffix("NVIDIA H200") == ".nvidia-h200"
+    assert cost_suffix("CPU (x86_64, 2 threads)") == "" and cost_suffix("NVIDIA H200") == ".nvidia-h200"
     d = tmp_path / "tables" / "lomar"
     d.mkdir(parents=True)
     row = {"row": "LoMaR", "reference": "MAE", "measured_speedup": 1.5, "paper_speedup": 2.5, "status": "measured"}

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from repro.config import ConfigError
 from repro.methods.simmim import SimMIM, masked_l1, unit_mask, upsample_mask
-from repro.models.vit import RelPosAttention, create_vit, set_fused_attn
+from repro.models.relpos import RelPosAttention
+from repro.models.vit import create_vit, set_fused_attn
 from repro.resolve import resolve
 from repro.scales import TinyRule
 

@@ -15,7 +15,8 @@ import torch
 
 from repro.engine.train import apply_fused_attn, build_optimizer
 from repro.models.irpe import IRPEAttention
-from repro.models.vit import RelPosAttention, attention, grid_coords, set_fused_attn
+from repro.models.relpos import RelPosAttention, attention, grid_coords
+from repro.models.vit import set_fused_attn
 from repro.profile.bench import build_method, random_batch
 from repro.resolve import resolve
 

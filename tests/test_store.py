@@ -234,7 +234,8 @@ def test_report_outputs_do_not_make_the_code_dirty(tmp_path: Path) -> None:
 
 
 def test_a_superseded_table_stage_is_no_chain(tmp_path: Path) -> None:
-    from repro.report.results import chain_results, collect
+    from repro.record.store import finished_results
+    from repro.report.results import chain_results
 
     manifest = tmp_path / "tiny" / "tables" / "lomar" / "t2.json"
     for seed in (0, 1):  # the table's row at old code (folder 0), then re-run by a code change (folder 1)
@@ -244,7 +245,7 @@ def test_a_superseded_table_stage_is_no_chain(tmp_path: Path) -> None:
         store.ingest(tmp_path)
     atomic_write_json(folder(tmp_path, 2) / "result.json", fake_result("a" * 40, 2))  # a `repro chain` evaluation
     store.ingest(tmp_path)
-    chains = chain_results(tmp_path, collect(tmp_path))
+    chains = chain_results(tmp_path, finished_results(tmp_path))
     assert [Path(r["_dir"]).name for r in chains] == [folder(tmp_path, 2).name]
     (tmp_path / store.STORE).unlink()  # without the store only the current manifests tell: folder 0 looks a chain
-    assert len(chain_results(tmp_path, collect(tmp_path))) == 2
+    assert len(chain_results(tmp_path, finished_results(tmp_path))) == 2

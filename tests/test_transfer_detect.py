@@ -236,7 +236,7 @@ def test_mm_vit_adapter_loads_strictly_and_gives_the_encoder_features(mmdet_read
 def test_trivial_ap_is_a_low_floor(tmp_path: Path) -> None:
     pytest.importorskip("pycocotools")
     from repro.data.dense import ensure_coco
-    from repro.transfer.detect import trivial_ap
+    from repro.transfer.coco import trivial_ap
 
     root = ensure_coco(tmp_path, img_size=32, n_train=24, n_val=8, num_classes=4)
     ann = root / "annotations"

@@ -9,11 +9,10 @@ import pytest
 import timm
 import torch
 
+from repro.models.relpos import attention, grid_coords
 from repro.models.vit import (
-    attention,
     create_vit,
     encoder_state_dict,
-    grid_coords,
     run_blocks,
     set_fused_attn,
     sincos_2d,

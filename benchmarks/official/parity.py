@@ -642,7 +642,7 @@ def case_beit(root: str, batch: int) -> Case:
     from masking_generator import MaskingGenerator
 
     from repro.methods.beit import BEiT
-    from repro.models.vit import grid_coords
+    from repro.models.relpos import grid_coords
 
     cfg = _bench_configs()["beit-224"]
     official = mod.beit_base_patch16_224_8k_vocab(

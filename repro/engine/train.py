@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
+from repro.config import accumulation
 from repro.data.loader import ResumableSampler, SeededDataset
 from repro.engine.dist import DistEnv, all_reduce_mean, setup
 from repro.engine.hooks import (
@@ -48,7 +49,6 @@ from repro.engine.hooks import (
     set_rng_state,
 )
 from repro.engine.task import StepOutput
-from repro.resolve import accumulation
 
 __all__ = ["CKPT_VERSION", "OPTIMIZERS", "HookBase", "Preempted", "StopFlag", "Trainer", "base_lr", "block_grad_norms",
            "build_optimizer", "build_scheduler", "encoder_blocks", "fit", "lr_at", "new_iteration", "peak_memory_mb",

@@ -77,7 +77,7 @@ def attention_pair_kl(attn: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
 def attention_map(attn_mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The softmax attention ``(B, H, N, N)`` that ``attn_mod`` (a timm ``Attention`` or a ``RelPosAttention``)
     applies to its input ``x`` (B, N, C), recomputed from its ``qkv`` projection."""
-    from repro.models.vit import RelPosAttention
+    from repro.models.relpos import RelPosAttention
 
     b, n, _ = x.shape
     h, hd = attn_mod.num_heads, attn_mod.head_dim

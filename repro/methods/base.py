@@ -9,7 +9,7 @@ any further tensors an evaluation needs (e.g. ExtreMA's class-attention head).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +26,6 @@ class PretrainMethod(MethodSpec, nn.Module):
     from ``MethodSpec``, and each method's class also subclasses its own spec (listed first, so its values win)."""
 
     encoder: nn.Module
-    # Methods of the class that ``train.compile`` with ``train.compile_scope=all`` runs as one graph each through
-    # ``run_unit`` (e.g. everything after the encoder): the glue between the compiled blocks fused, not op by op.
-    compiled_units: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Mapping[str, Any]):
         super().__init__()

@@ -43,14 +43,9 @@ from repro.data.datasets import normalize
 from repro.methods.base import PretrainMethod, StepOutput
 from repro.methods.specs.beit import BEiTSpec
 from repro.models.mim import blockwise_mask, encode_at, gather_tokens, sample_windows
+from repro.models.relpos import RelPosAttention, grid_coords, share_rel_pos_table
 from repro.models.tokenizer import KMeansTokenizer, build_tokenizer
-from repro.models.vit import (
-    RelPosAttention,
-    create_vit,
-    grid_coords,
-    share_rel_pos_table,
-    with_zero_pos_embed,
-)
+from repro.models.vit import create_vit, with_zero_pos_embed
 
 
 class TwoViewCrop:

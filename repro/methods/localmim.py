@@ -146,8 +146,6 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
     """What the ViT and Swin variants share: the per-scale targets, the weighted loss and its logs. ``LocalMIM(cfg)``
     builds the class of ``cfg``'s arch (``LocalMIMViT`` or ``LocalMIMSwin``)."""
 
-    compiled_units = ("decode_losses",)  # train.compile_scope=all: the per-scale glue after the encoder, one graph
-
     scales: list[float]
     cells: list[int]  # target cell size in px, per scale
     weights: list[float]

@@ -30,9 +30,6 @@ class MAE(MAESpec, PretrainMethod):
                                      grid, self.patch**2 * 3)
         mae_init_(self)
 
-    # train.compile_scope=all: the decoder's glue (mask tokens, unshuffle, positions), prediction and loss, one graph
-    compiled_units = ("decode_loss",)
-
     def forward(self, batch: Any, generator: torch.Generator) -> StepOutput:
         imgs = batch[0]
         latent, mask, ids_restore, _ = encode_visible(self.encoder, imgs, self.params["mask_ratio"], generator,

@@ -34,6 +34,10 @@ class MethodSpec:
     # Bumped by any change to the method's code that alters its results: part of its stages' identity (a finished
     # stage made by an older version is recomputed; repro.pipeline.stage.results_version).
     results_version: ClassVar[int] = 1
+    # Methods of the implementation that ``train.compile`` with ``train.compile_scope=all`` runs as one graph each
+    # through ``PretrainMethod.run_unit`` (e.g. everything after the encoder): the glue between the compiled blocks
+    # fused, not op by op.
+    compiled_units: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:
@@ -65,13 +69,18 @@ class MethodSpec:
     @classmethod
     def implementation(cls, cfg: Mapping[str, Any] | None = None) -> type[Any]:
         """The ``nn.Module`` class that runs this method (imports torch); ``cfg`` lets a method pick by arch."""
-        module, _, attr = cls.impl_path.partition(":")
-        return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
+        return load_class(cls.impl_path)
 
     @classmethod
     def build(cls, cfg: Mapping[str, Any]) -> Any:
         """The method module for a resolved pretraining config."""
         return cls.implementation(cfg)(cfg)
+
+
+def load_class(path: str) -> type[Any]:
+    """The class at ``"module:Class"``, its module imported on first use (specs never import their implementation)."""
+    module, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module), attr)  # type: ignore[no-any-return]
 
 
 METHODS: dict[str, type[MethodSpec]] = {}

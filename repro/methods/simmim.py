@@ -34,14 +34,10 @@ from torch import nn
 from repro.config import ConfigError
 from repro.methods.base import PretrainMethod, StepOutput
 from repro.methods.specs.simmim import SimMIMSpec
+from repro.models.relpos import RelPosAttention, has_rel_pos, share_rel_pos_table
 from repro.models.swin import create_swin, is_swin
 from repro.models.swin import encoder_state_dict as swin_state_dict
-from repro.models.vit import (
-    RelPosAttention,
-    create_vit,
-    has_rel_pos,
-    share_rel_pos_table,
-)
+from repro.models.vit import create_vit
 
 
 def unit_mask(n: int, units: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:

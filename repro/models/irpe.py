@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from repro.models.vit import RelPosAttention, grid_coords
+from repro.models.relpos import RelPosAttention, grid_coords
 
 # iRPE's bucket ratio: alpha = 1.9, beta = 3.8, gamma = 15.2 (the official LoMaR/iRPE setting).
 IRPE_RATIO = 1.9

@@ -212,7 +212,8 @@ def encode_visible(encoder: VisionTransformer, imgs: torch.Tensor, mask_ratio: f
     """MAE encoder pass on visible patches + cls. Returns (tokens after final norm, mask, ids_restore, hidden states
     after each block, before the final norm). ``visible_embed``: embed only the kept patches (``embed_visible``;
     the same tokens up to float rounding)."""
-    from repro.models.vit import grid_coords, has_rel_pos, run_blocks
+    from repro.models.relpos import grid_coords, has_rel_pos
+    from repro.models.vit import run_blocks
 
     n, length = imgs.shape[0], encoder.patch_embed.num_patches
     if visible_embed:

@@ -33,7 +33,8 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 
 from repro.models.archs import SWIN_ARCHS, check_geometry, is_swin, swin_dims  # noqa: F401  (re-exported)
-from repro.models.vit import attention, compile_once
+from repro.models.relpos import attention
+from repro.models.vit import compile_once
 
 _TIMM_BASE = {"swin_nano": "swin_tiny", "swin_micro": "swin_tiny", "swin_mini": "swin_tiny"}
 MASK_VALUE = -100.0  # added to the logits of pairs that must not attend (official GreenMIM / Swin value)

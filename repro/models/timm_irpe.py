@@ -16,7 +16,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from repro.models.irpe import IRPEAttention
-from repro.models.vit import RelPosBlock
+from repro.models.relpos import RelPosBlock
 
 # Default sizes of the sized names (timm's ViT sizes); kwargs override them, as with timm's own vit_* names.
 _SIZES = {

@@ -144,7 +144,7 @@ class SlurmExecutor:
             res = replace(res, time_min=self.times[s.key].minutes)
             check_resources(res, self.profile, f"stage {s.name}")
             if "optim" in s.cfg:
-                from repro.resolve import accumulation
+                from repro.config import accumulation
 
                 accumulation(s.cfg, res.world_size)
             deps = sorted((d for d in s.deps.values() if d.key in todo_keys), key=lambda d: d.key)

@@ -142,7 +142,7 @@ def parse_res_overrides(items: Iterable[str]) -> dict[str, Any]:
 
 def fit_to_profile(res: Mapping[str, Any], prof: Profile) -> dict[str, Any]:
     """A default request (resources.yaml) shrunk to what one of ``prof``'s jobs can have: the paper's 8 nodes x 8 GPUs
-    become the profile's largest job; the effective batch is kept by gradient accumulation (resolve.accumulation)."""
+    become the profile's largest job; the effective batch is kept by gradient accumulation (config.accumulation)."""
     out = dict(res)
     out["nodes"] = max(1, min(int(out.get("nodes", 1)), prof.max_nodes))
     gpus = min(int(out.get("gpus_per_node", 0)), prof.gpus_per_node)

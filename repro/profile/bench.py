@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 from repro.config import ConfigError
 
 # The pure arithmetic (dataset sizes, cost key, projection) is torch-free, for planning; re-exported here.
+from repro.profile.flops import batch_size_of, flops_per_image, register_attention_formulas
 from repro.profile.projection import DATASET_SIZES, cost_key, project, step_kind, train_images  # noqa: F401
 
 GPU_BATCHES = (256, 128, 64, 48, 32)
@@ -91,6 +92,15 @@ def random_batch(method: Any, cfg: Mapping[str, Any], n: int, device: torch.devi
     sample = _transform(method, cfg)(_random_image(seed))
     gen = torch.Generator().manual_seed(seed)
     return (_like(sample, n, gen, device), torch.zeros(n, dtype=torch.long, device=device))
+
+
+def method_flops_per_image(cfg: Mapping[str, Any], batch_size: int = 1, seed: int = 0) -> dict[str, float]:
+    """Build the method of a resolved pretraining config on the CPU and count one step on random images."""
+    method = build_method(cfg)
+    method.train()
+    batch = random_batch(method, cfg, batch_size, torch.device("cpu"), seed)
+    gen = torch.Generator().manual_seed(seed)
+    return flops_per_image(method, batch, gen)
 
 
 def attention_impl(device: torch.device) -> str:
@@ -302,7 +312,6 @@ class _Forward:
 def eval_flops_per_image(task: torch.nn.Module, batch: Any) -> dict[str, float]:
     """Counted FLOPs per image of an evaluation step on ``batch`` (CPU): forward + backward (``flops_per_image``) for
     a trained task, the forward only for kNN."""
-    from repro.profile.flops import batch_size_of, flops_per_image, register_attention_formulas
 
     if not isinstance(task, KnnFeatures):
         task.train()
@@ -602,7 +611,6 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     step. No projection (see ``project``). An evaluation config (finetune / linear / knn): ``profile_eval_config``
     (``input_cfg``: the pretraining it evaluates, if known)."""
     from repro.profile.cost import analytic_flops
-    from repro.profile.flops import flops_per_image
 
     if step_kind(cfg) != "pretrain":
         return profile_eval_config(cfg, input_cfg, device=device, warmup=warmup, steps=steps, batch=batch,

@@ -11,7 +11,7 @@ multiply-add = 1 FLOP, attention skipped) are NOT what is reported here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -85,14 +85,3 @@ def flops_per_image(task: torch.nn.Module, batch: Any, generator: torch.Generato
         for p, g in saved.items():
             p.grad = g
     return {k: v / n for k, v in counts.items()}
-
-
-def method_flops_per_image(cfg: Mapping[str, Any], batch_size: int = 1, seed: int = 0) -> dict[str, float]:
-    """Build the method of a resolved pretraining config on the CPU and count one step on random images."""
-    from repro.profile.bench import build_method, random_batch
-
-    method = build_method(cfg)
-    method.train()
-    batch = random_batch(method, cfg, batch_size, torch.device("cpu"), seed)
-    gen = torch.Generator().manual_seed(seed)
-    return flops_per_image(method, batch, gen)

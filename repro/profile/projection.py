@@ -27,7 +27,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -300,6 +300,89 @@ def store_profiles(new: Mapping[str, Mapping[str, Any]], path: Path | None = Non
     p.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(p, {"format": FORMAT, "sets": sets})
     return p
+
+
+def variant_of(prof: dict[str, Any]) -> str:
+    """The switches a debugging / comparison run turned from the device's default (``train.compile_scope=all``,
+    ``train.sdpa`` set, ``train.embed_visible`` off on a GPU), as a mode suffix: ``, compile_scope all``,
+    ``, sdpa flash>efficient``, ``, embed_visible off``."""
+    out = ""
+    if prof.get("compile") and prof.get("compile_scope") == "all" and _scope_matters(prof):
+        out += ", compile_scope all"
+    if prof.get("sdpa"):
+        out += ", sdpa " + ">".join(prof["sdpa"])
+    if prof.get("embed_visible") is False and prof.get("device_type") == "cuda":
+        out += ", embed_visible off"
+    return out
+
+
+def _scope_matters(prof: dict[str, Any]) -> bool:
+    """Whether ``train.compile_scope=all`` compiles more than the blocks for a profile's method: it has compiled
+    units, or visible-only Swin blocks."""
+    from repro.methods.registry import METHODS
+
+    name = prof.get("method")
+    if not name:
+        return False
+    spec = METHODS.get(str(name))
+    return bool(spec is not None and spec.compiled_units) or str(prof.get("arch", "")).startswith("swin")
+
+
+def profiles_from_json(paths: Sequence[Path], variants: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
+    """Profiles (profile set -> cost key -> profile) in ``repro profile --json`` files (a folder: its
+    ``repro-*.json``): each recipe target's full profile, and for a cost table's row without one a profile derived
+    from the row (its step time, batch, MFU and the table's device and switches; marked ``derived_from``). Later
+    files win. A comparison run with a switch off its default (``variant_of``) is left out unless
+    ``variants``: it is the side-by-side table's, not a projection's."""
+    from repro.profile.tables import resolve_row
+
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files += sorted(p.glob("repro-*.json")) if p.is_dir() else [p]
+    full: dict[str, dict[str, dict[str, Any]]] = {}
+    derived: dict[str, dict[str, dict[str, Any]]] = {}
+    for f in files:
+        for target, entry in json.loads(f.read_text()).items():
+            if "rows" not in entry:
+                if "cost_key" not in entry:
+                    raise ConfigError(f"{f}: '{target}' is neither a profile nor a cost table")
+                if variant_of(entry) and not variants:
+                    continue
+                full.setdefault(profile_set(entry), {})[entry["cost_key"]] = entry
+                continue
+            meta = entry["meta"]
+            for r in entry["rows"]:
+                if r.get("status") != "measured":
+                    continue
+                cfg = resolve_row(r["recipe"], dict(o.split("=", 1) for o in (r.get("overrides") or "").split()))
+                prof = {
+                    "recipe": cfg.get("recipe"), "method": cfg["method"]["name"], "img_size": cfg["data"]["img_size"],
+                    "batch": r["batch"], "step_time_s": r["step_time_s"], "s_per_image": r["step_time_s"] / r["batch"],
+                    "images_per_s": r["images_per_s"], "mfu": r.get("mfu"), "mfu_peak": meta.get("mfu_peak"),
+                    **{k: r.get(k) for k in ("loader_images_per_s", "loader_jpeg_cpu_images_per_s",
+                                             "loader_jpeg_device_images_per_s")},
+                    "flops_per_image": (r.get("gflops_per_image") or 0) * 1e9 or None,
+                    "device": meta["device"], "device_type": meta.get("device_type"),
+                    "precision": meta["precision"], "attention": meta.get("attention"), "torch": meta.get("torch"),
+                    "compile": meta.get("compile"), "compile_mode": meta.get("compile_mode"),
+                    "fused_optim": meta.get("fused_optim"),
+                    "recompiles": r.get("recompiles"), "timed_steps": meta.get("steps"),
+                    "warmup_steps": meta.get("warmup"), "date": meta.get("date"), "cost_key": cost_key(cfg),
+                    "derived_from": f"{meta['table']} row '{r['row']}' ({f.name})"}
+                derived.setdefault(profile_set(prof), {})[prof["cost_key"]] = prof
+    out = {}
+    for name in dict.fromkeys([*derived, *full]):
+        out[name] = {**derived.get(name, {}), **full.get(name, {})}
+    return out
+
+
+def import_profiles(paths: Sequence[Path], store: bool = False) -> int:
+    """``repro profile --import``: store the profiles of ``--json`` files, each in its device's set."""
+    for name, profs in profiles_from_json(paths).items():
+        store_profiles(profs, replace=store)
+        print(f"[profile] {len(profs)} profile(s) of {name}: "
+              f"{', '.join(sorted({str(p['recipe']) for p in profs.values()}))}")
+    return 0
 
 
 def choose_set(sets: Mapping[str, Mapping[str, Any]], cfgs: Iterable[Mapping[str, Any]] = (),

@@ -17,7 +17,7 @@ def _f(x: Any, nd: int = 2) -> str:
 
 
 def load_cost_table(repo_root: Path, table_id: str, suffix: str = "") -> dict[str, Any] | None:
-    """A committed cost table (``suffix``: the device part of its file name, ``run.cost_suffix``; none = CPU)."""
+    """A committed cost table (``suffix``: the device part of its file name, ``tables.cost_suffix``; none = CPU)."""
     paper, tid = table_id.split("/", 1)
     p = Path(repo_root) / "tables" / paper / f"{tid}-cost{suffix}.json"
     return json.loads(p.read_text()) if p.exists() else None

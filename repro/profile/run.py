@@ -14,7 +14,6 @@ import csv
 import datetime as _dt
 import io
 import json
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,8 @@ from repro.profile.bench import (
     train_images,
 )
 from repro.profile.cost import analytic_flops, describe
-from repro.profile.projection import repo_root, store_profiles
-from repro.profile.tables import CALIBRATION, EFFICIENCY_TABLES, CostRow, cost_table, resolve_row
+from repro.profile.projection import import_profiles, repo_root, store_profiles
+from repro.profile.tables import CALIBRATION, EFFICIENCY_TABLES, CostRow, cost_suffix, cost_table, resolve_row
 
 CSV_FIELDS = ("row", "recipe", "overrides", "status", "batch", "step_time_s", "images_per_s", "mfu", "compile",
               "recompiles", "loader_images_per_s", "loader_jpeg_cpu_images_per_s", "loader_jpeg_device_images_per_s",
@@ -164,14 +163,6 @@ def profile_table(table_id: str, repo_root: Path, *, warmup: int = 1, steps: int
     return {"meta": meta, "rows": rows}
 
 
-def cost_suffix(device: str | None) -> str:
-    """The device part of a cost table's file name: none for a CPU (the project's machine), else ``.<device>``
-    (``t1-cost.nvidia-h200.md``), so each device's table sits beside the others."""
-    if not device or device.startswith("CPU"):
-        return ""
-    return "." + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-
-
 def _write_outputs(table_id: str, repo_root: Path, meta: dict[str, Any], rows: list[dict[str, Any]],
                    cal_row: dict[str, Any]) -> None:
     paper, tid = table_id.split("/", 1)
@@ -276,7 +267,7 @@ LOMAR_VIEWS = {224: 4, 384: 6, 448: 9}  # LoMaR paper Sec. 2.1 (the lomar, lomar
 def flops_benchmark(repo_root: Path, resolutions: Sequence[int] = (224, 384, 448), log: Any = print) -> Path:
     """FLOPs per image (fwd + bwd, attention counted) at each resolution for MAE, LoMaR and LocalMIM ViT-B/16,
     counted on one image and beside the analytic model; writes tables/efficiency/flops.md (+ .json)."""
-    from repro.profile.flops import method_flops_per_image
+    from repro.profile.bench import method_flops_per_image
 
     rows = []
     for label, recipe, ov in FLOPS_CONFIGS:
@@ -491,64 +482,6 @@ def _profile_recipe(recipe: str, overrides: Sequence[str], store: bool = False, 
     print(json.dumps(line, indent=2, default=str), flush=True)
     store_profiles({cost_key(cfg): prof}, replace=store)
     return prof
-
-
-def profiles_from_json(paths: Sequence[Path], variants: bool = False) -> dict[str, dict[str, dict[str, Any]]]:
-    """Profiles (profile set -> cost key -> profile) in ``repro profile --json`` files (a folder: its
-    ``repro-*.json``): each recipe target's full profile, and for a cost table's row without one a profile derived
-    from the row (its step time, batch, MFU and the table's device and switches; marked ``derived_from``). Later
-    files win. A comparison run with a switch off its default (``sidebyside.variant_of``) is left out unless
-    ``variants``: it is the side-by-side table's, not a projection's."""
-    from repro.profile.projection import profile_set
-    from repro.profile.sidebyside import variant_of
-
-    files: list[Path] = []
-    for p in map(Path, paths):
-        files += sorted(p.glob("repro-*.json")) if p.is_dir() else [p]
-    full: dict[str, dict[str, dict[str, Any]]] = {}
-    derived: dict[str, dict[str, dict[str, Any]]] = {}
-    for f in files:
-        for target, entry in json.loads(f.read_text()).items():
-            if "rows" not in entry:
-                if "cost_key" not in entry:
-                    raise ConfigError(f"{f}: '{target}' is neither a profile nor a cost table")
-                if variant_of(entry) and not variants:
-                    continue
-                full.setdefault(profile_set(entry), {})[entry["cost_key"]] = entry
-                continue
-            meta = entry["meta"]
-            for r in entry["rows"]:
-                if r.get("status") != "measured":
-                    continue
-                cfg = resolve_row(r["recipe"], dict(o.split("=", 1) for o in (r.get("overrides") or "").split()))
-                prof = {
-                    "recipe": cfg.get("recipe"), "method": cfg["method"]["name"], "img_size": cfg["data"]["img_size"],
-                    "batch": r["batch"], "step_time_s": r["step_time_s"], "s_per_image": r["step_time_s"] / r["batch"],
-                    "images_per_s": r["images_per_s"], "mfu": r.get("mfu"), "mfu_peak": meta.get("mfu_peak"),
-                    **{k: r.get(k) for k in ("loader_images_per_s", "loader_jpeg_cpu_images_per_s",
-                                             "loader_jpeg_device_images_per_s")},
-                    "flops_per_image": (r.get("gflops_per_image") or 0) * 1e9 or None,
-                    "device": meta["device"], "device_type": meta.get("device_type"),
-                    "precision": meta["precision"], "attention": meta.get("attention"), "torch": meta.get("torch"),
-                    "compile": meta.get("compile"), "compile_mode": meta.get("compile_mode"),
-                    "fused_optim": meta.get("fused_optim"),
-                    "recompiles": r.get("recompiles"), "timed_steps": meta.get("steps"),
-                    "warmup_steps": meta.get("warmup"), "date": meta.get("date"), "cost_key": cost_key(cfg),
-                    "derived_from": f"{meta['table']} row '{r['row']}' ({f.name})"}
-                derived.setdefault(profile_set(prof), {})[prof["cost_key"]] = prof
-    out = {}
-    for name in dict.fromkeys([*derived, *full]):
-        out[name] = {**derived.get(name, {}), **full.get(name, {})}
-    return out
-
-
-def import_profiles(paths: Sequence[Path], store: bool = False) -> int:
-    """``repro profile --import``: store the profiles of ``--json`` files, each in its device's set."""
-    for name, profs in profiles_from_json(paths).items():
-        store_profiles(profs, replace=store)
-        print(f"[profile] {len(profs)} profile(s) of {name}: "
-              f"{', '.join(sorted({str(p['recipe']) for p in profs.values()}))}")
-    return 0
 
 
 def cli_main(args: Any) -> int:

@@ -27,9 +27,9 @@ import pandas as pd
 
 from repro.config import ConfigError
 from repro.io import atomic_write_text
-from repro.profile.bench import KERNEL_CATEGORIES, cost_key
-from repro.profile.projection import CUDA_GRAPHS, compile_label
-from repro.profile.tables import resolve_row
+from repro.profile.bench import KERNEL_CATEGORIES
+from repro.profile.projection import CUDA_GRAPHS, compile_label, cost_key, profiles_from_json, variant_of
+from repro.profile.tables import cost_suffix, resolve_row
 
 # (label, official benchmark config, our recipe): the paper configurations measured side by side.
 CONFIGS: tuple[tuple[str, str, str], ...] = (
@@ -150,8 +150,6 @@ def log_profiles(directory: Path) -> list[dict[str, Any]]:
 def _file_profiles(directory: Path) -> list[dict[str, Any]]:
     """Our profiles in DIR's repro-*.json, each marked with its file (``_from``), in the order later ones win: a
     cost-table row's derived profile before any full profile, then by file name."""
-    from repro.profile.run import profiles_from_json
-
     found: list[tuple[bool, int, dict[str, Any]]] = []
     for i, f in enumerate(sorted(Path(directory).glob("repro-*.json"))):
         for profs in profiles_from_json([f], variants=True).values():
@@ -169,31 +167,6 @@ def mode_of(prof: dict[str, Any], batch: int | None) -> str:
     if batch is not None and prof.get("batch") not in (None, batch):
         mode += f", batch {prof['batch']}"
     return mode
-
-
-def variant_of(prof: dict[str, Any]) -> str:
-    """The switches a debugging / comparison run turned from the device's default (``train.compile_scope=all``,
-    ``train.sdpa`` set, ``train.embed_visible`` off on a GPU), as a mode suffix: ``, compile_scope all``,
-    ``, sdpa flash>efficient``, ``, embed_visible off``."""
-    out = ""
-    if prof.get("compile") and prof.get("compile_scope") == "all" and _scope_matters(prof):
-        out += ", compile_scope all"
-    if prof.get("sdpa"):
-        out += ", sdpa " + ">".join(prof["sdpa"])
-    if prof.get("embed_visible") is False and prof.get("device_type") == "cuda":
-        out += ", embed_visible off"
-    return out
-
-
-def _scope_matters(prof: dict[str, Any]) -> bool:
-    """Whether ``train.compile_scope=all`` compiles more than the blocks for a profile's method: it has compiled
-    units, or visible-only Swin blocks."""
-    from repro.methods import get_method
-
-    name = prof.get("method")
-    if not name:
-        return False
-    return bool(get_method(name).compiled_units) or str(prof.get("arch", "")).startswith("swin")
 
 
 def mode_tag(mode: str) -> str:
@@ -629,8 +602,6 @@ def on_cpu(device: str) -> bool:
 
 def device_file_name(device: str) -> str:
     """``side-by-side-<device>`` (``-cpu`` for a CPU)."""
-    from repro.profile.run import cost_suffix
-
     return "side-by-side" + (cost_suffix(device).replace(".", "-", 1) or "-cpu")
 
 

@@ -10,6 +10,7 @@ relative to BEiT; every paper ratio is recomputed from the paper's own time colu
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,6 +117,14 @@ def cost_table(table_id: str) -> CostTable:
     ref = REFERENCES.get(table_id) or _fixed(spec.reference_row or rows[0].label)
     return CostTable(table_id, spec.paper, col.unit or "h", col.measure == "pretrain.hours_per_epoch", rows, ref,
                      f"repro.spec ({spec.source})")
+
+
+def cost_suffix(device: str | None) -> str:
+    """The device part of a cost table's file name: none for a CPU (the project's machine), else ``.<device>``
+    (``t1-cost.nvidia-h200.md``), so each device's table sits beside the others."""
+    if not device or device.startswith("CPU"):
+        return ""
+    return "." + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
 
 
 def resolve_row(recipe: str, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from repro.config import ConfigError
+from repro.pipeline.stage import RESULT
 
 STORE = "store.sqlite"
 SCHEMA_VERSION = 1
@@ -129,8 +130,8 @@ def _walk(runs_root: Path) -> tuple[list[Path], list[Path]]:
         if "tables" in dirnames and Path(dirpath).name in ("tiny", "paper"):
             manifests += sorted((Path(dirpath) / "tables").glob("*/*.json"))
         dirnames[:] = sorted(d for d in dirnames if d not in _SKIP_DIRS and not d.startswith("."))
-        if "result.json" in filenames:
-            results.append(Path(dirpath) / "result.json")
+        if RESULT in filenames:
+            results.append(Path(dirpath) / RESULT)
     return results, manifests
 
 
@@ -251,6 +252,21 @@ def records(runs_root: str | Path, scale: str | None = None) -> list[dict[str, A
         r["metrics"] = mets.get(r["id"], {})
         latest[(r["commit_sha"], r["dirty"], r["folder"], r["table_id"], r["row_label"], r["overrides"])] = r
     return list(latest.values())
+
+
+def finished_results(runs_root: str | Path) -> list[dict[str, Any]]:
+    """The finished results in the stage folders now under ``runs_root`` (``<scale>/<kind>/<stage>/result.json``),
+    each with its folder as ``_dir``: what the report renders. A file that does not parse is skipped."""
+    out = []
+    for p in sorted(Path(runs_root).glob(f"*/*/*/{RESULT}")):
+        try:
+            r = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            continue
+        if r.get("status") == "done":
+            r["_dir"] = str(p.parent)
+            out.append(r)
+    return out
 
 
 def tabled_folders(runs_root: str | Path) -> set[str]:

@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 
 from repro.io import atomic_write_json, atomic_write_text
-from repro.pipeline.stage import RESULT
+from repro.record.store import finished_results
 
 RUN_HISTORY = "run-history.json"
 
@@ -20,19 +20,6 @@ METRIC_COLUMNS = {
     "linear": [("linear_top1", "linear top-1")],
     "knn": [("knn_top1_k20", "kNN top-1 (k=20)"), ("knn_top1_k200", "kNN top-1 (k=200)")],
 }
-
-
-def collect(runs_root: Path) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted(Path(runs_root).glob(f"*/*/*/{RESULT}")):
-        try:
-            r = json.loads(p.read_text())
-        except json.JSONDecodeError:
-            continue
-        if r.get("status") == "done":
-            r["_dir"] = str(p.parent)
-            out.append(r)
-    return out
 
 
 def table_folders(runs_root: Path) -> set[str]:
@@ -254,7 +241,7 @@ def write_results_md(runs_root: Path, out: Path, repo_root: Path | None = None) 
     from repro.report.tables import rel_folder
 
     repo_root = Path(repo_root) if repo_root is not None else Path(out).parent
-    results = collect(runs_root)
+    results = finished_results(runs_root)
     chains = chain_results(runs_root, results)
     df = chain_table(chains)
     commits = sorted({(r["provenance"].get("commit") or "?")[:8] + ("+dirty" if r["provenance"].get("dirty") else "")

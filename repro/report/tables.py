@@ -75,9 +75,9 @@ def rel_folder(folder: str | Path) -> str:
 
 def load_results(runs_root: Path) -> dict[str, dict[str, Any]]:
     """Finished stages' results by stage folder (``rel_folder``)."""
-    from repro.report.results import collect
+    from repro.record.store import finished_results
 
-    return {rel_folder(r["_dir"]): r for r in collect(runs_root)}
+    return {rel_folder(r["_dir"]): r for r in finished_results(runs_root)}
 
 
 # ---- manifests: what a run made for each row -----------------------------------------------------------------------

@@ -35,6 +35,7 @@ from typing import Any
 import yaml
 
 from repro.config import ConfigError
+from repro.spec.load import load_specs, spec_root
 
 DIRECTIONS = ("higher", "lower", "not lower", "not higher", "similar")
 CLAIM_KEYS = ("id", "paper", "text", "table", "rows", "measure", "paper_direction")
@@ -60,8 +61,6 @@ class Claim:
 
 
 def claims_path() -> Path:
-    from repro.spec import spec_root
-
     return spec_root() / CLAIMS_FILE
 
 
@@ -116,8 +115,6 @@ def _entry(raw: Any, keys: tuple[str, ...], where: str, specs: Mapping[str, Any]
 
 def parse(data: Any, where: str = CLAIMS_FILE) -> tuple[list[Claim], list[Claim]]:
     """(claims, signal bars) of a parsed claims file, validated against the table specs."""
-    from repro.spec import load_specs
-
     if not isinstance(data, dict) or set(data) - {"claims", "signal"}:
         raise ConfigError(f"{where}: expected a mapping with 'claims' and 'signal' lists")
     specs = load_specs()

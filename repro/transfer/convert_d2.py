@@ -138,7 +138,7 @@ def irpe_attention_cls() -> type[nn.Module]:
     from detectron2.modeling.backbone.vit import Attention
 
     from repro.models.irpe import irpe_buckets_per_axis, irpe_product_bucket
-    from repro.models.vit import grid_coords
+    from repro.models.relpos import grid_coords
 
     class IRPEAttentionD2(Attention):  # type: ignore[misc]
         def __init__(self, dim: int, num_heads: int, **kw: Any):

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from repro.config import ConfigError
+from repro.transfer.coco import ap_metrics, encoder_state, iterations, trivial_ap
 from repro.transfer.convert_d2 import add_irpe, d2_vit_args, load_into_d2, use_irpe
-from repro.transfer.detect import ap_metrics, encoder_state, iterations, trivial_ap
 
 CKPT_DIR = "d2"
 

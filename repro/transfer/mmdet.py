@@ -39,7 +39,7 @@ import torch
 
 from repro.config import ConfigError
 from repro.io import atomic_torch_save, own_framework_checkpoints
-from repro.transfer.detect import ap_metrics, coco_stats, encoder_state, trivial_ap
+from repro.transfer.coco import ap_metrics, coco_stats, encoder_state, trivial_ap
 
 SWIN_CONFIG = "swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py"
 BACKBONE_FILE = "backbone_mmdet.pth"

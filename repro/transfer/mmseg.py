@@ -50,7 +50,7 @@ def _backbone_class() -> type:
     from torch import nn
 
     from repro.models.irpe import irpe_buckets_per_axis, irpe_product_bucket
-    from repro.models.vit import grid_coords
+    from repro.models.relpos import grid_coords
 
     class ReproAttention(MAEAttention):
         """mmseg's MAE attention that also runs without a cls token (the relative bias table's cls entries are

@@ -64,7 +64,7 @@ class ExtreMASpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """``num_masks`` students on ``int(L (1 - r))`` patches each (+ heads), a forward-only teacher on all L."""
-        from repro.profile.cost import block_flops, class_attention_flops, linear_flops, vit_geometry
+        from repro.models.cost import block_flops, class_attention_flops, linear_flops, vit_geometry
 
         g = vit_geometry(cfg)
         if g is None:

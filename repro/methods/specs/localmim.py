@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from repro.config import ConfigError
-from repro.methods.registry import MethodSpec, check_ratio, register
+from repro.methods.registry import MethodSpec, check_ratio, load_class, register
 from repro.models.archs import ARCHS, SWIN_ARCHS, is_swin, swin_stage_ends
 
 SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
@@ -40,15 +40,14 @@ class LocalMIMSpec(MethodSpec):
     cost_free = ("merge_coords",)
     linear_feature = "cls"  # the Swin class probes "avg" (no cls token)
     finetune_pool = "avg"
+    compiled_units = ("decode_losses",)  # train.compile_scope=all: the per-scale glue after the encoder, one graph
 
     @classmethod
     def implementation(cls, cfg: Mapping[str, Any] | None = None) -> type[Any]:
         """``LocalMIM`` (which builds the arch's class), or with ``cfg`` the ViT or Swin class itself."""
-        from repro.methods import localmim
-
         if cfg is None:
-            return localmim.LocalMIM
-        return localmim.LocalMIMSwin if is_swin(cfg["model"]["arch"]) else localmim.LocalMIMViT
+            return load_class(cls.impl_path)
+        return load_class(cls.impl_path + ("Swin" if is_swin(cfg["model"]["arch"]) else "ViT"))
 
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:
@@ -111,7 +110,7 @@ class LocalMIMSpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """MAE's encoder, then per scale one small decoder on all L + 1 positions and its rescaling head (ViT only)."""
-        from repro.profile.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
+        from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
 
         g = vit_geometry(cfg)
         if g is None:
@@ -133,7 +132,7 @@ class LocalMIMSpec(MethodSpec):
 
 def _rescale_head_flops(scale: float, grid: int, dim: int, out: int) -> float:
     """The rescaling head (deconvolutions / pooling, then a 1x1 conv), forward + backward."""
-    from repro.profile.cost import linear_flops
+    from repro.models.cost import linear_flops
 
     g2 = grid * grid
     if scale == 4.0:

@@ -68,7 +68,7 @@ class LoMaRSpec(MethodSpec):
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """``num_windows`` sequences of K^2 + 1 tokens whatever the resolution (or, encoder_decoder, the visible
         window patches through the encoder and the whole window through the decoder)."""
-        from repro.profile.cost import block_flops, linear_flops, vit_geometry
+        from repro.models.cost import block_flops, linear_flops, vit_geometry
 
         g = vit_geometry(cfg)
         if g is None:

@@ -22,6 +22,8 @@ class MAESpec(MethodSpec):
     }
     linear_feature = "cls"
     finetune_pool = "avg"
+    # train.compile_scope=all: the decoder's glue (mask tokens, unshuffle, positions), prediction and loss, one graph
+    compiled_units = ("decode_loss",)
 
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:
@@ -34,7 +36,7 @@ class MAESpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """Visible patches (+ cls) through the encoder; the decoder on all L + 1 positions."""
-        from repro.profile.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
+        from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
 
         g = vit_geometry(cfg)
         if g is None:

@@ -52,7 +52,7 @@ class MaskFeatSpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """Every patch (+ cls) through the encoder."""
-        from repro.profile.cost import block_flops, linear_flops, vit_geometry
+        from repro.models.cost import block_flops, linear_flops, vit_geometry
 
         g = vit_geometry(cfg)
         if g is None:
