@@ -25,8 +25,8 @@ reproduce: $(STAMP)
 
 ## Run the test-suite (unit + small end-to-end) and ruff.
 test: $(STAMP)
-	$(BIN)/ruff check repro tests
+	$(BIN)/ruff check repro tests benchmarks
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check repro tests
+	$(BIN)/ruff check repro tests benchmarks

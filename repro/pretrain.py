@@ -13,9 +13,9 @@ import torch
 from repro.data.datasets import build_split, crop_flip_transform, eval_transform
 from repro.data.device_input import train_split
 from repro.engine.dist import DistEnv, setup
+from repro.engine.fit import fit
 from repro.engine.hooks import EpochEval
 from repro.engine.pretrain import export_encoder
-from repro.engine.train import fit
 from repro.evals.features import features
 from repro.evals.knn import extract, knn_accuracy
 from repro.methods import get_method

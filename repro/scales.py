@@ -62,7 +62,7 @@ def _width_depth(arch: str) -> tuple[int, int]:
 class TinyRule:
     """The paper -> tiny mapping for one recipe (knows the paper arch, for width/depth ratios)."""
 
-    def __init__(self, paper_arch: str):
+    def __init__(self, paper_arch: str) -> None:
         self.paper_arch = paper_arch
         self.tiny_arch = TINY_ARCH.get(paper_arch, paper_arch)
         pd, pdepth = _width_depth(paper_arch)

@@ -16,7 +16,7 @@ from torch.utils.data import TensorDataset
 
 from repro.config import ConfigError
 from repro.engine.dist import DistEnv
-from repro.engine.train import fit
+from repro.engine.fit import fit
 from repro.evals.analysis import (
     _even_subset,
     attention_map,

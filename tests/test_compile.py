@@ -163,3 +163,17 @@ def test_compiled_visible_swin_and_glue_match_eager_without_recompiles(recipe: s
     eager = build_method(cfg)
     eager.train()
     _compiled_matches_eager(eager, cfg, 6, scope="all")
+
+
+def test_every_compiled_unit_is_a_method_of_its_implementation() -> None:
+    """``compiled_units`` is a spec fact (the side-by-side renderer reads it without torch); each name must be a
+    method of the ``nn.Module`` that runs it, or ``run_unit`` fails only under ``train.compile_scope=all``."""
+    from repro.methods import METHODS
+
+    units = {name: spec.compiled_units for name, spec in METHODS.items()}
+    assert units["mae"] and units["localmim"]  # the two methods with glue worth one graph
+    for name, spec in METHODS.items():
+        impl = spec.implementation()
+        assert impl.compiled_units == spec.compiled_units
+        for unit in spec.compiled_units:
+            assert callable(getattr(impl, unit, None)), f"{name}: compiled unit '{unit}' is not a method"

@@ -18,7 +18,9 @@ from torch.utils.data import TensorDataset
 import repro.engine.train as train_mod
 from repro.config import ConfigError, accumulation
 from repro.engine.dist import DistEnv
-from repro.engine.train import base_lr, build_scheduler, fit, lr_at
+from repro.engine.fit import fit
+from repro.engine.hooks import Preempted
+from repro.engine.train import base_lr, build_scheduler, lr_at
 from repro.io import CheckpointError, atomic_torch_save, load_checkpoint
 from repro.methods.base import StepOutput
 from repro.methods.mae import MAE
@@ -315,7 +317,7 @@ def test_preemption_at_an_epoch_end_keeps_its_grad_norms(tmp_path: Path) -> None
     cfg = _cfg(**{"train.grad_norms": True})
     _, straight = _train(cfg, tmp_path / "a")
     torch.manual_seed(123)
-    with pytest.raises(train_mod.Preempted):
+    with pytest.raises(Preempted):
         fit(SignallingMAE(cfg), _data(), cfg, tmp_path / "b", env=CPU, desc="test")
     ck = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pth")
     assert (ck["step"], ck["micro"], ck["epoch"]) == (4, 8, 0) and ck["grad_norms"]["pending"]

@@ -27,7 +27,8 @@ from torch.utils.data import TensorDataset
 
 from repro.cli import main
 from repro.engine.dist import DistEnv
-from repro.engine.train import Preempted, fit
+from repro.engine.fit import fit
+from repro.engine.hooks import Preempted
 from repro.io import load_checkpoint
 from repro.methods.base import StepOutput
 from repro.pipeline import slurm, worker

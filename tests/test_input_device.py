@@ -21,7 +21,7 @@ from repro.data.datasets import crop_flip_transform
 from repro.data.device_input import EncodedImages, device_plan, encode_file, encoded_split, train_split
 from repro.data.loader import SeededDataset
 from repro.engine.dist import DistEnv
-from repro.engine.train import fit
+from repro.engine.fit import fit
 from repro.methods.mae import MAE
 from repro.profile.bench import jpeg_loader_bench, write_jpegs
 from repro.resolve import resolve

@@ -171,7 +171,7 @@ def test_sacct_reconciliation_sums_requeued_runs(tmp_path: Path, monkeypatch: py
 
 def test_preempted_worker_is_not_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A signal-triggered checkpoint exits with PREEMPTED_EXIT and writes no failed.json (the stage is requeued)."""
-    from repro.engine.train import Preempted
+    from repro.engine.hooks import Preempted
     from repro.pipeline import worker
 
     def stopped(spec: object) -> None:

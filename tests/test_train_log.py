@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from repro.engine.dist import DistEnv
+from repro.engine.fit import fit
 from repro.engine.hooks import SCALARS_FILE, TB_DIR
 from repro.engine.task import StepOutput
-from repro.engine.train import fit
 from repro.resolve import resolve
 
 CPU = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

@@ -141,7 +141,7 @@ class SkippingImageFolder(datasets.ImageFolder):
     """ImageFolder that skips an image that fails to decode (a corrupt file met during training): it is counted in
     ``skipped`` (per process), logged once, and the next decodable image of the folder takes its place."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.skipped: set[str] = set()
 
@@ -165,7 +165,7 @@ class InMemoryImageFolder(datasets.ImageFolder):
     """ImageFolder whose images are decoded once, at construction, and kept in memory: the embedded data sets (a few
     thousand 32-px images, ~3 KB each decoded), where reading and decoding a file cost as much as augmenting it."""
 
-    def __init__(self, root: str, transform: Callable[[Any], Any] | None = None):
+    def __init__(self, root: str, transform: Callable[[Any], Any] | None = None) -> None:
         super().__init__(root, transform=transform)
         self.images = [self.loader(path) for path, _ in self.samples]  # the default loader returns RGB, loaded
 
@@ -179,7 +179,7 @@ class INatJson(SkippingImageFolder):
     to the root; ``annotations[]``: image_id, category_id; ``categories[]``). Classes are the category ids in order
     (the json's ``categories``, else those annotated), so train and val share one label space."""
 
-    def __init__(self, root: Path, split: str, year: int, transform: Callable[[Any], Any] | None = None):
+    def __init__(self, root: Path, split: str, year: int, transform: Callable[[Any], Any] | None = None) -> None:
         import json
 
         from torchvision.datasets.folder import default_loader

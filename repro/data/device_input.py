@@ -147,7 +147,8 @@ class EncodedImages(Dataset):
     ``labels``; ``to_device`` finishes it on the device. ``samples``: (path, label); ``images``: decoded PIL
     images kept in memory instead of files (the embedded data sets)."""
 
-    def __init__(self, samples: Sequence[tuple[str, int]], plan: DevicePlan, images: Sequence[Any] | None = None):
+    def __init__(self, samples: Sequence[tuple[str, int]], plan: DevicePlan,
+                 images: Sequence[Any] | None = None) -> None:
         self.samples = list(samples)
         self.plan = plan
         self.images = images

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 
 class SeededDataset(Dataset):
-    def __init__(self, base: Dataset, seed: int):
+    def __init__(self, base: Dataset, seed: int) -> None:
         self.base = base
         self.seed = seed
         self.epoch = 0
@@ -52,7 +52,7 @@ class ResumableSampler(Sampler[int]):
     """Epoch-seeded permutation, sharded across ranks (rank r takes every world-th index), that can skip the
     first ``start`` samples of this rank's share (mid-epoch resume)."""
 
-    def __init__(self, n: int, world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+    def __init__(self, n: int, world_size: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True) -> None:
         self.n, self.world, self.rank, self.seed, self.shuffle = n, world_size, rank, seed, shuffle
         self.epoch, self.start = 0, 0
         self.per_rank = n // world_size

@@ -28,62 +28,18 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from repro.engine.train import READABLE_VERSIONS, HookBase
 from repro.io import CheckpointError, atomic_torch_save, atomic_write_text, load_checkpoint
 
-if TYPE_CHECKING:
-    from repro.engine.train import Trainer
-
-CKPT_VERSION = 2  # 2: hook states under their keys (grad_norms, log); 1 (no hook states) still loads
-READABLE_VERSIONS = (1, 2)
 SCALARS_FILE = "scalars.csv"
 TB_DIR = "tb"
 
-
-class HookBase:
-    """A no-op at every point of the loop; subclasses override what they need. ``trainer`` is set on registration."""
-
-    key: str | None = None  # where this hook's state goes in the checkpoint (None: it has none)
-    trainer: Trainer
-
-    def before_train(self) -> None:
-        pass
-
-    def before_epoch(self) -> None:
-        pass
-
-    def before_step(self) -> None:
-        pass
-
-    def before_update(self) -> None:
-        """Gradients of the step are accumulated (still scaled, not clipped); the optimizer has not stepped."""
-
-    def after_step(self) -> None:
-        pass
-
-    def epoch_metrics(self, epoch: int) -> dict[str, Any]:
-        """Values to add to the history record of the epoch that just ended (``epoch`` counted from 1)."""
-        return {}
-
-    def after_epoch(self) -> None:
-        pass
-
-    def after_train(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def state_dict(self) -> Any:
-        return None
-
-    def load_state_dict(self, state: Any) -> None:
-        pass
 
 
 # ------------------------------------------------------------------------------------------------------- RNG state
@@ -249,8 +205,9 @@ class Preemption(HookBase):
         t = self.trainer
         if t.stopped or not self.requested():  # a max_steps stop checkpoints anyway
             return
-        t.checkpointer.save()
-        raise Preempted(f"signal {self.flag.signal} at step {t.step}; checkpoint written to {t.checkpointer.last}",
+        ckpt = next(h for h in t.hooks if isinstance(h, Checkpointer))
+        ckpt.save()
+        raise Preempted(f"signal {self.flag.signal} at step {t.step}; checkpoint written to {ckpt.last}",
                         self.flag.signal)
 
 

@@ -6,7 +6,7 @@ and one optimisation step: AdamW/LARS/SGD with lr = blr x effective batch / 256,
 scheduler), gradient accumulation that keeps the recipe's effective batch on any number of devices, autocast (bf16,
 or fp16 with a gradient scaler), DDP and clipping. Everything around the step is a hook (``repro.engine.hooks``):
 exact checkpoint/resume with every RNG state, preemption, accounting, gradient norms, per-epoch evaluations and
-the training log. ``fit`` builds a Trainer with the default hooks.
+the training log. ``repro.engine.fit.fit`` builds a Trainer with the default hooks.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import math
 import random
 import signal
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,28 +30,10 @@ from torch.utils.data import DataLoader, Dataset
 from repro.config import accumulation
 from repro.data.loader import ResumableSampler, SeededDataset
 from repro.engine.dist import DistEnv, all_reduce_mean, setup
-from repro.engine.hooks import (
-    CKPT_VERSION,
-    Accounting,
-    Checkpointer,
-    EpochEval,
-    GradNorms,
-    HookBase,
-    Preempted,
-    Preemption,
-    StopFlag,
-    TrainLog,
-    block_grad_norms,
-    encoder_blocks,
-    peak_memory_mb,
-    rng_state,
-    set_rng_state,
-)
 from repro.engine.task import StepOutput
 
-__all__ = ["CKPT_VERSION", "OPTIMIZERS", "HookBase", "Preempted", "StopFlag", "Trainer", "base_lr", "block_grad_norms",
-           "build_optimizer", "build_scheduler", "encoder_blocks", "fit", "lr_at", "new_iteration", "peak_memory_mb",
-           "rng_state", "set_rng_state"]
+__all__ = ["CKPT_VERSION", "OPTIMIZERS", "HookBase", "Trainer", "base_lr", "build_optimizer", "build_scheduler",
+           "lr_at", "new_iteration"]
 
 
 def _ignore_sigint(worker_id: int) -> None:
@@ -262,6 +243,55 @@ def default_param_groups(task: nn.Module, optim: Mapping[str, Any]) -> list[dict
 
 
 
+CKPT_VERSION = 2  # 2: hook states under their keys (grad_norms, log); 1 (no hook states) still loads
+READABLE_VERSIONS = (1, 2)
+
+
+class HookBase:
+    """A no-op at every point of the loop; subclasses override what they need. ``trainer`` is set on registration."""
+
+    key: str | None = None  # where this hook's state goes in the checkpoint (None: it has none)
+    trainer: Trainer
+
+    def before_train(self) -> None:
+        pass
+
+    def before_epoch(self) -> None:
+        pass
+
+    def before_step(self) -> None:
+        pass
+
+    def before_update(self) -> None:
+        """Gradients of the step are accumulated (still scaled, not clipped); the optimizer has not stepped."""
+
+    def after_step(self) -> None:
+        pass
+
+    def epoch_metrics(self, epoch: int) -> dict[str, Any]:
+        """Values to add to the history record of the epoch that just ended (``epoch`` counted from 1)."""
+        return {}
+
+    def after_epoch(self) -> None:
+        pass
+
+    def after_train(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        """What this hook adds to the trainer's summary (the stage's accounting) when training ends."""
+        return {}
+
+    def state_dict(self) -> Any:
+        return None
+
+    def load_state_dict(self, state: Any) -> None:
+        pass
+
+
 class Trainer:
     """The training loop and one optimisation step; everything else is a hook (``repro.engine.hooks``).
 
@@ -342,10 +372,6 @@ class Trainer:
     def _call(self, point: str) -> None:
         for h in self.hooks:
             getattr(h, point)()
-
-    @property
-    def checkpointer(self) -> Checkpointer:
-        return next(h for h in self.hooks if isinstance(h, Checkpointer))
 
     # ---- state
     def state_dict(self) -> dict[str, Any]:
@@ -477,7 +503,9 @@ class Trainer:
             self.stopped = True
 
     def summary(self) -> dict[str, Any]:
-        acct = next((h.summary() for h in self.hooks if isinstance(h, Accounting)), {})
+        acct: dict[str, Any] = {}
+        for h in self.hooks:
+            acct.update(h.summary())
         return {
             "completed": self.epoch >= self.epochs,
             "epochs": self.epoch, "steps": self.step, "steps_per_epoch": self.steps_per_epoch,
@@ -486,34 +514,3 @@ class Trainer:
             "device": self.env.device.type, "world_size": self.env.world_size,
             "precision": self.precision,  # as run by this process: fp32 | bf16 | fp16 (autocast + GradScaler)
         }
-
-
-def default_hooks(task: nn.Module, cfg: Mapping[str, Any], out_dir: str | Path,
-                  epoch_hook: Callable[[int], Mapping[str, Any]] | None = None,
-                  extra: Sequence[HookBase] = (), stop: StopFlag | None = None) -> list[HookBase]:
-    """The hooks ``fit`` trains with, in the order they run (``stop``: a signal flag installed by the caller)."""
-    tcfg, out_dir = cfg["train"], Path(out_dir)
-    hooks: list[HookBase] = [Checkpointer(out_dir / "checkpoints", tcfg.get("keep_every") or 0), Accounting()]
-    if tcfg.get("grad_norms"):
-        hooks.append(GradNorms(task))
-    if epoch_hook is not None:
-        hooks.append(EpochEval(epoch_hook))
-    hooks += list(extra)
-    hooks += [TrainLog(out_dir, int(tcfg.get("log_every", 50))), Preemption(stop)]
-    return hooks
-
-
-def fit(task: nn.Module, train_set: Dataset, cfg: Mapping[str, Any], out_dir: str | Path, *,
-        epoch_hook: Callable[[int], Mapping[str, Any]] | None = None, desc: str = "train",
-        env: DistEnv | None = None, hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
-    """Train ``task`` on ``train_set`` under ``cfg['optim']``/``cfg['train']``, resuming from ``out_dir`` if possible.
-
-    Returns the accounting and per-epoch history. Raises ``Preempted`` after checkpointing when signalled.
-    The accounting (wall time, device-seconds, images) sums every process segment of the stage: the totals are
-    kept in the checkpoint, so a stage killed or requeued and resumed reports what it cost in all.
-    ``epoch_hook(epoch)`` runs after each epoch (task in eval mode) and adds to its record; ``hooks`` are more.
-    """
-    with StopFlag() as stop:  # from the start: a signal during the set-up stops the run after its first step
-        trainer = Trainer(task, train_set, cfg, env=env, desc=desc)
-        trainer.register_hooks(default_hooks(task, cfg, out_dir, epoch_hook, hooks, stop))
-        return trainer.train()

@@ -15,7 +15,7 @@ the paper's definitions are followed (Sec. 3.2, App. A.2, A.3), with NMI as Stre
 - **Gradient norm** of each encoder block (Fig. 5): the paper loads the checkpoint of the median epoch of a full
   schedule and computes the L2 norm of each layer's parameter gradient under that state. Here the engine records,
   when the pretraining runs with ``train.grad_norms: true``, the per-block L2 norm of the (unscaled, accumulated,
-  pre-clipping) gradient of the last optimizer step of every epoch (``repro.engine.train.block_grad_norms``); this
+  pre-clipping) gradient of the last optimizer step of every epoch (``repro.engine.hooks.block_grad_norms``); this
   stage reports the record of the median epoch ``ceil(epochs / 2)`` from the pretraining stage's ``result.json``.
 
 Attention is recomputed explicitly from each block's ``qkv`` projection (the model itself runs timm's fused SDPA,
@@ -174,7 +174,7 @@ def run_analysis(cfg: Mapping[str, Any], out_dir: object) -> dict[str, Any]:
 
     from repro.data.datasets import build_split, eval_transform
     from repro.engine.dist import setup
-    from repro.engine.train import peak_memory_mb
+    from repro.engine.hooks import peak_memory_mb
     from repro.evals.features import eval_encoder
 
     metrics_wanted = _check(cfg)

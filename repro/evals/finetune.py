@@ -14,8 +14,9 @@ from timm.optim import param_groups_layer_decay
 from torch import nn
 
 from repro.data.datasets import build_split, eval_transform
+from repro.engine.fit import fit
 from repro.engine.task import StepOutput
-from repro.engine.train import fit, new_iteration
+from repro.engine.train import new_iteration
 from repro.evals.features import eval_encoder
 from repro.evals.knn import topk_accuracy
 
@@ -51,7 +52,7 @@ def train_transform(cfg: Mapping[str, Any]) -> Any:
 
 
 class Classifier(nn.Module):
-    def __init__(self, cfg: Mapping[str, Any], num_classes: int):
+    def __init__(self, cfg: Mapping[str, Any], num_classes: int) -> None:
         super().__init__()
         self.model = eval_encoder(cfg, cfg.get("init"), num_classes=num_classes,
                                   global_pool=cfg["model"]["global_pool"])

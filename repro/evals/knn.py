@@ -152,7 +152,7 @@ def run_knn(cfg: dict, out_dir: object) -> dict:
 
     from repro.data.datasets import build_split, eval_transform
     from repro.engine.dist import setup
-    from repro.engine.train import peak_memory_mb
+    from repro.engine.hooks import peak_memory_mb
     from repro.evals.features import eval_encoder, feature_kind, features, instance_head
 
     env = setup()

@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 from repro.data.datasets import build_split, crop_flip_transform, eval_transform
+from repro.engine.fit import fit
 from repro.engine.task import StepOutput
-from repro.engine.train import fit, new_iteration
+from repro.engine.train import new_iteration
 from repro.evals.features import eval_encoder, feature_kind, features, instance_head
 from repro.evals.knn import topk_accuracy
 
 
 class LinearProbe(nn.Module):
-    def __init__(self, cfg: Mapping[str, Any], num_classes: int):
+    def __init__(self, cfg: Mapping[str, Any], num_classes: int) -> None:
         super().__init__()
         self.encoder = eval_encoder(cfg, cfg.get("init"))
         self.encoder.requires_grad_(False)

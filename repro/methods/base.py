@@ -27,7 +27,7 @@ class PretrainMethod(MethodSpec, nn.Module):
 
     encoder: nn.Module
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__()
         self.cfg = cfg
         self.params = dict(cfg["method"])

@@ -54,7 +54,7 @@ class TwoViewCrop:
     (pixels in [0, 1]), as RandomResizedCropAndInterpolationWithTwoPic."""
 
     def __init__(self, size: int, scale: tuple[float, float], hflip: float, color_jitter: float, interpolation: str,
-                 second_size: int | None = None, second_interpolation: str = "lanczos"):
+                 second_size: int | None = None, second_interpolation: str = "lanczos") -> None:
         self.size, self.scale, self.hflip = size, scale, hflip
         self.jitter = transforms.ColorJitter(color_jitter, color_jitter, color_jitter) if color_jitter else None
         self.interp = transforms.InterpolationMode(interpolation)
@@ -92,7 +92,7 @@ def beit_init_(module: nn.Module, blocks: nn.ModuleList, std: float = 0.02) -> N
 
 
 class BEiT(BEiTSpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p, m = self.params, cfg["model"]
         img = cfg["data"]["img_size"]

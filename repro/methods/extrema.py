@@ -121,7 +121,7 @@ class PairTransform:
     """
 
     def __init__(self, mode: str, img_size: int, crop_scale: tuple[float, float] = (0.2, 1.0), hflip: float = 0.5,
-                 interpolation: str = "bicubic", jitter_p: float = 0.8, gray_p: float = 0.2):
+                 interpolation: str = "bicubic", jitter_p: float = 0.8, gray_p: float = 0.2) -> None:
         if mode not in AUGS:
             raise ConfigError(f"method.aug={mode!r} is unknown; valid: {', '.join(AUGS)}")
         self.mode = mode
@@ -162,7 +162,7 @@ class PairTransform:
 
 
 class ExtreMA(ExtreMASpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         model = dict(cfg["model"])

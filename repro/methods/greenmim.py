@@ -51,7 +51,7 @@ def batch_mask(units: int, mask_ratio: float, generator: torch.Generator) -> tup
 
 
 class GreenMIM(GreenMIMSpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         if not is_swin(cfg["model"]["arch"]):

@@ -206,7 +206,7 @@ class LocalMIM(LocalMIMSpec, PretrainMethod):
 class LocalMIMViT(LocalMIM):
     """LocalMIM on a ViT: MAE's visible-only encoder, taps on its blocks, one MAE decoder per scale."""
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]
@@ -284,7 +284,7 @@ class LocalMIMSwin(LocalMIM):
 
     linear_feature = "avg"  # no cls token in a Swin: probe the mean of the last stage's tokens
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]

@@ -64,7 +64,7 @@ def cached_window_assignment(n: int, num_windows: int, official_batch: int | Non
 
 
 class LoMaR(LoMaRSpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         m = cfg["model"]

@@ -19,7 +19,7 @@ from repro.models.vit import create_vit
 
 
 class MAE(MAESpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]

@@ -58,7 +58,7 @@ def slowfast_vit_init_(vit: nn.Module) -> None:
 
 
 class MaskFeat(MaskFeatSpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]

@@ -85,7 +85,7 @@ def simmim_vit_init_(vit: nn.Module) -> None:
 
 
 class SimMIM(SimMIMSpec, PretrainMethod):
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__(cfg)
         p = self.params
         img = cfg["data"]["img_size"]

@@ -31,7 +31,7 @@ from torch import nn
 class HOG(nn.Module):
     """``forward(imgs (N, 3, H, W)) -> (N, 3 * nbins, H / cell, W / cell)``; buffers only, no parameters."""
 
-    def __init__(self, nbins: int = 9, cell: int = 8, bias: bool = False, bias_seed: int = 0):
+    def __init__(self, nbins: int = 9, cell: int = 8, bias: bool = False, bias_seed: int = 0) -> None:
         super().__init__()
         if nbins < 1 or cell < 1:
             raise ValueError(f"HOG needs nbins >= 1 and cell >= 1, got nbins={nbins}, cell={cell}")
@@ -111,7 +111,7 @@ class HOGLayers(nn.Module):
     its own independent draw, as the official per-layer Conv2d biases; without it the layers are identical and one
     gradient pass serves every cell size."""
 
-    def __init__(self, nbins: int, num_layers: int, bias: bool = False):
+    def __init__(self, nbins: int, num_layers: int, bias: bool = False) -> None:
         super().__init__()
         self.nbins = nbins
         self.layers = nn.ModuleList([HOG(nbins, bias=bias, bias_seed=i) for i in range(num_layers if bias else 1)])

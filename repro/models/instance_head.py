@@ -25,7 +25,7 @@ class InstanceHead(nn.Module):
     ``avgpool``: LayerNorm of every token, then the mean. ``vit_cls``: the (already normed) token 0."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, depth: int, design: str,
-                 layer_scale: float = 0.1):
+                 layer_scale: float = 0.1) -> None:
         super().__init__()
         self.design = design
         if design == "cait":

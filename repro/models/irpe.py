@@ -49,7 +49,8 @@ class IRPEAttention(RelPosAttention):
     raster order.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True, **kw: Any):
+    def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True,
+                 **kw: Any) -> None:
         super().__init__(dim, num_heads, grid, num_prefix=num_prefix, qkv_bias=qkv_bias, **kw)
         del self.rel_table  # the per-head table of the 'bias' kind; iRPE has its own
         self.num_buckets = irpe_buckets_per_axis() ** 2  # + 1 for the prefix token below

@@ -261,7 +261,7 @@ class MaskedDecoder(nn.Module):
     table, run transformer blocks, and predict ``out_dim`` values per patch (cls dropped)."""
 
     def __init__(self, in_dim: int, dim: int, depth: int, heads: int, grid: int, out_dim: int | None,
-                 mlp_ratio: float = 4.0):
+                 mlp_ratio: float = 4.0) -> None:
         super().__init__()
         self.embed = nn.Linear(in_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -288,7 +288,7 @@ class UnitDecoder(nn.Module):
     """GreenMIM's decoder (also LocalMIM's on a Swin): embed the visible latents, fill the other units with a mask
     token, add fixed sin-cos positions, transformer blocks, norm, linear prediction of every unit."""
 
-    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, grid: int, out_dim: int):
+    def __init__(self, in_dim: int, dim: int, depth: int, heads: int, grid: int, out_dim: int) -> None:
         super().__init__()
         norm = partial(nn.LayerNorm, eps=1e-6)
         self.embed = nn.Linear(in_dim, dim)

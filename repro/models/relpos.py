@@ -50,7 +50,8 @@ class RelPosAttention(Attention):
     (LoMaR's contextual iRPE, ``repro.models.irpe``) subclass this and override ``position_term``.
     """
 
-    def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True, **kw: Any):
+    def __init__(self, dim: int, num_heads: int, grid: int, num_prefix: int = 1, qkv_bias: bool = True,
+                 **kw: Any) -> None:
         super().__init__(dim, num_heads=num_heads, qkv_bias=qkv_bias, **kw)
         self.fused_attn = True  # SDPA whatever timm's default; ``set_fused_attn`` (train.fused_attn) switches it
         self.grid = grid

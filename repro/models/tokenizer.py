@@ -101,7 +101,7 @@ class KMeansTokenizer(Tokenizer):
     kind = "kmeans"
     substitute = True
 
-    def __init__(self, vocab_size: int, patch_size: int, norm: str = "patch", iters: int = 10):
+    def __init__(self, vocab_size: int, patch_size: int, norm: str = "patch", iters: int = 10) -> None:
         super().__init__()
         if norm not in ("patch", "none"):
             raise ConfigError(f"method.kmeans_norm={norm!r}; valid: patch, none")
@@ -150,7 +150,7 @@ class KMeansTokenizer(Tokenizer):
 class DalleConv(nn.Module):
     """DALL-E's Conv2d: parameters ``w`` (out, in, kw, kw) and ``b`` (out), 'same' padding."""
 
-    def __init__(self, n_in: int, n_out: int, kw: int):
+    def __init__(self, n_in: int, n_out: int, kw: int) -> None:
         super().__init__()
         self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw * kw))
         self.b = nn.Parameter(torch.zeros(n_out))
@@ -163,7 +163,7 @@ class DalleConv(nn.Module):
 class DalleEncoderBlock(nn.Module):
     """id_path (1x1 conv when the width changes) + post_gain * (relu-conv3-relu-conv3-relu-conv3-relu-conv1)."""
 
-    def __init__(self, n_in: int, n_out: int, n_layers: int):
+    def __init__(self, n_in: int, n_out: int, n_layers: int) -> None:
         super().__init__()
         hid = n_out // 4
         self.post_gain = 1.0 / n_layers**2
@@ -184,7 +184,8 @@ class DalleEncoder(nn.Module):
     (widths 1, 2, 4, 8 x n_hid; 2x max-pool after the first three), ReLU + 1x1 conv to ``vocab_size`` logits. Module
     and parameter names match OpenAI's, so its ``state_dict()`` loads as is."""
 
-    def __init__(self, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192, group_count: int = 4):
+    def __init__(self, n_hid: int = 256, n_blk_per_group: int = 2, vocab_size: int = 8192,
+                 group_count: int = 4) -> None:
         super().__init__()
         n_layers = group_count * n_blk_per_group
         widths = [n_hid * 2**i for i in range(group_count)]
@@ -218,7 +219,8 @@ class DalleTokenizer(Tokenizer):
     kind = "dalle"
     substitute = False
 
-    def __init__(self, path: str | Path | None, vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2):
+    def __init__(self, path: str | Path | None, vocab_size: int = 8192, n_hid: int = 256,
+                 n_blk_per_group: int = 2) -> None:
         super().__init__()
         if not path or not Path(path).is_file():
             raise ConfigError(f"method.tokenizer=dalle needs method.tokenizer_path=<DALL-E encoder state dict>; "

@@ -233,7 +233,7 @@ def _context() -> Any:
 class _Running:
     """One launched stage: a forked process or a torchrun subprocess, and the read position in its log."""
 
-    def __init__(self, stage: Stage, handle: Any, log: Path):
+    def __init__(self, stage: Stage, handle: Any, log: Path) -> None:
         self.stage, self.handle, self.log, self.pos = stage, handle, log, log.stat().st_size if log.exists() else 0
         self.code: int | None = None
         self.alive: Any = None  # a forked stage: the write end of its parent-alive pipe
@@ -279,7 +279,7 @@ class LocalExecutor:
     with per-table counts when ``tables`` (table id -> its stages) is given."""
 
     def __init__(self, devices: int = 1, stream: bool = True, jobs: int = 1,
-                 tables: Mapping[str, Iterable[Stage]] | None = None):
+                 tables: Mapping[str, Iterable[Stage]] | None = None) -> None:
         self.devices = devices
         self.stream = stream
         self.jobs = max(1, jobs)

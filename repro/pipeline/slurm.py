@@ -114,7 +114,7 @@ class SlurmExecutor:
 
     def __init__(self, profile: Profile, log_root: Path | None = None, res_overrides: Mapping[str, Any] | None = None,
                  dry_run: bool = False, wait: bool = True, poll_s: float = 3.0, out: Any = None,
-                 tables: Mapping[str, Iterable[Stage]] | None = None, device: str | None = None):
+                 tables: Mapping[str, Iterable[Stage]] | None = None, device: str | None = None) -> None:
         self.profile = profile
         self.device = device  # the profile set that projects each stage's --time (--device; see TimePlan)
         self.times: dict[str, TimeLimit] = {}  # stage key -> its --time and the rule that set it

@@ -52,7 +52,7 @@ def on_notice(env: Any) -> None:
 class StageJob:
     """One task of a stage's job: the ordinary worker under the task's environment."""
 
-    def __init__(self, spec_path: str, max_requeues: int):
+    def __init__(self, spec_path: str, max_requeues: int) -> None:
         self.spec_path = str(spec_path)
         self.max_requeues = max_requeues
 

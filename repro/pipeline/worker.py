@@ -121,7 +121,7 @@ def execute(spec_path: str | Path) -> Outcome:
     """Run the stage of ``spec_path`` under its folder's lock; report how it ended (failures in failed.json)."""
     spec_path = Path(spec_path)
     out_dir = spec_path.parent
-    from repro.engine.train import Preempted
+    from repro.engine.hooks import Preempted
 
     lock = StageLock(out_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # rank 0 holds the lock for the stage's processes

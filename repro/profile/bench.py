@@ -149,7 +149,7 @@ class _Steps:
     """Forward / backward / AdamW / after_step on one fixed random batch."""
 
     def __init__(self, method: Any, cfg: Mapping[str, Any], batch_size: int, device: torch.device, seed: int = 0,
-                 compile: bool | None = None, fused_optim: bool | None = None, batch: Any = None):
+                 compile: bool | None = None, fused_optim: bool | None = None, batch: Any = None) -> None:
         from repro.engine.train import (
             apply_fused_attn,
             auto_switch,
@@ -235,7 +235,7 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 class KnnFeatures(torch.nn.Module):
     """``run_knn``'s feature extractor: the evaluation encoder (+ the input's instance head) in eval mode."""
 
-    def __init__(self, cfg: Mapping[str, Any]):
+    def __init__(self, cfg: Mapping[str, Any]) -> None:
         super().__init__()
         from repro.evals.features import eval_encoder, feature_kind, instance_head
 
@@ -293,7 +293,7 @@ def eval_batch(task: torch.nn.Module, cfg: Mapping[str, Any], n: int, seed: int 
 class _Forward:
     """kNN feature extraction on one fixed batch, as ``run_knn`` runs it (fp32, eager, no gradients)."""
 
-    def __init__(self, task: KnnFeatures, batch: torch.Tensor, device: torch.device):
+    def __init__(self, task: KnnFeatures, batch: torch.Tensor, device: torch.device) -> None:
         self.task, self.device = task.to(device), device
         self.batch = batch.to(device)
         self.compile, self.fused_optim, self.fused_attn, self.compile_mode, self.compiled_blocks = (False, False, None,
@@ -510,7 +510,7 @@ def write_jpegs(n: int = 64, size: tuple[int, int] = JPEG_SIZE, quality: int = J
 class _JpegFiles(Dataset):
     """The CPU path: each file opened and decoded with PIL (as ImageFolder's loader), then ``tf``."""
 
-    def __init__(self, paths: list[str], tf: Any, n: int):
+    def __init__(self, paths: list[str], tf: Any, n: int) -> None:
         self.paths, self.tf, self.n = paths, tf, n
 
     def __len__(self) -> int:
@@ -632,7 +632,7 @@ def profile_config(cfg: Mapping[str, Any], *, device: torch.device | None = None
     traced = None
     if trace is not None:  # after the timed steps: the profiler's overhead never enters the step time
         traced = trace_steps(run, min(steps, 3), Path(trace), trace_label(cfg, batch, run))
-    from repro.engine.train import peak_memory_mb
+    from repro.engine.hooks import peak_memory_mb
 
     peak = peak_flops(device)
     mfu = flops["total"] * batch / step / peak[0] if (flops and peak) else None
@@ -698,7 +698,7 @@ def profile_eval_config(cfg: Mapping[str, Any], input_cfg: Mapping[str, Any] | N
     """Measure one evaluation step (finetune / linear / knn; see the module's docstring) of a resolved config, as
     ``profile_config`` measures a pretraining step. Batch: the CPU rule; on a GPU, kNN's own ``batch_size``, else
     the largest of GPU_BATCHES that fits."""
-    from repro.engine.train import peak_memory_mb
+    from repro.engine.hooks import peak_memory_mb
     from repro.profile.cost import eval_flops
     from repro.profile.projection import eval_feature, instance_head
 

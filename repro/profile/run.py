@@ -57,7 +57,7 @@ def _fmt(x: Any, nd: int = 2) -> str:
 class _Cache:
     """One measurement per cost key within a run."""
 
-    def __init__(self, **opts: Any):
+    def __init__(self, **opts: Any) -> None:
         self.opts = opts
         self.by_key: dict[str, dict[str, Any]] = {}
 

@@ -148,7 +148,7 @@ class RowView:
     """One row of a table at one scale: the spec row, its recorded status and its finished stage results per kind
     (one per seed, seed 0 first; stages not present are left out)."""
 
-    def __init__(self, row: Any, entry: Mapping[str, Any] | None, results: Mapping[str, Any]):
+    def __init__(self, row: Any, entry: Mapping[str, Any] | None, results: Mapping[str, Any]) -> None:
         self.row = row
         if entry is None:
             self.status, self.reason = spec_status(row)

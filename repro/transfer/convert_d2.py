@@ -141,7 +141,7 @@ def irpe_attention_cls() -> type[nn.Module]:
     from repro.models.relpos import grid_coords
 
     class IRPEAttentionD2(Attention):  # type: ignore[misc]
-        def __init__(self, dim: int, num_heads: int, **kw: Any):
+        def __init__(self, dim: int, num_heads: int, **kw: Any) -> None:
             super().__init__(dim, num_heads=num_heads, **kw)
             self.rpe_k = nn.Parameter(torch.zeros(irpe_buckets_per_axis() ** 2 + 1, dim // num_heads))
 

@@ -116,7 +116,7 @@ def repro_vit_cls() -> type[nn.Module]:
         """Our ViT encoder + the BEiT/MAE 4-scale adapter; outputs (4x, 2x, 1x, 0.5x) of the patch grid."""
 
         def __init__(self, model_cfg: Mapping[str, Any], img_size: int, out_indices: Sequence[int] = (3, 5, 7, 11),
-                     checkpoint: str | None = None, drop_path: float = 0.0, init_cfg: Any = None):
+                     checkpoint: str | None = None, drop_path: float = 0.0, init_cfg: Any = None) -> None:
             super().__init__(init_cfg)
             self.vit = create_encoder({**model_cfg, "drop_path": drop_path}, img_size)
             self.checkpoint = checkpoint

@@ -57,7 +57,7 @@ def _backbone_class() -> type:
         skipped) and, with ``irpe``, adds LoMaR's contextual iRPE term ``q_i . rpe_k[bucket(i, j)]`` (q unscaled,
         one table shared by the heads, the cls token in a bucket of its own), as ``repro.methods.lomar``."""
 
-        def __init__(self, *args: Any, irpe: bool = False, **kw: Any):
+        def __init__(self, *args: Any, irpe: bool = False, **kw: Any) -> None:
             super().__init__(*args, **kw)
             self.rpe_k = None
             if irpe:
@@ -89,7 +89,7 @@ def _backbone_class() -> type:
         converted encoder (``init_checkpoint``, read with ``weights_only=True``) at ``init_weights``."""
 
         def __init__(self, *, rel_pos: str = "bias", with_cls_token: bool = True,
-                     init_checkpoint: str | None = None, **kw: Any):
+                     init_checkpoint: str | None = None, **kw: Any) -> None:
             super().__init__(**kw)
             self.init_checkpoint = init_checkpoint
             self.with_cls_token = with_cls_token

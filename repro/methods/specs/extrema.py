@@ -7,6 +7,7 @@ from typing import Any
 
 from repro.config import ConfigError
 from repro.methods.registry import MethodSpec, check_ratio, register
+from repro.models.cost import block_flops, class_attention_flops, linear_flops, vit_geometry
 
 CLS_DESIGNS = ("cait", "vit_cls", "avgpool")
 LOSSES = ("byol", "infonce")
@@ -64,8 +65,6 @@ class ExtreMASpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """``num_masks`` students on ``int(L (1 - r))`` patches each (+ heads), a forward-only teacher on all L."""
-        from repro.models.cost import block_flops, class_attention_flops, linear_flops, vit_geometry
-
         g = vit_geometry(cfg)
         if g is None:
             return None

@@ -10,6 +10,7 @@ from typing import Any
 from repro.config import ConfigError
 from repro.methods.registry import MethodSpec, check_ratio, load_class, register
 from repro.models.archs import ARCHS, SWIN_ARCHS, is_swin, swin_stage_ends
+from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
 
 SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
 
@@ -110,8 +111,6 @@ class LocalMIMSpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """MAE's encoder, then per scale one small decoder on all L + 1 positions and its rescaling head (ViT only)."""
-        from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
-
         g = vit_geometry(cfg)
         if g is None:
             return None
@@ -132,8 +131,6 @@ class LocalMIMSpec(MethodSpec):
 
 def _rescale_head_flops(scale: float, grid: int, dim: int, out: int) -> float:
     """The rescaling head (deconvolutions / pooling, then a 1x1 conv), forward + backward."""
-    from repro.models.cost import linear_flops
-
     g2 = grid * grid
     if scale == 4.0:
         return (linear_flops(g2, dim, dim // 2 * 4) + linear_flops(4 * g2, dim // 2, dim // 4 * 4)

@@ -7,6 +7,7 @@ from typing import Any
 
 from repro.config import ConfigError
 from repro.methods.registry import MethodSpec, check_ratio, register
+from repro.models.cost import block_flops, linear_flops, vit_geometry
 
 # Paper grid at 224 px / patch 16: the tiny rule scales the window by tiny_grid / PAPER_GRID.
 PAPER_GRID = 14
@@ -68,8 +69,6 @@ class LoMaRSpec(MethodSpec):
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """``num_windows`` sequences of K^2 + 1 tokens whatever the resolution (or, encoder_decoder, the visible
         window patches through the encoder and the whole window through the decoder)."""
-        from repro.models.cost import block_flops, linear_flops, vit_geometry
-
         g = vit_geometry(cfg)
         if g is None:
             return None

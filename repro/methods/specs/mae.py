@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from repro.methods.registry import MethodSpec, check_ratio, register
+from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
 
 
 @register
@@ -36,8 +37,6 @@ class MAESpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """Visible patches (+ cls) through the encoder; the decoder on all L + 1 positions."""
-        from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
-
         g = vit_geometry(cfg)
         if g is None:
             return None

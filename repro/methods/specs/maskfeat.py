@@ -7,6 +7,7 @@ from typing import Any
 
 from repro.config import ConfigError
 from repro.methods.registry import MethodSpec, check_ratio, register
+from repro.models.cost import block_flops, linear_flops, vit_geometry
 
 
 @register
@@ -52,8 +53,6 @@ class MaskFeatSpec(MethodSpec):
     @classmethod
     def flops(cls, cfg: Mapping[str, Any]) -> dict[str, Any] | None:
         """Every patch (+ cls) through the encoder."""
-        from repro.models.cost import block_flops, linear_flops, vit_geometry
-
         g = vit_geometry(cfg)
         if g is None:
             return None
