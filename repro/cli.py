@@ -40,6 +40,20 @@ def _common(p: argparse.ArgumentParser, recipe: bool = True) -> None:
                    help="dotted overrides applied after the scale, e.g. model.depth=4 optim.epochs=10")
 
 
+def _table_args(p: argparse.ArgumentParser, tables_help: str) -> None:
+    """The arguments `plan` and `run` share: the tables (and overrides), the scale and the seeds."""
+    p.add_argument("tables", nargs="+", metavar="TABLE|key=value",
+                   help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
+    p.add_argument("--scale", default="tiny", choices=("tiny", "paper"),
+                   help="tiny (default): micro models, few epochs, the embedded data, a CPU; its numbers check that "
+                        "the code paths run and learn, never the paper's values. paper: the papers' protocol "
+                        "(real datasets and a cluster: `repro run --help`)")
+    p.add_argument("--seeds", type=int, metavar="N",
+                   help="run every trainable row with N seeds (seed, seed+1, ...; the report shows mean +- std and a "
+                        "noise verdict per difference); default: 3 for the rows a claim rests on at tiny scale "
+                        "(repro/spec/claims.yaml), 1 elsewhere and at paper scale")
+
+
 def _run_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs-dir", help="where stage folders and results go (default: $REPRO_RUNS or ./runs)")
     p.add_argument("--force", action="store_true", help="rerun stages that are already done")
@@ -117,14 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Expand paper tables into stages (shared stages appear once) and print them with "
                                    "their dependencies, what is done already and, at paper scale, the projected "
                                    "device-hours from stored profiles.")
-    p.add_argument("tables", nargs="+", metavar="TABLE|key=value",
-                   help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
-    p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
+    _table_args(p, tables_help)
     p.add_argument("--runs-dir", help="default: $REPRO_RUNS or ./runs")
-    p.add_argument("--seeds", type=int, metavar="N",
-                   help="run every trainable row with N seeds (seed, seed+1, ...; the report shows mean +- std and a "
-                        "noise verdict per difference); default: 3 for the rows a claim rests on at tiny scale "
-                        "(repro/spec/claims.yaml), 1 elsewhere and at paper scale")
     p.add_argument("--device", metavar="NAME",
                    help="with --scale paper: project from the stored profiles of this device (part of a profile "
                         "set's name, e.g. H200, CPU, 'H200 | bf16 autocast | eager'); default: the set that covers "
@@ -137,15 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="examples:\n  repro run lomar/t2 --scale tiny\n  repro run all --scale tiny --jobs 2\n"
                               "  repro run localmim/t4b --scale paper data.path=/datasets/imagenet",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("tables", nargs="+", metavar="TABLE|key=value",
-                   help=tables_help + "; key=value overrides (after the scale) apply to every stage that has the key")
-    p.add_argument("--scale", default="tiny", choices=("tiny", "paper"))
+    _table_args(p, tables_help)
     p.set_defaults(overrides=[])
     _run_opts(p)
-    p.add_argument("--seeds", type=int, metavar="N",
-                   help="run every trainable row with N seeds (seed, seed+1, ...; the report shows mean +- std and a "
-                        "noise verdict per difference); default: 3 for the rows a claim rests on at tiny scale "
-                        "(repro/spec/claims.yaml), 1 elsewhere and at paper scale")
     p.add_argument("--no-report", action="store_true", help="do not render tables/, plots/ and RESULTS.md afterwards")
     p.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
                    help="root of a real dataset for paper-scale stages, e.g. --data imagenet1k=/datasets/imagenet "

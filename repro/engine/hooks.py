@@ -41,7 +41,6 @@ SCALARS_FILE = "scalars.csv"
 TB_DIR = "tb"
 
 
-
 # ------------------------------------------------------------------------------------------------------- RNG state
 def rng_state(gen: torch.Generator) -> dict[str, Any]:
     np_state = np.random.get_state()

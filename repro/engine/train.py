@@ -241,8 +241,6 @@ def default_param_groups(task: nn.Module, optim: Mapping[str, Any]) -> list[dict
     return param_groups_weight_decay(task, optim["weight_decay"])
 
 
-
-
 CKPT_VERSION = 2  # 2: hook states under their keys (grad_norms, log); 1 (no hook states) still loads
 READABLE_VERSIONS = (1, 2)
 

@@ -46,6 +46,8 @@ def changed_code(versions: Mapping[str, int]) -> dict[str, int]:
     """The versions that differ from the first (1): the part of ``results_version`` in a stage's identity, so stages
     whose code never changed keep their key."""
     return {k: int(v) for k, v in sorted(versions.items()) if int(v) != 1}
+
+
 CHECKPOINTS = "checkpoints"
 LOCK = ".lock"
 
