@@ -4,9 +4,11 @@
 one measured step cost per cost key in each *profile set*: one device (CPU model / GPU name), one precision and one
 mode of the engine's speed switches (eager / compiled, fused AdamW or not), so a GPU measurement never replaces a
 CPU one and an eager one never replaces a compiled one. A projection uses one set only (``--device``), never a mix.
+Measured profiles enter the store from ``repro profile --json`` files (``profiles_from_json``, ``repro profile
+--import``); a run with a switch off its default (``variant_of``) stays out of it.
 
 
-Pure arithmetic, no torch (planning imports it): the dataset sizes, the cost key of a configuration and the
+No torch (planning imports it): the dataset sizes, the cost key of a configuration and the
 projection of a measured time per image to a schedule live here; ``repro.profile.bench`` re-exports them.
 
 Which stages project: pretraining and the evaluations whose step ``repro profile`` times (``STEP_KINDS``): fine-tuning
@@ -34,6 +36,7 @@ from typing import Any
 
 from repro.config import ConfigError
 from repro.io import atomic_write_json
+from repro.profile.tables import resolve_row
 
 PROFILES = Path("tables") / "efficiency" / "profiles.json"
 FORMAT = 2
@@ -334,8 +337,6 @@ def profiles_from_json(paths: Sequence[Path], variants: bool = False) -> dict[st
     from the row (its step time, batch, MFU and the table's device and switches; marked ``derived_from``). Later
     files win. A comparison run with a switch off its default (``variant_of``) is left out unless
     ``variants``: it is the side-by-side table's, not a projection's."""
-    from repro.profile.tables import resolve_row
-
     files: list[Path] = []
     for p in map(Path, paths):
         files += sorted(p.glob("repro-*.json")) if p.is_dir() else [p]
