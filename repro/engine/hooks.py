@@ -1,6 +1,6 @@
 """The training loop's hooks: everything around the optimisation step that ``Trainer`` does not own itself.
 
-A hook sees the trainer at fixed points of ``Trainer.train``::
+Each subclasses ``repro.engine.train.HookBase`` and sees the trainer at fixed points of ``Trainer.train``::
 
     before_train
     for each epoch:  before_epoch
@@ -8,12 +8,13 @@ A hook sees the trainer at fixed points of ``Trainer.train``::
                      epoch_metrics (merged into the epoch's history record), after_epoch
     after_train      (only when the loop ends normally)
     close            (always, also on an exception: release files and signal handlers)
+    summary          (after a normal end: merged into what ``train`` returns, the stage's accounting)
 
 A hook with a ``key`` has its ``state_dict()`` saved under that key of the checkpoint and handed back to its
-``load_state_dict`` on resume. The default hooks, in the order they run: ``Checkpointer`` (resume, save, every RNG
-state), ``Accounting`` (cost summed over process segments), ``GradNorms`` (per-block gradient norms),
-``EpochEval`` (a callable run per epoch, e.g. pretraining's kNN curve), ``TrainLog`` (log lines, scalars.csv,
-TensorBoard) and ``Preemption`` (signal -> checkpoint -> ``Preempted``).
+``load_state_dict`` on resume. The default hooks (``repro.engine.fit.default_hooks``), in the order they run:
+``Checkpointer`` (resume, save, every RNG state), ``Accounting`` (cost summed over process segments), ``GradNorms``
+(per-block gradient norms), ``EpochEval`` (a callable run per epoch, e.g. pretraining's kNN curve), ``TrainLog`` (log
+lines, scalars.csv, TensorBoard) and ``Preemption`` (signal -> checkpoint -> ``Preempted``).
 """
 
 from __future__ import annotations
