@@ -13,6 +13,7 @@ from repro.models.archs import ARCHS, SWIN_ARCHS, is_swin, swin_stage_ends
 from repro.models.cost import block_flops, linear_flops, visible_encoder_flops, vit_geometry
 
 SCALES = (4.0, 2.0, 1.0, 0.5, 0.25)
+VIT_IMPL, SWIN_IMPL = "repro.methods.localmim:LocalMIMViT", "repro.methods.localmim:LocalMIMSwin"
 
 
 @register
@@ -48,7 +49,7 @@ class LocalMIMSpec(MethodSpec):
         """``LocalMIM`` (which builds the arch's class), or with ``cfg`` the ViT or Swin class itself."""
         if cfg is None:
             return load_class(cls.impl_path)
-        return load_class(cls.impl_path + ("Swin" if is_swin(cfg["model"]["arch"]) else "ViT"))
+        return load_class(SWIN_IMPL if is_swin(cfg["model"]["arch"]) else VIT_IMPL)
 
     @classmethod
     def validate(cls, params: Mapping[str, Any]) -> None:
